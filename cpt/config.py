@@ -1,0 +1,223 @@
+"""Configuration of a CPT context, with PEFT's field names and defaults.
+
+A context is N token ids, an attention mask over them and a type code per token (SPEC §1). The
+type code of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separators.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from enum import IntEnum
+from typing import Any
+
+import torch
+
+CODES_PER_EXAMPLE = 4
+"""Each example of the context uses four type codes: 4k+1 .. 4k+4."""
+
+EPSILON_REFERENCE_DIM = 2048
+"""Epsilons are given for a hidden size of 2048 and scaled by sqrt(d / 2048) (SPEC §3)."""
+
+FROZEN_EPSILON = 1e-10
+"""Ball radius of rows that never move (labels and separators), as in PEFT."""
+
+LOSS_TYPES = ("none", "decay")
+TASK_TYPE = "CAUSAL_LM"
+PEFT_TYPE = "CPT"
+
+
+class TokenRole(IntEnum):
+    """What a token of a rendered example is; the type code is ``role + 4 * example``."""
+
+    SEPARATOR = 0  # separators, end of sequence, padding: never updated, never a target
+    INPUT_TEMPLATE = 1  # e.g. "input: ": updated within the format epsilon
+    INPUT = 2  # the example's text: updated within the input epsilon
+    OUTPUT_TEMPLATE = 3  # e.g. "output: ": updated within the format epsilon
+    LABEL = 4  # the label's tokens: never updated, the loss targets
+
+
+TRAINABLE_ROLES = (TokenRole.INPUT_TEMPLATE, TokenRole.INPUT, TokenRole.OUTPUT_TEMPLATE)
+
+
+def token_roles(type_codes: torch.Tensor) -> torch.Tensor:
+    """Maps type codes to `TokenRole` values.
+
+    Args:
+        type_codes: integer tensor of any shape, codes >= 0.
+
+    Returns:
+        Tensor of the same shape: 0 for code 0, 4 for the other multiples of 4, else ``code % 4``.
+    """
+    role = torch.remainder(type_codes, CODES_PER_EXAMPLE)
+    is_label = (type_codes > 0) & (role == 0)
+    return torch.where(is_label, torch.full_like(role, int(TokenRole.LABEL)), role)
+
+
+def is_label(type_codes: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of label tokens (the loss targets): code > 0 and a multiple of 4."""
+    return (type_codes > 0) & (torch.remainder(type_codes, CODES_PER_EXAMPLE) == 0)
+
+
+def is_trainable(type_codes: torch.Tensor) -> torch.Tensor:
+    """Boolean mask of the tokens whose embedding may move: roles 1, 2 and 3."""
+    return torch.remainder(type_codes, CODES_PER_EXAMPLE) != 0
+
+
+@dataclass
+class CPTConfig:
+    """Configuration of Context-aware Prompt Tuning.
+
+    Field names and defaults follow PEFT's ``CPTConfig`` so that adapter configs move both ways.
+
+    Args:
+        cpt_token_ids: token ids of the context, length N. PEFT fills a missing list with ``[0]``.
+        cpt_mask: attention mask of the context (0 or 1 per token), length N; all ones by default.
+        cpt_tokens_type_mask: type code per context token (SPEC §1), length N; all ones by default.
+        opt_weighted_loss_type: ``"none"`` (every label weighs 1) or ``"decay"`` (older examples
+            weigh ``opt_loss_decay_factor ** age``).
+        opt_loss_decay_factor: gamma of the decay, in (0, 1].
+        opt_projection_epsilon: L2 radius of the input rows' offsets, for hidden size 2048.
+        opt_projection_format_epsilon: L2 radius of the template rows' offsets, for hidden size 2048.
+        tokenizer_name_or_path: the tokenizer the context was made with (informational).
+        task_type: only ``"CAUSAL_LM"``.
+
+    Raises:
+        ValueError: naming the bad field and value.
+    """
+
+    cpt_token_ids: list[int] | None = None
+    cpt_mask: list[int] | None = None
+    cpt_tokens_type_mask: list[int] | None = None
+    opt_weighted_loss_type: str = "none"
+    opt_loss_decay_factor: float = 1.0  # 1.0: no decay, even under "decay"
+    opt_projection_epsilon: float = 0.1  # PEFT's default input-row radius
+    opt_projection_format_epsilon: float = 0.1  # PEFT's default template-row radius
+    tokenizer_name_or_path: str | None = None
+    task_type: str = TASK_TYPE
+    num_virtual_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.task_type != TASK_TYPE:
+            raise ValueError(f"task_type must be {TASK_TYPE!r}, got {self.task_type!r}")
+        if self.cpt_token_ids is None:
+            self.cpt_token_ids = [0]  # what PEFT does with a missing context
+        self.cpt_token_ids = _int_list("cpt_token_ids", self.cpt_token_ids)
+        if not self.cpt_token_ids:
+            raise ValueError("cpt_token_ids is empty: the context needs at least one token")
+        n = len(self.cpt_token_ids)
+        if self.cpt_mask is None:
+            self.cpt_mask = [1] * n
+        if self.cpt_tokens_type_mask is None:
+            self.cpt_tokens_type_mask = [1] * n
+        self.cpt_mask = _int_list("cpt_mask", self.cpt_mask)
+        self.cpt_tokens_type_mask = _int_list("cpt_tokens_type_mask", self.cpt_tokens_type_mask)
+        if not len(self.cpt_mask) == len(self.cpt_tokens_type_mask) == n:
+            raise ValueError(
+                "cpt_token_ids, cpt_mask and cpt_tokens_type_mask must have the same length, got "
+                f"{n}, {len(self.cpt_mask)} and {len(self.cpt_tokens_type_mask)}"
+            )
+        if min(self.cpt_token_ids) < 0:
+            raise ValueError(f"cpt_token_ids has a negative id: {min(self.cpt_token_ids)}")
+        if any(m not in (0, 1) for m in self.cpt_mask):
+            bad = next(m for m in self.cpt_mask if m not in (0, 1))
+            raise ValueError(f"cpt_mask must hold only 0 and 1, found {bad}")
+        if 1 not in self.cpt_mask:
+            raise ValueError("cpt_mask is all zeros: no context token would be attended to")
+        if min(self.cpt_tokens_type_mask) < 0:
+            position = min(range(n), key=lambda i: self.cpt_tokens_type_mask[i])
+            raise ValueError(
+                "cpt_tokens_type_mask has a type code below 0: "
+                f"{self.cpt_tokens_type_mask[position]} at position {position}"
+            )
+        if self.opt_weighted_loss_type not in LOSS_TYPES:
+            raise ValueError(
+                f"opt_weighted_loss_type must be one of {LOSS_TYPES}, got {self.opt_weighted_loss_type!r}"
+            )
+        decay = self.opt_loss_decay_factor
+        if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0.0 < decay <= 1.0):
+            raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {decay!r}")
+        for name in ("opt_projection_epsilon", "opt_projection_format_epsilon"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        self.opt_loss_decay_factor = float(decay)
+        self.opt_projection_epsilon = float(self.opt_projection_epsilon)
+        self.opt_projection_format_epsilon = float(self.opt_projection_format_epsilon)
+        self.num_virtual_tokens = n
+
+    @property
+    def num_examples(self) -> int:
+        """Number of examples in the context (the highest example index among its codes, + 1)."""
+        return (max(self.cpt_tokens_type_mask) + CODES_PER_EXAMPLE - 1) // CODES_PER_EXAMPLE
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain JSON types, ``num_virtual_tokens`` included."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CPTConfig:
+        """Builds a config from a dict, ignoring keys that are not fields (e.g. PEFT-only keys).
+
+        Raises:
+            ValueError: if ``peft_type`` is present and is not ``"CPT"``, or a field is bad.
+        """
+        peft_type = data.get("peft_type")
+        if peft_type is not None and str(peft_type) != PEFT_TYPE:
+            raise ValueError(f"adapter config has peft_type {peft_type!r}, expected {PEFT_TYPE!r}")
+        names = {f.name for f in fields(cls) if f.init}
+        config = cls(**{k: v for k, v in data.items() if k in names})
+        declared = data.get("num_virtual_tokens")
+        if declared is not None and declared != config.num_virtual_tokens:
+            raise ValueError(
+                f"num_virtual_tokens is {declared} but cpt_token_ids has {config.num_virtual_tokens} ids"
+            )
+        return config
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> CPTConfig:
+        return cls.from_dict(json.loads(text))
+
+    def to_peft_dict(self, token_dim: int, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+        """The ``adapter_config.json`` content that PEFT's ``CPTConfig`` accepts.
+
+        Args:
+            token_dim: hidden size of the model the adapter belongs to.
+            base_model_name_or_path: recorded for PEFT's loaders; may be None.
+        """
+        data = self.to_dict()
+        data.update(
+            peft_type=PEFT_TYPE,
+            task_type=TASK_TYPE,
+            token_dim=token_dim,
+            num_transformer_submodules=1,
+            num_attention_heads=None,
+            num_layers=None,
+            inference_mode=True,
+            base_model_name_or_path=base_model_name_or_path,
+            revision=None,
+            auto_mapping=None,
+        )
+        return data
+
+
+def _int_list(name: str, values: Any) -> list[int]:
+    if isinstance(values, torch.Tensor):
+        values = values.tolist()
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+            elif hasattr(v, "__index__"):
+                v = int(v.__index__())
+            else:
+                raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
+        out.append(int(v))
+    return out

@@ -1,0 +1,464 @@
+"""Templates to a CPT context, training samples and batches.
+
+Context-aware Prompt Tuning (Blau et al., "Context-aware Prompt Tuning: Advancing In-Context
+Learning with Adversarial Methods", arXiv 2410.17222) learns the embeddings of a few-shot context.
+Every token of that context carries a type code (SPEC §1) saying what it is - template, input text,
+label or separator - and so how it may be trained. This module renders labelled examples with a
+`Template` into token ids and type codes, concatenates K of them into a context (`build_context`),
+and turns further examples into right-padded training batches (`CPTDataset`, `CPTCollator`).
+
+Rendering one example, piece by piece::
+
+    input prefix | text | input suffix | intra sep. | output prefix | label | output suffix | end
+         1       |  2   |      1       |     0      |       3       |   4   |       3       |  0
+
+Each piece is tokenized on its own with ``add_special_tokens=False`` (no BOS is added) and empty
+pieces are skipped, so every token has exactly one code. Tokenizing pieces apart can differ from
+tokenizing the joined string: with a GPT-2 style tokenizer, ``"output: "`` followed by
+``"positive"`` gives ``[":", " ", "positive"]`` rather than ``[":", " positive"]``. Write the
+templates with that in mind (e.g. ``output_template="output:{}"`` with labels ``" positive"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.utils.data import Dataset
+
+from cpt.config import CODES_PER_EXAMPLE, CPTConfig, TokenRole
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+SLOT = "{}"
+"""The placeholder that a template's text or label replaces; exactly one per template."""
+
+IGNORE_INDEX = -100
+"""Label value that cross-entropy ignores, put on padding (PyTorch's and Hugging Face's default)."""
+
+_CONTEXT_FIELDS = ("cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example of a few-shot task.
+
+    Args:
+        text: the input text; may be empty (the example then has no input-text tokens).
+        label: the expected output; must tokenize to at least one token.
+    """
+
+    text: str
+    label: str
+
+
+@dataclass(frozen=True)
+class Template:
+    """How an example is written out as text (SPEC §1).
+
+    Args:
+        input_template: the text around the input; one ``{}`` marks where the text goes.
+        output_template: the text around the label; one ``{}`` marks where the label goes.
+        intra_separator: between the input part and the output part (type 0).
+        end_token: after the output part (type 0). None means the tokenizer's eos token; ``""``
+            means no end token.
+        example_separator: after each example of the context (type 0), so also between the
+            context and the sample or query that follows it. ``""`` (the default): none, the end
+            token already separates examples.
+
+    Raises:
+        ValueError: if a template does not contain exactly one ``{}``, naming the template, or a
+            field is not a string.
+    """
+
+    input_template: str = "input: {}"
+    output_template: str = "output: {}"
+    intra_separator: str = " "
+    end_token: str | None = None  # None: tokenizer.eos_token, the usual end of a document
+    example_separator: str = ""  # "": the end token alone separates examples
+
+    def __post_init__(self) -> None:
+        for name in ("input_template", "output_template", "intra_separator", "example_separator"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise ValueError(f"Template.{name} must be a string, got {value!r}")
+        if self.end_token is not None and not isinstance(self.end_token, str):
+            raise ValueError(f"Template.end_token must be a string or None, got {self.end_token!r}")
+        for name in ("input_template", "output_template"):
+            value = getattr(self, name)
+            if value.count(SLOT) != 1:
+                raise ValueError(
+                    f"Template.{name} must contain exactly one {SLOT!r}, got {value!r} "
+                    f"({value.count(SLOT)} found)"
+                )
+
+
+@dataclass(frozen=True)
+class RenderedExample:
+    """Token ids and the type code of each: codes 0..4 for one example, 0..4K for a context.
+
+    Args:
+        input_ids: token ids, length S.
+        type_codes: one type code per token, length S.
+
+    Raises:
+        ValueError: if the two lists differ in length.
+    """
+
+    input_ids: list[int]
+    type_codes: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.type_codes):
+            raise ValueError(
+                f"input_ids and type_codes must have the same length, got "
+                f"{len(self.input_ids)} and {len(self.type_codes)}"
+            )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def render_example(
+    tokenizer: PreTrainedTokenizerBase, template: Template, text: str, label: str
+) -> RenderedExample:
+    """Renders a labelled example into token ids and type codes 0..4.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        template: how the example is written out.
+        text: the input text; may be empty.
+        label: the label; must tokenize to at least one token.
+
+    Returns:
+        A `RenderedExample` of length S: the query (`render_query`), then the label tokens (code 4),
+        the output template's suffix (code 3) and the end token (code 0).
+
+    Raises:
+        ValueError: if the label tokenizes to no tokens, or the template needs an eos token that
+            the tokenizer lacks.
+    """
+    query = render_query(tokenizer, template, text)
+    _, output_suffix = template.output_template.split(SLOT)
+    pieces = [
+        (label_token_ids(tokenizer, template, label), TokenRole.LABEL),
+        (_encode(tokenizer, output_suffix), TokenRole.OUTPUT_TEMPLATE),
+        (_end_token_ids(tokenizer, template), TokenRole.SEPARATOR),
+    ]
+    rest = _join(pieces)
+    return RenderedExample(query.input_ids + rest.input_ids, query.type_codes + rest.type_codes)
+
+
+def render_query(
+    tokenizer: PreTrainedTokenizerBase, template: Template, text: str
+) -> RenderedExample:
+    """Renders the prompt for inference: everything `render_example` puts before the label.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        template: how the example is written out.
+        text: the input text; may be empty.
+
+    Returns:
+        A `RenderedExample` of length S (codes 0..3): input prefix (1), text (2), input suffix (1),
+        intra separator (0), output prefix (3). It is a prefix of ``render_example`` for any label.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"text must be a string, got {text!r}")
+    input_prefix, input_suffix = template.input_template.split(SLOT)
+    output_prefix, _ = template.output_template.split(SLOT)
+    return _join(
+        [
+            (_encode(tokenizer, input_prefix), TokenRole.INPUT_TEMPLATE),
+            (_encode(tokenizer, text), TokenRole.INPUT),
+            (_encode(tokenizer, input_suffix), TokenRole.INPUT_TEMPLATE),
+            (_encode(tokenizer, template.intra_separator), TokenRole.SEPARATOR),
+            (_encode(tokenizer, output_prefix), TokenRole.OUTPUT_TEMPLATE),
+        ]
+    )
+
+
+def label_token_ids(
+    tokenizer: PreTrainedTokenizerBase, template: Template, label: str
+) -> list[int]:
+    """The label's tokens exactly as `render_example` writes them (what a classifier scores).
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        template: how examples are written out (labels are tokenized on their own, so the ids do
+            not depend on it; it is taken so callers need not know that).
+        label: the label text.
+
+    Returns:
+        The label's token ids, at least one.
+
+    Raises:
+        ValueError: if the label tokenizes to no tokens, naming the label.
+    """
+    del template  # the label is its own piece: its tokens do not depend on the template
+    if not isinstance(label, str):
+        raise ValueError(f"label must be a string, got {label!r}")
+    ids = _encode(tokenizer, label)
+    if not ids:
+        raise ValueError(f"label {label!r} tokenizes to no tokens; a label needs at least one")
+    return ids
+
+
+def shift_type_codes(type_codes: Sequence[int], offset: int) -> list[int]:
+    """Adds ``offset`` to the non-zero codes, leaving separators (code 0) at 0.
+
+    Example k of a context is shifted by ``4k``; a training sample by the context's highest code.
+
+    Args:
+        type_codes: codes, length S.
+        offset: the amount to add, >= 0.
+
+    Returns:
+        The shifted codes, length S.
+    """
+    if offset < 0:
+        raise ValueError(f"offset must be >= 0, got {offset}")
+    return [code + offset if code != TokenRole.SEPARATOR else code for code in type_codes]
+
+
+def render_context(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example | tuple[str, str]],
+    template: Template | None = None,
+) -> RenderedExample:
+    """Renders K examples one after another, example k's non-zero codes shifted by ``4k``.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        examples: K >= 1 labelled examples, as `Example` or ``(text, label)`` pairs.
+        template: how each example is written out; the default `Template` if None.
+
+    Returns:
+        A `RenderedExample` of length N with codes 0..4K. The template's ``example_separator``
+        (code 0), if any, follows every example, the last one included.
+
+    Raises:
+        ValueError: if there are no examples, or an example cannot be rendered.
+    """
+    template = Template() if template is None else template
+    if isinstance(examples, (str, bytes)):
+        raise ValueError(f"examples must be a sequence of examples, got the string {examples!r}")
+    examples = list(examples)
+    if not examples:
+        raise ValueError("examples is empty: a context needs at least one example")
+    separator = _encode(tokenizer, template.example_separator)
+    input_ids: list[int] = []
+    type_codes: list[int] = []
+    for k, item in enumerate(examples):
+        example = as_example(item, k)
+        rendered = render_example(tokenizer, template, example.text, example.label)
+        input_ids += rendered.input_ids + separator
+        type_codes += shift_type_codes(rendered.type_codes, CODES_PER_EXAMPLE * k)
+        type_codes += [int(TokenRole.SEPARATOR)] * len(separator)
+    return RenderedExample(input_ids, type_codes)
+
+
+def build_context(
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[Example | tuple[str, str]],
+    template: Template | None = None,
+    **config_kwargs: Any,
+) -> CPTConfig:
+    """Builds the `CPTConfig` of a context made of K labelled examples.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer; its ``name_or_path`` is recorded in the config
+            (unless ``tokenizer_name_or_path`` is given; an empty name is stored as None).
+        examples: K >= 1 labelled examples, as `Example` or ``(text, label)`` pairs.
+        template: how each example is written out; the default `Template` if None.
+        **config_kwargs: further `CPTConfig` fields (epsilons, loss type, ...).
+
+    Returns:
+        A config with ``cpt_token_ids``, ``cpt_mask`` (all ones) and ``cpt_tokens_type_mask``
+        (codes 0..4K) of length N = ``num_virtual_tokens``, as in `render_context`.
+
+    Raises:
+        ValueError: if there are no examples, an example cannot be rendered, ``config_kwargs``
+            sets a context field, or a config field is bad.
+    """
+    clashing = [name for name in _CONTEXT_FIELDS if name in config_kwargs]
+    if clashing:
+        raise ValueError(
+            f"build_context makes {clashing} itself; do not pass them in config_kwargs"
+        )
+    context = render_context(tokenizer, examples, template)
+    config_kwargs.setdefault(
+        "tokenizer_name_or_path", getattr(tokenizer, "name_or_path", None) or None
+    )
+    return CPTConfig(
+        cpt_token_ids=context.input_ids,
+        cpt_mask=[1] * len(context),  # every context token is attended to
+        cpt_tokens_type_mask=context.type_codes,
+        **config_kwargs,
+    )
+
+
+def as_example(item: Example | tuple[str, str], index: int | None = None) -> Example:
+    """Returns ``item`` as an `Example`, accepting ``(text, label)`` pairs.
+
+    Raises:
+        ValueError: if ``item`` is neither, naming its index when given.
+    """
+    if isinstance(item, Example):
+        example = item
+    elif isinstance(item, (tuple, list)) and len(item) == 2:
+        example = Example(text=item[0], label=item[1])
+    else:
+        where = "" if index is None else f" at index {index}"
+        raise ValueError(f"example{where} must be an Example or a (text, label) pair, got {item!r}")
+    if not (isinstance(example.text, str) and isinstance(example.label, str)):
+        where = "" if index is None else f" at index {index}"
+        raise ValueError(f"example{where} must have string text and label, got {item!r}")
+    return example
+
+
+class CPTDataset(Dataset[dict[str, list[int]]]):
+    """Training samples: each example rendered alone, with codes 0..4 (not shifted).
+
+    All examples are rendered when the dataset is made, so a bad one fails early.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer.
+        examples: labelled examples, as `Example` or ``(text, label)`` pairs.
+        template: how each example is written out (use the context's); the default if None.
+        max_length: the most tokens a sample may have; None for no limit.
+
+    Raises:
+        ValueError: if an example cannot be rendered or has more than ``max_length`` tokens,
+            naming its index, or ``max_length`` is below 1.
+    """
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[Example | tuple[str, str]],
+        template: Template | None = None,
+        max_length: int | None = None,
+    ) -> None:
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
+        self.template = Template() if template is None else template
+        self.max_length = max_length
+        self.samples: list[RenderedExample] = []
+        for i, item in enumerate(examples):
+            example = as_example(item, i)
+            try:
+                rendered = render_example(tokenizer, self.template, example.text, example.label)
+            except ValueError as error:
+                raise ValueError(f"example {i}: {error}") from error
+            if max_length is not None and len(rendered) > max_length:
+                raise ValueError(
+                    f"example {i} has {len(rendered)} tokens, more than max_length={max_length}"
+                )
+            self.samples.append(rendered)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict[str, list[int]]:
+        """Returns ``dict(input_ids=list[int], type_codes=list[int])``, both of length S."""
+        sample = self.samples[index]
+        return {"input_ids": list(sample.input_ids), "type_codes": list(sample.type_codes)}
+
+
+class CPTCollator:
+    """Right-pads `CPTDataset` items into a batch.
+
+    Args:
+        pad_token_id: the id written on padding positions (masked out everywhere).
+
+    Raises:
+        ValueError: if ``pad_token_id`` is None or negative.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        if isinstance(pad_token_id, bool) or not isinstance(pad_token_id, int):
+            raise ValueError(
+                f"pad_token_id must be an integer, got {pad_token_id!r} (set tokenizer.pad_token?)"
+            )
+        if pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        """Collates B items of lengths S_b into tensors of shape (B, S), S = max S_b.
+
+        Args:
+            items: dicts with ``input_ids`` and ``type_codes`` of equal length >= 1.
+
+        Returns:
+            ``input_ids`` (B, S) long, padded with ``pad_token_id``; ``attention_mask`` (B, S) long,
+            1 on tokens and 0 on padding; ``labels`` (B, S) long, the input ids with -100 on
+            padding; ``input_type_mask`` (B, S) long, codes 0..4 with 0 on padding.
+
+        Raises:
+            ValueError: if there are no items, or an item is empty or has ids and codes of
+                different lengths, naming its index.
+        """
+        if len(items) == 0:
+            raise ValueError("cannot collate an empty list of items")
+        for b, item in enumerate(items):
+            n_ids, n_codes = len(item["input_ids"]), len(item["type_codes"])
+            if n_ids != n_codes:
+                raise ValueError(
+                    f"item {b} has {n_ids} input_ids but {n_codes} type_codes; they must match"
+                )
+            if n_ids == 0:
+                raise ValueError(f"item {b} is empty")
+        batch_size = len(items)
+        seq_len = max(len(item["input_ids"]) for item in items)
+        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)  # (B, S)
+        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)  # (B, S)
+        type_mask = torch.full((batch_size, seq_len), int(TokenRole.SEPARATOR), dtype=torch.long)
+        for b, item in enumerate(items):
+            length = len(item["input_ids"])
+            input_ids[b, :length] = torch.as_tensor(item["input_ids"], dtype=torch.long)
+            type_mask[b, :length] = torch.as_tensor(item["type_codes"], dtype=torch.long)
+            attention_mask[b, :length] = 1
+        labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, S)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "input_type_mask": type_mask,
+        }
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, piece: str) -> list[int]:
+    """Token ids of one piece, without special tokens; ``[]`` for an empty piece."""
+    if not piece:
+        return []
+    return list(tokenizer.encode(piece, add_special_tokens=False))
+
+
+def _end_token_ids(tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
+    """The end token's ids: the tokenizer's eos token when ``template.end_token`` is None."""
+    end_token = template.end_token
+    if end_token is None:
+        end_token = getattr(tokenizer, "eos_token", None)
+        if end_token is None:
+            raise ValueError(
+                "Template.end_token is None but the tokenizer has no eos_token; "
+                'set end_token ("" for none)'
+            )
+    if end_token in getattr(tokenizer, "all_special_tokens", ()):
+        return [int(tokenizer.convert_tokens_to_ids(end_token))]  # one id, however it would split
+    return _encode(tokenizer, end_token)
+
+
+def _join(pieces: Sequence[tuple[list[int], TokenRole]]) -> RenderedExample:
+    """Concatenates tokenized pieces, giving each token its piece's role."""
+    input_ids: list[int] = []
+    type_codes: list[int] = []
+    for ids, role in pieces:
+        input_ids += ids
+        type_codes += [int(role)] * len(ids)
+    return RenderedExample(input_ids, type_codes)

@@ -1,0 +1,467 @@
+"""`CPTModel`: a frozen Hugging Face causal LM with a trainable CPT context in front of it.
+
+Context-aware Prompt Tuning (Blau et al., arXiv 2410.17222) puts K labelled examples in front of
+the model, like in-context learning, and refines the context's embeddings by projected gradient
+descent on a loss over the labels. This module owns the forward pass; the loss lives in
+`cpt.loss`, the projection in `cpt.projection`, adapter files in `cpt.adapter`.
+
+Two exact formulations of the same function are used (SPEC §5):
+
+- *plain*: the model runs over ``[context ; sample]`` for each of the B samples, as PEFT does;
+- *shared context*: causal attention means the context's hidden states do not depend on the
+  sample, so the context runs once (batch 1) into a KV cache that keeps its gradient, and the B
+  samples run against it. The context's loss terms are computed once and weighted by B.
+
+In both, vocabulary logits are computed only where a label is predicted (``logits_to_keep``, so
+the model's own head, logit scaling or soft-capping included), never over the whole sequence.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch import nn
+
+from cpt import _compat
+from cpt.config import CPTConfig, is_label, is_trainable
+from cpt.loss import LossTerms, label_weights
+from cpt.projection import epsilons, project_
+
+IGNORE_INDEX = -100
+"""Label value that marks a position as not a target, as in `transformers`."""
+
+ContextSharing = Literal["auto", "always", "never"]
+
+SHARING_UNSUPPORTED: frozenset[str] = frozenset()
+"""``model_type`` values whose KV cache cannot carry a shared context exactly."""
+
+
+@dataclass
+class CPTOutput:
+    """What `CPTModel.forward` returns.
+
+    Attributes:
+        loss: scalar CPT loss (SPEC §4) when ``labels`` were given, else None.
+        logits: (B, S, V) logits over the sample's own positions when no ``labels`` were given,
+            else None (training never builds them).
+        num_targets: number of label positions the loss averages over (0 without labels).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    num_targets: int = 0
+
+
+@dataclass
+class ContextCache:
+    """The trained context, run once through the frozen model, for inference.
+
+    Attributes:
+        tensors: (keys, values) per layer, each (1, heads, N, head_dim).
+        last_logits: (V,) float32 logits at the context's last position (they score the first
+            token that follows the context).
+        num_tokens: N.
+    """
+
+    tensors: list[tuple[torch.Tensor, torch.Tensor]]
+    last_logits: torch.Tensor
+    num_tokens: int
+
+
+class CPTModel(nn.Module):
+    """Wraps any `transformers` causal LM with a CPT context.
+
+    The base model is frozen. The context's embeddings are ``base + delta``: ``base`` holds the
+    model's word embeddings of ``config.cpt_token_ids`` (float32, fixed), ``delta`` (float32,
+    trainable, zero at start) moves only on input-template, input and output-template rows, each
+    row inside its own L2 ball (`project_`).
+
+    Args:
+        base_model: a `transformers` causal LM (``AutoModelForCausalLM``); frozen in place.
+        config: the context.
+        context_sharing: ``"auto"`` runs the context once per batch when the batch has more than
+            one sample and labels; ``"always"`` and ``"never"`` force the choice.
+        compile_projection: fuse the projection with ``torch.compile``; None compiles on CUDA
+            only.
+
+    Raises:
+        ValueError: if the context does not fit the model (ids outside the vocabulary).
+    """
+
+    def __init__(
+        self,
+        base_model: nn.Module,
+        config: CPTConfig,
+        *,
+        context_sharing: ContextSharing = "auto",
+        compile_projection: bool | None = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(config, CPTConfig):
+            raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
+        embeddings = _input_embeddings(base_model)
+        vocab_size, hidden_size = embeddings.weight.shape
+        too_big = [i for i in config.cpt_token_ids if i >= vocab_size]
+        if too_big:
+            raise ValueError(
+                f"cpt_token_ids holds id {too_big[0]}, outside the model's vocabulary of {vocab_size}"
+            )
+        self.base_model = base_model
+        self.base_model.requires_grad_(False)
+        self.config = config
+        self.context_sharing = context_sharing
+        self.compile_projection = compile_projection
+        self.hidden_size = hidden_size
+
+        device = embeddings.weight.device
+        ids = torch.tensor(config.cpt_token_ids, dtype=torch.long, device=device)
+        codes = torch.tensor(config.cpt_tokens_type_mask, dtype=torch.long, device=device)
+        with torch.no_grad():
+            base = embeddings(ids).detach().to(torch.float32).clone()  # (N, d)
+        self.register_buffer("base", base)
+        self.delta = nn.Parameter(torch.zeros_like(base))  # (N, d)
+        self.register_buffer("context_ids", ids, persistent=False)  # (N,)
+        self.register_buffer("context_codes", codes, persistent=False)  # (N,)
+        self.register_buffer(
+            "context_mask", torch.tensor(config.cpt_mask, dtype=torch.long, device=device), persistent=False
+        )
+        self.register_buffer("trainable_rows", is_trainable(codes).unsqueeze(1), persistent=False)  # (N, 1)
+        self.register_buffer("epsilon", epsilons(config, hidden_size).to(device), persistent=False)  # (N,)
+        self._warned_fallback = False
+
+    # ------------------------------------------------------------------ parameters
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.config.num_virtual_tokens
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters an optimizer should update: ``[delta]``."""
+        return [self.delta]
+
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's weights: ``base`` and ``delta``, each (N, d) float32, detached."""
+        return {"base": self.base.detach(), "delta": self.delta.detach()}
+
+    def context_embeddings(self) -> torch.Tensor:
+        """(N, d) float32 context embeddings: frozen ``base`` + projected ``delta``."""
+        return self.base + self.delta
+
+    def project_(self) -> None:
+        """Projects every row of ``delta`` onto its L2 ball (SPEC §3); call after each step."""
+        compile = self.compile_projection
+        if compile is None:
+            compile = self.delta.is_cuda
+        project_(self.delta, self.epsilon, compile=compile)
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+        # `.to(dtype)` and friends reach the base model; the adapter stays float32, only moves.
+        base, delta = self.base, self.delta.data
+        super()._apply(fn, recurse)
+        device = self.delta.device
+        self.base = base.to(device)
+        self.delta.data = delta.to(device)
+        return self
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        input_type_mask: torch.Tensor | None = None,
+    ) -> CPTOutput:
+        """Runs the model over ``[context ; sample]``.
+
+        Args:
+            input_ids: (B, S) token ids of the samples, right-padded.
+            attention_mask: (B, S) 1 for real tokens, 0 for padding; None means all real.
+            labels: (B, S) target ids (usually ``input_ids``); -100 marks ignored positions.
+                Given, the CPT loss is returned.
+            input_type_mask: (B, S) type codes 0..4 of the samples (SPEC §1); None treats every
+                sample token as a label, as PEFT does. Never modified.
+
+        Returns:
+            `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
+
+        Raises:
+            ValueError: on shapes that differ from ``input_ids``, negative type codes, or a
+                batch without any label token.
+        """
+        _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        if labels is None:
+            return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
+        codes = self._sample_codes(input_ids, input_type_mask)  # (B, S)
+        if self._share_context(input_ids.shape[0]):
+            terms = self._shared_loss_terms(input_ids, attention_mask, labels, codes)
+        else:
+            terms = self._plain_loss_terms(input_ids, attention_mask, labels, codes)
+        return CPTOutput(loss=terms.mean(), num_targets=terms.count)
+
+    def _share_context(self, batch_size: int) -> bool:
+        if self.context_sharing == "never":
+            return False
+        if self.context_sharing not in ("auto", "always"):
+            raise ValueError(
+                f"context_sharing must be 'auto', 'always' or 'never', got {self.context_sharing!r}"
+            )
+        if self.context_sharing == "auto" and batch_size == 1:
+            return False  # one sample gains nothing from sharing: two passes cost more than one
+        model_type = getattr(self.base_model.config, "model_type", None)
+        if model_type in SHARING_UNSUPPORTED or getattr(self.base_model, "is_gradient_checkpointing", False):
+            if not self._warned_fallback:
+                warnings.warn(
+                    f"context sharing is not exact for {model_type!r} models (or with gradient "
+                    "checkpointing); using the plain path",
+                    stacklevel=3,
+                )
+                self._warned_fallback = True
+            return False
+        return True
+
+    def _context_for_forward(self, dtype: torch.dtype) -> torch.Tensor:
+        # Same values as context_embeddings(); the gradient reaches only trainable rows (SPEC §2).
+        delta = torch.where(self.trainable_rows, self.delta, self.delta.detach())
+        return (self.base + delta).to(dtype)  # (N, d)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return _input_embeddings(self.base_model)(input_ids)  # (B, S, d)
+
+    def _sample_codes(self, input_ids: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
+        # Sample codes move above the context's so the two never collide (SPEC §1).
+        offset = int(self.context_codes.max())
+        if input_type_mask is None:
+            return torch.full_like(input_ids, 4 + offset)
+        codes = input_type_mask.to(device=input_ids.device, dtype=torch.long)
+        return torch.where(codes > 0, codes + offset, codes)
+
+    def _full_attention_mask(
+        self, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int
+    ) -> torch.Tensor | None:
+        if attention_mask is None and bool(self.context_mask.all()):
+            return None  # as PEFT: no mask at all when the caller gives none
+        if attention_mask is None:
+            attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=self.context_mask.device)
+        context = self.context_mask.unsqueeze(0).expand(batch_size, -1).to(attention_mask.dtype)
+        return torch.cat([context, attention_mask.to(context.device)], dim=1)  # (B, N + S)
+
+    def _plain_loss_terms(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        codes: torch.Tensor,
+    ) -> LossTerms:
+        batch_size, seq_len = input_ids.shape
+        n = self.num_virtual_tokens
+        embeds = self._embed(input_ids)  # (B, S, d)
+        context = self._context_for_forward(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+        full_codes = torch.cat([self.context_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
+        full_labels = torch.cat([self.context_ids.expand(batch_size, -1), labels.to(codes.device)], dim=1)
+        targets = _target_mask(full_codes, full_labels)  # (B, N+S)
+        rows, positions = targets.nonzero(as_tuple=True)
+        _require_targets(rows.numel())
+        keep = torch.unique(positions - 1)  # sorted hidden positions that predict a target
+        output = self.base_model(
+            inputs_embeds=torch.cat([context, embeds], dim=1),
+            attention_mask=self._full_attention_mask(attention_mask, batch_size, seq_len),
+            logits_to_keep=keep,
+            use_cache=False,
+        )
+        logits = output.logits[rows, torch.searchsorted(keep, positions - 1)]  # (M, V)
+        weights = label_weights(full_codes, self.config)[rows, positions]  # (M,)
+        return LossTerms.of(logits, full_labels[rows, positions], weights)
+
+    def _shared_loss_terms(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor,
+        codes: torch.Tensor,
+    ) -> LossTerms:
+        batch_size, seq_len = input_ids.shape
+        n = self.num_virtual_tokens
+        full_codes = torch.cat([self.context_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
+        weights = label_weights(full_codes, self.config)  # (B, N+S)
+        labels = labels.to(codes.device)
+
+        context_targets = _target_mask(self.context_codes.unsqueeze(0), self.context_ids.unsqueeze(0))[0]
+        (context_positions,) = context_targets.nonzero(as_tuple=True)  # (Mc,) in 1..N-1
+        sample_targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
+        rows, sample_positions = sample_targets.nonzero(as_tuple=True)  # (Ms,)
+        _require_targets(context_positions.numel() + rows.numel())
+        first = sample_positions == 0  # predicted from the context's last position
+        keep_context = context_positions - 1
+        if bool(first.any()):
+            keep_context = torch.cat([keep_context, keep_context.new_tensor([n - 1])])
+
+        # The context, once: its KV cache keeps the gradient to delta.
+        embeds = self._embed(input_ids)  # (B, S, d)
+        context = self._context_for_forward(embeds.dtype).unsqueeze(0)  # (1, N, d)
+        context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
+        context_out = self.base_model(
+            inputs_embeds=context,
+            attention_mask=context_mask,
+            logits_to_keep=keep_context,
+            use_cache=True,
+        )
+        cache = _compat.output_cache(context_out)
+        if cache is None:
+            raise RuntimeError("the base model returned no KV cache for the context")
+        context_logits = context_out.logits[0]  # (Kc, V)
+        num_context = context_positions.numel()
+
+        # The samples, against the context's cache broadcast to the batch.
+        keep_sample = torch.unique(sample_positions[~first] - 1)
+        sample_out = self.base_model(
+            inputs_embeds=embeds,
+            attention_mask=self._full_attention_mask(attention_mask, batch_size, seq_len),
+            logits_to_keep=keep_sample,
+            use_cache=True,
+            **_compat.cache_kwargs(
+                self.base_model,
+                _compat.expanded_cache(_compat.cache_tensors(cache), batch_size, self.base_model.config),
+            ),
+        )
+
+        terms = LossTerms.of(
+            context_logits[:num_context],
+            self.context_ids[context_positions],
+            weights[:, context_positions].sum(dim=0),  # each context term counts once per row
+            count=batch_size * num_context,
+        )
+        if bool(first.any()):
+            first_rows = rows[first]
+            terms = terms + LossTerms.of(
+                context_logits[num_context:].expand(first_rows.numel(), -1),
+                labels[first_rows, 0],
+                weights[first_rows, n],
+            )
+        rest_rows, rest_positions = rows[~first], sample_positions[~first]
+        terms = terms + LossTerms.of(
+            sample_out.logits[rest_rows, torch.searchsorted(keep_sample, rest_positions - 1)],
+            labels[rest_rows, rest_positions],
+            weights[rest_rows, n + rest_positions],
+        )
+        return terms
+
+    # ------------------------------------------------------------------ inference
+
+    @torch.no_grad()
+    def build_context_cache(self) -> ContextCache:
+        """Runs the (constant, trained) context once and keeps its KV cache for inference."""
+        embeds_dtype = _input_embeddings(self.base_model).weight.dtype
+        context = self._context_for_forward(embeds_dtype).unsqueeze(0)  # (1, N, d)
+        context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
+        n = self.num_virtual_tokens
+        output = self.base_model(
+            inputs_embeds=context,
+            attention_mask=context_mask,
+            logits_to_keep=torch.tensor([n - 1], device=context.device),
+            use_cache=True,
+        )
+        cache = _compat.output_cache(output)
+        return ContextCache(_compat.cache_tensors(cache), output.logits[0, -1].float(), n)
+
+    def sample_logits(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        context_cache: ContextCache | None = None,
+    ) -> torch.Tensor:
+        """Logits of the next token at every sample position, given the context.
+
+        Args:
+            input_ids: (B, S) right-padded sample ids.
+            attention_mask: (B, S) or None.
+            context_cache: from `build_context_cache`; skips re-running the context.
+
+        Returns:
+            (B, S, V) logits; position s scores the token at s + 1.
+        """
+        batch_size, seq_len = input_ids.shape
+        n = self.num_virtual_tokens
+        embeds = self._embed(input_ids)
+        full_mask = self._full_attention_mask(attention_mask, batch_size, seq_len)
+        if context_cache is None:
+            context = self._context_for_forward(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
+            output = self.base_model(
+                inputs_embeds=torch.cat([context, embeds], dim=1),
+                attention_mask=full_mask,
+                logits_to_keep=torch.arange(n, n + seq_len, device=embeds.device),
+                use_cache=False,
+            )
+            return output.logits
+        cache = _compat.expanded_cache(context_cache.tensors, batch_size, self.base_model.config)
+        output = self.base_model(
+            inputs_embeds=embeds,
+            attention_mask=full_mask,
+            use_cache=True,
+            **_compat.cache_kwargs(self.base_model, cache),
+        )
+        return output.logits
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
+        """Writes the adapter (projected first) to the folder ``path``; see `cpt.adapter`."""
+        from cpt.adapter import save_adapter
+
+        self.project_()
+        return save_adapter(self, path, format=format)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, path: str | Path, **kwargs) -> CPTModel:
+        """Loads an adapter folder in either layout (detected) onto ``base_model``."""
+        from cpt.adapter import load_adapter
+
+        return load_adapter(base_model, path, **kwargs)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Embedding:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if embeddings is None or not hasattr(embeddings, "weight"):
+        raise ValueError(f"{type(model).__name__} has no input embeddings; CPT needs a causal LM")
+    return embeddings
+
+
+def _target_mask(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) True where position p is a label with a target; position 0 has no predictor."""
+    targets = is_label(codes) & (labels != IGNORE_INDEX)
+    targets[:, 0] = False
+    return targets
+
+
+def _require_targets(count: int) -> None:
+    if count == 0:
+        raise ValueError(
+            "the batch has no label token: no position has a type code that is a positive multiple "
+            "of 4 with a label other than -100"
+        )
+
+
+def _check_batch(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    input_type_mask: torch.Tensor | None,
+) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
+    if input_ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens (seq_len 0)")
+    for name, tensor in (("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
+        if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
+            )
+    if input_type_mask is not None and bool((input_type_mask < 0).any()):
+        raise ValueError(f"input_type_mask has a type code below 0: {int(input_type_mask.min())}")

@@ -25,6 +25,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
 from cpt import _compat
 from cpt.config import CPTConfig, is_label, is_trainable
@@ -41,19 +42,19 @@ SHARING_UNSUPPORTED: frozenset[str] = frozenset()
 
 
 @dataclass
-class CPTOutput:
-    """What `CPTModel.forward` returns.
+class CPTOutput(ModelOutput):
+    """What `CPTModel.forward` returns (a `transformers` ModelOutput, so `Trainer` can read it).
 
     Attributes:
         loss: scalar CPT loss (SPEC §4) when ``labels`` were given, else None.
         logits: (B, S, V) logits over the sample's own positions when no ``labels`` were given,
             else None (training never builds them).
-        num_targets: number of label positions the loss averages over (0 without labels).
+        num_targets: number of label positions the loss averages over (None without labels).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    num_targets: int = 0
+    num_targets: int | None = None
 
 
 @dataclass
@@ -213,7 +214,7 @@ class CPTModel(nn.Module):
         if self.context_sharing == "auto" and batch_size == 1:
             return False  # one sample gains nothing from sharing: two passes cost more than one
         model_type = getattr(self.base_model.config, "model_type", None)
-        if model_type in SHARING_UNSUPPORTED or getattr(self.base_model, "is_gradient_checkpointing", False):
+        if model_type in SHARING_UNSUPPORTED or _is_checkpointing(self.base_model):
             if not self._warned_fallback:
                 warnings.warn(
                     f"context sharing is not exact for {model_type!r} models (or with gradient "
@@ -430,6 +431,14 @@ def _input_embeddings(model: nn.Module) -> nn.Embedding:
     if embeddings is None or not hasattr(embeddings, "weight"):
         raise ValueError(f"{type(model).__name__} has no input embeddings; CPT needs a causal LM")
     return embeddings
+
+
+def _is_checkpointing(model: nn.Module) -> bool:
+    # transformers renamed the flag; read whichever this release has without a deprecation warning
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
 
 
 def _target_mask(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,38 @@
+"""Hand-made contexts and batches with the type-code pattern of rendered examples."""
+
+from __future__ import annotations
+
+import torch
+
+from cpt import CPTConfig
+
+# one example: input template, input, input, input, separator, output template x2, label x2, end
+EXAMPLE_CODES = [1, 2, 2, 2, 0, 3, 3, 4, 4, 0]
+SAMPLE_CODES = [1, 2, 2, 0, 3, 4, 4, 0, 0]
+SHORT_SAMPLE_CODES = [1, 2, 0, 3, 4, 4, 4, 0]  # one token shorter, a three-token label
+
+
+def context_config(num_examples: int = 2, **kwargs) -> CPTConfig:
+    """A context of ``num_examples`` examples of EXAMPLE_CODES, ids from 10 up."""
+    codes = []
+    for k in range(num_examples):
+        codes += [c + 4 * k if c > 0 else 0 for c in EXAMPLE_CODES]
+    ids = [10 + i for i in range(len(codes))]
+    return CPTConfig(cpt_token_ids=ids, cpt_mask=[1] * len(ids), cpt_tokens_type_mask=codes, **kwargs)
+
+
+def sample_batch(batch_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Right-padded samples: odd rows are shorter, so labels sit at different positions per row."""
+    g = torch.Generator().manual_seed(seed)
+    seq_len = len(SAMPLE_CODES)
+    ids = torch.randint(3, 90, (batch_size, seq_len), generator=g)
+    codes = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    mask = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    for row in range(batch_size):
+        row_codes = SAMPLE_CODES if row % 2 == 0 else SHORT_SAMPLE_CODES
+        codes[row, : len(row_codes)] = torch.tensor(row_codes)
+        mask[row, : len(row_codes)] = 1
+    ids[mask == 0] = 0
+    labels = ids.clone()
+    labels[mask == 0] = -100
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "input_type_mask": codes}

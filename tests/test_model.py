@@ -1,0 +1,209 @@
+import pytest
+import torch
+
+from contexts import context_config, sample_batch
+from tiny_models import ARCHITECTURES, make_model
+
+from cpt import CPTModel
+from cpt.config import is_label, is_trainable
+
+
+def _train(model: CPTModel, steps: int = 4, lr: float = 0.05) -> None:
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=lr)
+    for step in range(steps):
+        optimizer.zero_grad()
+        model(**sample_batch(3, seed=step)).loss.backward()
+        optimizer.step()
+        model.project_()
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_every_architecture_trains_and_round_trips(arch: str, tmp_path) -> None:
+    model = CPTModel(make_model(arch), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.9))
+    batch = sample_batch(3)
+    before = model(**batch).loss
+    assert torch.isfinite(before)
+    _train(model)
+    assert model.delta.abs().sum() > 0
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert logits.shape == (3, batch["input_ids"].shape[1], 96)
+    for fmt in ("cpt", "peft"):
+        model.save_pretrained(tmp_path / fmt, format=fmt)
+        loaded = CPTModel.from_pretrained(make_model(arch), tmp_path / fmt)
+        assert torch.equal(loaded.context_embeddings(), model.context_embeddings())
+        again = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(again, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_invariants_after_training() -> None:
+    base_model = make_model("llama")
+    config = context_config(3, opt_projection_epsilon=0.05, opt_projection_format_epsilon=0.02)
+    model = CPTModel(base_model, config)
+    ids = torch.tensor(config.cpt_token_ids)
+    embeddings = base_model.get_input_embeddings().weight.detach()[ids].clone()
+    weights_before = {k: v.clone() for k, v in base_model.state_dict().items()}
+    _train(model, steps=6, lr=0.5)  # a large step: every trainable row leaves its ball
+    codes = torch.tensor(config.cpt_tokens_type_mask)
+    assert torch.equal(model.base, embeddings)  # the frozen base never moves
+    for name, value in base_model.state_dict().items():
+        assert torch.equal(value, weights_before[name]), name  # nor does the model
+    norms = model.delta.detach().norm(dim=1)
+    assert torch.all(norms <= model.epsilon * (1 + 1e-5))
+    frozen = ~is_trainable(codes)
+    assert torch.all(model.delta.detach()[frozen] == 0)  # labels and separators stay exactly zero
+    trainable = is_trainable(codes)
+    torch.testing.assert_close(norms[trainable], model.epsilon[trainable], rtol=1e-5, atol=0)
+    assert is_label(codes).sum() > 0
+
+
+def test_shared_and_plain_paths_agree() -> None:
+    model = CPTModel(make_model("llama"), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.7))
+    with torch.no_grad():
+        model.delta.normal_(0, 0.01)
+    batch = sample_batch(5)
+    grads = {}
+    losses = {}
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        model.delta.grad = None
+        losses[sharing] = model(**batch).loss
+        losses[sharing].backward()
+        grads[sharing] = model.delta.grad.clone()
+    torch.testing.assert_close(losses["always"], losses["never"], rtol=1e-5, atol=0)
+    # elementwise, tiny entries differ in the last bits; the gradient as a whole agrees to 1e-5
+    relative = (grads["always"] - grads["never"]).norm() / grads["never"].norm()
+    assert relative <= 1e-5
+
+
+def test_label_at_first_sample_position_is_scored_from_the_context() -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    batch = sample_batch(3)
+    batch["input_type_mask"][:, 0] = 4  # the sample starts with a label token
+    losses = {}
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        losses[sharing] = model(**batch).loss
+    torch.testing.assert_close(losses["always"], losses["never"], rtol=1e-5, atol=0)
+
+
+def test_only_target_logits_are_built_and_labels_never_reach_the_base_model() -> None:
+    base_model = make_model("llama")
+    model = CPTModel(base_model, context_config())
+    batch = sample_batch(4)
+    seen_rows = []
+    head = base_model.get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: seen_rows.append(out.shape[:-1].numel()))
+    base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: (_ for _ in ()).throw(AssertionError("labels passed"))
+        if kwargs.get("labels") is not None else None,
+        with_kwargs=True,
+    )
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        seen_rows.clear()
+        out = model(**batch)
+        full = 4 * (model.num_virtual_tokens + batch["input_ids"].shape[1])
+        assert sum(seen_rows) < full / 3, (sharing, seen_rows, full)
+        assert out.num_targets > 0
+
+
+def test_auto_sharing_uses_plain_path_for_one_sample(monkeypatch) -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    calls = []
+    monkeypatch.setattr(model, "_shared_loss_terms", lambda *a: calls.append("shared") or 1 / 0)
+    model(**sample_batch(1))
+    assert calls == []
+    with pytest.raises(ZeroDivisionError):
+        model(**sample_batch(2))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype: torch.dtype) -> None:
+    model = CPTModel(make_model("llama", dtype=dtype), context_config())
+    assert model.delta.dtype == torch.float32 and model.base.dtype == torch.float32
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        model.delta.grad = None
+        loss = model(**sample_batch(2)).loss
+        loss.backward()
+        assert torch.isfinite(loss) and model.delta.grad.dtype == torch.float32
+
+
+def test_moving_the_model_keeps_the_adapter_in_float32() -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    with torch.no_grad():
+        model.delta.normal_(0, 1e-3)
+    delta = model.delta.detach().clone()
+    model.to(torch.bfloat16)
+    assert model.base_model.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert model.delta.dtype == torch.float32 and torch.equal(model.delta.detach(), delta)
+    assert isinstance(model.delta, torch.nn.Parameter)
+
+
+def test_callers_tensors_are_not_modified() -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    batch = sample_batch(3)
+    before = {k: v.clone() for k, v in batch.items()}
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        model(**batch)
+    for key, value in batch.items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_context_cache_gives_the_same_logits() -> None:
+    model = CPTModel(make_model("qwen2"), context_config())
+    with torch.no_grad():
+        model.delta.normal_(0, 0.01)
+    batch = sample_batch(3)
+    plain = model.sample_logits(batch["input_ids"], batch["attention_mask"])
+    cache = model.build_context_cache()
+    cached = model.sample_logits(batch["input_ids"], batch["attention_mask"], context_cache=cache)
+    torch.testing.assert_close(cached, plain, rtol=1e-5, atol=1e-5)
+    again = model.sample_logits(batch["input_ids"], batch["attention_mask"], context_cache=cache)
+    torch.testing.assert_close(again, cached, rtol=0, atol=0)  # the cache is not consumed
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda b: b.update(attention_mask=b["attention_mask"][:, :-1]), "attention_mask has shape"),
+        (lambda b: b.update(labels=b["labels"][:1]), "labels has shape"),
+        (lambda b: b.update(input_type_mask=b["input_type_mask"][:, 1:]), "input_type_mask has shape"),
+        (lambda b: b["input_type_mask"].__setitem__((0, 0), -3), "type code below 0: -3"),
+        (lambda b: b.update(input_ids=b["input_ids"][0]), r"input_ids must be a \(batch, seq_len\) tensor"),
+    ],
+)
+def test_bad_batches_are_named(change, message: str) -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    batch = sample_batch(2)
+    change(batch)
+    with pytest.raises(ValueError, match=message):
+        model(**batch)
+
+
+@pytest.mark.parametrize("sharing", ["never", "always"])
+def test_batch_without_label_token_is_refused(sharing: str) -> None:
+    config = context_config()
+    config = type(config)(
+        cpt_token_ids=config.cpt_token_ids,
+        cpt_tokens_type_mask=[c if c % 4 else 0 for c in config.cpt_tokens_type_mask],
+    )
+    model = CPTModel(make_model("llama"), config, context_sharing=sharing)
+    batch = sample_batch(2)
+    batch["labels"][:] = -100  # label-typed sample tokens, but every one ignored
+    with pytest.raises(ValueError, match="the batch has no label token"):
+        model(**batch)
+
+
+def test_context_outside_vocabulary_is_refused() -> None:
+    config = context_config()
+    config.cpt_token_ids[3] = 500
+    with pytest.raises(ValueError, match="id 500, outside the model's vocabulary of 96"):
+        CPTModel(make_model("llama"), config)
+
+
+def test_unknown_sharing_mode_is_refused() -> None:
+    model = CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")
+    with pytest.raises(ValueError, match="context_sharing must be"):
+        model(**sample_batch(2))

@@ -15,8 +15,10 @@ Rendering one example, piece by piece::
 Each piece is tokenized on its own with ``add_special_tokens=False`` (no BOS is added) and empty
 pieces are skipped, so every token has exactly one code. Tokenizing pieces apart can differ from
 tokenizing the joined string: with a GPT-2 style tokenizer, ``"output: "`` followed by
-``"positive"`` gives ``[":", " ", "positive"]`` rather than ``[":", " positive"]``. Write the
-templates with that in mind (e.g. ``output_template="output:{}"`` with labels ``" positive"``).
+``"positive"`` gives ``[":", " ", "positive"]`` rather than ``[":", " positive"]``. So by default
+(``Template.attach_space``) the spaces that end a template's text before ``{}`` are written as
+the start of the slot's text instead: ``"output:"`` then ``" positive"``, the tokens the model saw
+in pre-training. The rendered string is the same either way.
 """
 
 from __future__ import annotations
@@ -68,6 +70,11 @@ class Template:
         example_separator: after each example of the context (type 0), so also between the
             context and the sample or query that follows it. ``""`` (the default): none, the end
             token already separates examples.
+        attach_space: move the whitespace that ends a template's text before ``{}`` to the start
+            of the text or label that fills the slot (``"output:"`` + ``" positive"`` rather
+            than ``"output: "`` + ``"positive"``), so byte-level BPE tokenizers produce their
+            usual word tokens. Turn off for SentencePiece tokenizers that add their own prefix
+            space.
 
     Raises:
         ValueError: if a template does not contain exactly one ``{}``, naming the template, or a
@@ -79,6 +86,7 @@ class Template:
     intra_separator: str = " "
     end_token: str | None = None  # None: tokenizer.eos_token, the usual end of a document
     example_separator: str = ""  # "": the end token alone separates examples
+    attach_space: bool = True  # " positive" is one natural token; " " + "positive" is not
 
     def __post_init__(self) -> None:
         for name in ("input_template", "output_template", "intra_separator", "example_separator"):
@@ -169,7 +177,9 @@ def render_query(
     if not isinstance(text, str):
         raise ValueError(f"text must be a string, got {text!r}")
     input_prefix, input_suffix = template.input_template.split(SLOT)
-    output_prefix, _ = template.output_template.split(SLOT)
+    if text:
+        input_prefix, text = _attach_space(template, input_prefix, text)
+    output_prefix = _slot_prefix(template)
     return _join(
         [
             (_encode(tokenizer, input_prefix), TokenRole.INPUT_TEMPLATE),
@@ -188,8 +198,8 @@ def label_token_ids(
 
     Args:
         tokenizer: a Hugging Face tokenizer.
-        template: how examples are written out (labels are tokenized on their own, so the ids do
-            not depend on it; it is taken so callers need not know that).
+        template: how examples are written out (with ``attach_space``, the label carries the
+            output template's trailing whitespace).
         label: the label text.
 
     Returns:
@@ -198,10 +208,11 @@ def label_token_ids(
     Raises:
         ValueError: if the label tokenizes to no tokens, naming the label.
     """
-    del template  # the label is its own piece: its tokens do not depend on the template
     if not isinstance(label, str):
         raise ValueError(f"label must be a string, got {label!r}")
-    ids = _encode(tokenizer, label)
+    output_prefix, _ = template.output_template.split(SLOT)
+    _, label_text = _attach_space(template, output_prefix, label)
+    ids = _encode(tokenizer, label_text)
     if not ids:
         raise ValueError(f"label {label!r} tokenizes to no tokens; a label needs at least one")
     return ids
@@ -430,6 +441,21 @@ class CPTCollator:
             "labels": labels,
             "input_type_mask": type_mask,
         }
+
+
+def _attach_space(template: Template, prefix: str, text: str) -> tuple[str, str]:
+    """Moves the whitespace that ends ``prefix`` to the start of ``text`` (if asked and useful)."""
+    if not template.attach_space or not text:
+        return prefix, text
+    kept = prefix.rstrip()
+    return kept, prefix[len(kept):] + text
+
+
+def _slot_prefix(template: Template) -> str:
+    """The output template's text before ``{}`` as the query ends it (no trailing space when the
+    label carries it)."""
+    output_prefix, _ = template.output_template.split(SLOT)
+    return output_prefix.rstrip() if template.attach_space else output_prefix
 
 
 def _encode(tokenizer: PreTrainedTokenizerBase, piece: str) -> list[int]:

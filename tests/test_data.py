@@ -37,6 +37,8 @@ TEMPLATES = {
         end_token="\n",
         example_separator="\n",
     ),
+    # template pieces tokenized exactly as written, spaces and all
+    "literal": Template(attach_space=False),
 }
 
 EXAMPLES = [
@@ -71,6 +73,11 @@ def _expected_pieces(
     input_prefix, input_suffix = template.input_template.split("{}")
     output_prefix, output_suffix = template.output_template.split("{}")
     end = tokenizer.eos_token if template.end_token is None else template.end_token
+    if template.attach_space:  # trailing spaces before a slot start the slot's text instead
+        text = input_prefix[len(input_prefix.rstrip()):] + text if text else text
+        input_prefix = input_prefix.rstrip() if text else input_prefix
+        label = output_prefix[len(output_prefix.rstrip()):] + label
+        output_prefix = output_prefix.rstrip()
     return [
         (input_prefix, TokenRole.INPUT_TEMPLATE),
         (text, TokenRole.INPUT),
@@ -172,14 +179,14 @@ def test_multi_token_label(tokenizer: PreTrainedTokenizerFast, template: Templat
     first = label_positions[0]
     assert label_positions == list(range(first, first + len(ids)))  # one contiguous run
     assert [rendered.input_ids[i] for i in label_positions] == ids
-    assert _normalise(tokenizer, tokenizer.decode(ids)) == _normalise(tokenizer, label)
+    assert _normalise(tokenizer, tokenizer.decode(ids)).strip() == _normalise(tokenizer, label)
 
 
 def test_rare_word_label_splits_into_many_bpe_tokens() -> None:
     tokenizer = make_bpe_tokenizer()
     ids = label_token_ids(tokenizer, Template(), "xylophone")
     assert len(ids) >= 3
-    assert tokenizer.decode(ids) == "xylophone"
+    assert tokenizer.decode(ids) == " xylophone"  # carries the template's space
 
 
 def test_label_token_ids_match_the_label_span(
@@ -226,7 +233,7 @@ def test_braces_in_text_are_plain_text() -> None:
         for i, c in zip(rendered.input_ids, rendered.type_codes, strict=True)
         if c == TokenRole.INPUT
     ]
-    assert tokenizer.decode(text_ids) == "a {} b {0}"
+    assert tokenizer.decode(text_ids) == " a {} b {0}"
 
 
 def test_default_end_token_is_eos(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -469,3 +476,13 @@ def test_collator_errors() -> None:
         collate([{"input_ids": [1], "type_codes": [1]}, {"input_ids": [1, 2], "type_codes": [1]}])
     with pytest.raises(ValueError, match="item 0 is empty"):
         collate([{"input_ids": [], "type_codes": []}])
+
+
+def test_attached_spaces_give_word_tokens_and_the_same_string() -> None:
+    tokenizer = make_bpe_tokenizer()
+    attached = render_example(tokenizer, Template(), "the movie was great", "positive")
+    literal = render_example(tokenizer, Template(attach_space=False), "the movie was great", "positive")
+    assert tokenizer.decode(attached.input_ids) == tokenizer.decode(literal.input_ids)
+    label = [i for i, c in zip(attached.input_ids, attached.type_codes) if c == TokenRole.LABEL]
+    assert label == tokenizer.encode(" positive", add_special_tokens=False)
+    assert tokenizer.encode(" ", add_special_tokens=False)[0] not in label

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt import _compat
+from cpt import _compat, checkpointing
 from cpt.config import CPTConfig, is_label, is_trainable
 from cpt.loss import LossTerms, label_weights
 from cpt.projection import epsilons, project_
@@ -88,6 +88,9 @@ class CPTModel(nn.Module):
             one sample and labels; ``"always"`` and ``"never"`` force the choice.
         compile_projection: fuse the projection with ``torch.compile``; None compiles on CUDA
             only.
+        activation_checkpointing: keep only each layer's input during the forward pass and
+            recompute the rest in the backward pass (`cpt.checkpointing`): long contexts fit in
+            far less memory, for one more forward pass. Works with the shared context.
 
     Raises:
         ValueError: if the context does not fit the model (ids outside the vocabulary).
@@ -100,6 +103,7 @@ class CPTModel(nn.Module):
         *,
         context_sharing: ContextSharing = "auto",
         compile_projection: bool | None = None,
+        activation_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(config, CPTConfig):
@@ -117,6 +121,8 @@ class CPTModel(nn.Module):
         self.context_sharing = context_sharing
         self.compile_projection = compile_projection
         self.hidden_size = hidden_size
+        if activation_checkpointing:
+            checkpointing.enable(base_model)
 
         device = embeddings.weight.device
         ids = torch.tensor(config.cpt_token_ids, dtype=torch.long, device=device)
@@ -213,17 +219,28 @@ class CPTModel(nn.Module):
             )
         if self.context_sharing == "auto" and batch_size == 1:
             return False  # one sample gains nothing from sharing: two passes cost more than one
-        model_type = getattr(self.base_model.config, "model_type", None)
-        if model_type in SHARING_UNSUPPORTED or _is_checkpointing(self.base_model):
+        reason = self._sharing_obstacle()
+        if reason is not None:
             if not self._warned_fallback:
-                warnings.warn(
-                    f"context sharing is not exact for {model_type!r} models (or with gradient "
-                    "checkpointing); using the plain path",
-                    stacklevel=3,
-                )
+                warnings.warn(f"context sharing is off: {reason}; using the plain path", stacklevel=3)
                 self._warned_fallback = True
             return False
         return True
+
+    def _sharing_obstacle(self) -> str | None:
+        """Why the context's KV cache cannot stand in for running it with each sample, or None."""
+        model_type = getattr(self.base_model.config, "model_type", None)
+        if model_type in SHARING_UNSUPPORTED:
+            return f"{model_type!r} models cannot share a context exactly"
+        if _is_checkpointing(self.base_model):
+            return (
+                "transformers' gradient checkpointing drops KV caches (use "
+                "CPTModel(..., activation_checkpointing=True) instead)"
+            )
+        window = _compat.sliding_window(self.base_model.config)
+        if window is not None and self.num_virtual_tokens > window - 1:
+            return f"the context ({self.num_virtual_tokens} tokens) is longer than the sliding window ({window})"
+        return None
 
     def _context_for_forward(self, dtype: torch.dtype) -> torch.Tensor:
         # Same values as context_embeddings(); the gradient reaches only trainable rows (SPEC §2).
@@ -305,15 +322,15 @@ class CPTModel(nn.Module):
         embeds = self._embed(input_ids)  # (B, S, d)
         context = self._context_for_forward(embeds.dtype).unsqueeze(0)  # (1, N, d)
         context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
+        cache = _compat.SealableCache(config=self.base_model.config)
         context_out = self.base_model(
             inputs_embeds=context,
             attention_mask=context_mask,
             logits_to_keep=keep_context,
             use_cache=True,
+            **_compat.cache_kwargs(self.base_model, cache),
         )
-        cache = _compat.output_cache(context_out)
-        if cache is None:
-            raise RuntimeError("the base model returned no KV cache for the context")
+        cache.sealed = True  # checkpointed layers recompute in backward without writing again
         context_logits = context_out.logits[0]  # (Kc, V)
         num_context = context_positions.numel()
 
@@ -326,7 +343,9 @@ class CPTModel(nn.Module):
             use_cache=True,
             **_compat.cache_kwargs(
                 self.base_model,
-                _compat.expanded_cache(_compat.cache_tensors(cache), batch_size, self.base_model.config),
+                _compat.expanded_cache(
+                    _compat.cache_tensors(cache), batch_size, self.base_model.config, read_only=True
+                ),
             ),
         )
 
@@ -353,9 +372,21 @@ class CPTModel(nn.Module):
 
     # ------------------------------------------------------------------ inference
 
+    @property
+    def can_cache_context(self) -> bool:
+        """Whether `build_context_cache` gives exactly the logits of running the context again."""
+        obstacle = self._sharing_obstacle()
+        return obstacle is None or obstacle.startswith("transformers' gradient checkpointing")
+
     @torch.no_grad()
     def build_context_cache(self) -> ContextCache:
-        """Runs the (constant, trained) context once and keeps its KV cache for inference."""
+        """Runs the (constant, trained) context once and keeps its KV cache for inference.
+
+        Raises:
+            ValueError: where a cache cannot stand in for the context (`can_cache_context`).
+        """
+        if not self.can_cache_context:
+            raise ValueError(f"the context cannot be cached: {self._sharing_obstacle()}")
         embeds_dtype = _input_embeddings(self.base_model).weight.dtype
         context = self._context_for_forward(embeds_dtype).unsqueeze(0)  # (1, N, d)
         context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
@@ -399,7 +430,7 @@ class CPTModel(nn.Module):
                 use_cache=False,
             )
             return output.logits
-        cache = _compat.expanded_cache(context_cache.tensors, batch_size, self.base_model.config)
+        cache = _compat.expanded_cache(context_cache.tensors, batch_size, self.base_model.config, read_only=True)
         output = self.base_model(
             inputs_embeds=embeds,
             attention_mask=full_mask,

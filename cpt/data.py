@@ -375,9 +375,9 @@ class CPTDataset(Dataset[dict[str, list[int]]]):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, list[int]]:
-        """Returns ``dict(input_ids=list[int], type_codes=list[int])``, both of length S."""
+        """Returns ``dict(input_ids=list[int], input_type_mask=list[int])`` (codes 0..4), length S."""
         sample = self.samples[index]
-        return {"input_ids": list(sample.input_ids), "type_codes": list(sample.type_codes)}
+        return {"input_ids": list(sample.input_ids), "input_type_mask": list(sample.type_codes)}
 
 
 class CPTCollator:
@@ -403,7 +403,7 @@ class CPTCollator:
         """Collates B items of lengths S_b into tensors of shape (B, S), S = max S_b.
 
         Args:
-            items: dicts with ``input_ids`` and ``type_codes`` of equal length >= 1.
+            items: dicts with ``input_ids`` and ``input_type_mask`` (codes) of equal length >= 1.
 
         Returns:
             ``input_ids`` (B, S) long, padded with ``pad_token_id``; ``attention_mask`` (B, S) long,
@@ -417,10 +417,10 @@ class CPTCollator:
         if len(items) == 0:
             raise ValueError("cannot collate an empty list of items")
         for b, item in enumerate(items):
-            n_ids, n_codes = len(item["input_ids"]), len(item["type_codes"])
+            n_ids, n_codes = len(item["input_ids"]), len(item["input_type_mask"])
             if n_ids != n_codes:
                 raise ValueError(
-                    f"item {b} has {n_ids} input_ids but {n_codes} type_codes; they must match"
+                    f"item {b} has {n_ids} input_ids but {n_codes} input_type_mask codes; they must match"
                 )
             if n_ids == 0:
                 raise ValueError(f"item {b} is empty")
@@ -432,7 +432,7 @@ class CPTCollator:
         for b, item in enumerate(items):
             length = len(item["input_ids"])
             input_ids[b, :length] = torch.as_tensor(item["input_ids"], dtype=torch.long)
-            type_mask[b, :length] = torch.as_tensor(item["type_codes"], dtype=torch.long)
+            type_mask[b, :length] = torch.as_tensor(item["input_type_mask"], dtype=torch.long)
             attention_mask[b, :length] = 1
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, S)
         return {

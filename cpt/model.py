@@ -139,6 +139,7 @@ class CPTModel(nn.Module):
         self.register_buffer("trainable_rows", is_trainable(codes).unsqueeze(1), persistent=False)  # (N, 1)
         self.register_buffer("epsilon", epsilons(config, hidden_size).to(device), persistent=False)  # (N,)
         self._warned_fallback = False
+        self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
     # ------------------------------------------------------------------ parameters
 
@@ -157,6 +158,18 @@ class CPTModel(nn.Module):
     def context_embeddings(self) -> torch.Tensor:
         """(N, d) float32 context embeddings: frozen ``base`` + projected ``delta``."""
         return self.base + self.delta
+
+    def train(self, mode: bool = True) -> CPTModel:
+        """Sets the training mode of the module; the frozen base model always stays in eval mode
+        (no dropout), also when `transformers.Trainer` calls ``model.train()`` each step."""
+        super().train(mode)
+        self.base_model.eval()
+        return self
+
+    def is_projected(self, rtol: float = 1e-5) -> bool:
+        """Whether every row of ``delta`` is inside its ball (up to float rounding, ``rtol``)."""
+        norms = torch.linalg.vector_norm(self.delta.detach(), dim=1)
+        return bool(torch.all(norms <= self.epsilon * (1 + rtol)))
 
     def project_(self) -> None:
         """Projects every row of ``delta`` onto its L2 ball (SPEC §3); call after each step."""
@@ -406,27 +419,32 @@ class CPTModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         *,
         context_cache: ContextCache | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits of the next token at every sample position, given the context.
+        """Logits of the next token at the sample's positions, given the context.
 
         Args:
             input_ids: (B, S) right-padded sample ids.
             attention_mask: (B, S) or None.
             context_cache: from `build_context_cache`; skips re-running the context.
+            positions: (P,) sorted sample positions to compute logits at; None for all S.
 
         Returns:
-            (B, S, V) logits; position s scores the token at s + 1.
+            (B, S, V) logits, or (B, P, V) at ``positions``; position s scores the token at s + 1.
         """
         batch_size, seq_len = input_ids.shape
         n = self.num_virtual_tokens
         embeds = self._embed(input_ids)
         full_mask = self._full_attention_mask(attention_mask, batch_size, seq_len)
+        if positions is None:
+            positions = torch.arange(seq_len, device=embeds.device)
+        positions = positions.to(device=embeds.device, dtype=torch.long)
         if context_cache is None:
             context = self._context_for_forward(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
             output = self.base_model(
                 inputs_embeds=torch.cat([context, embeds], dim=1),
                 attention_mask=full_mask,
-                logits_to_keep=torch.arange(n, n + seq_len, device=embeds.device),
+                logits_to_keep=positions + n,
                 use_cache=False,
             )
             return output.logits
@@ -434,6 +452,7 @@ class CPTModel(nn.Module):
         output = self.base_model(
             inputs_embeds=embeds,
             attention_mask=full_mask,
+            logits_to_keep=positions,
             use_cache=True,
             **_compat.cache_kwargs(self.base_model, cache),
         )
@@ -442,10 +461,12 @@ class CPTModel(nn.Module):
     # ------------------------------------------------------------------ files
 
     def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
-        """Writes the adapter (projected first) to the folder ``path``; see `cpt.adapter`."""
+        """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
+        ball); see `cpt.adapter`."""
         from cpt.adapter import save_adapter
 
-        self.project_()
+        if not self.is_projected():  # projecting a projected delta again moves rows by an ulp
+            self.project_()
         return save_adapter(self, path, format=format)
 
     @classmethod

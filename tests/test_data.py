@@ -395,8 +395,8 @@ def test_dataset_items_are_rendered_examples(
     assert len(dataset) == len(EXAMPLES)
     for i, example in enumerate(AS_EXAMPLES):
         rendered = render_example(tokenizer, template, example.text, example.label)
-        assert dataset[i] == {"input_ids": rendered.input_ids, "type_codes": rendered.type_codes}
-        assert max(dataset[i]["type_codes"]) == TokenRole.LABEL  # unshifted
+        assert dataset[i] == {"input_ids": rendered.input_ids, "input_type_mask": rendered.type_codes}
+        assert max(dataset[i]["input_type_mask"]) == TokenRole.LABEL  # unshifted
 
 
 def test_dataset_errors() -> None:
@@ -421,9 +421,9 @@ def test_dataset_errors() -> None:
 def test_collator_pads_right() -> None:
     pad = 99
     items = [
-        {"input_ids": [5, 6, 7], "type_codes": [1, 2, 4]},
-        {"input_ids": [8], "type_codes": [4]},
-        {"input_ids": [1, 2, 3, 4, 5], "type_codes": [1, 2, 0, 3, 4]},
+        {"input_ids": [5, 6, 7], "input_type_mask": [1, 2, 4]},
+        {"input_ids": [8], "input_type_mask": [4]},
+        {"input_ids": [1, 2, 3, 4, 5], "input_type_mask": [1, 2, 0, 3, 4]},
     ]
     batch = CPTCollator(pad_token_id=pad)(items)
     assert set(batch) == {"input_ids", "attention_mask", "labels", "input_type_mask"}
@@ -471,11 +471,11 @@ def test_collator_errors() -> None:
     with pytest.raises(ValueError, match="cannot collate an empty list of items"):
         collate([])
     with pytest.raises(
-        ValueError, match="item 1 has 2 input_ids but 1 type_codes; they must match"
+        ValueError, match="item 1 has 2 input_ids but 1 input_type_mask codes; they must match"
     ):
-        collate([{"input_ids": [1], "type_codes": [1]}, {"input_ids": [1, 2], "type_codes": [1]}])
+        collate([{"input_ids": [1], "input_type_mask": [1]}, {"input_ids": [1, 2], "input_type_mask": [1]}])
     with pytest.raises(ValueError, match="item 0 is empty"):
-        collate([{"input_ids": [], "type_codes": []}])
+        collate([{"input_ids": [], "input_type_mask": []}])
 
 
 def test_attached_spaces_give_word_tokens_and_the_same_string() -> None:

@@ -45,10 +45,12 @@ ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
 }
 
 
-def make_model(arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+def make_model(
+    arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0, vocab_size: int = VOCAB
+) -> torch.nn.Module:
     """A tiny random model of architecture ``arch`` in eval mode."""
     config_cls, model_cls, kwargs = ARCHITECTURES[arch]
-    config = getattr(transformers, config_cls)(**_COMMON, **kwargs)
+    config = getattr(transformers, config_cls)(**{**_COMMON, "vocab_size": vocab_size}, **kwargs)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config)

@@ -1,0 +1,366 @@
+"""Inference with a trained CPT context: classify texts by label likelihood, or generate.
+
+Context-aware Prompt Tuning (Blau et al., arXiv 2410.17222) trains the embeddings of a few-shot
+context; at inference the context is constant. Both functions here run it through the frozen model
+once (`CPTModel.build_context_cache`, SPEC §5 "cached context at inference") and reuse its KV cache
+for every query, instead of re-running ``[context ; query]`` from the start each time.
+
+What `classify` scores, for a text and a candidate label: the query is ``render_query(text)``
+(input template, text, intra separator, output-template prefix); the *continuation* is everything
+`render_example` writes after it: the label's tokens, the output template's suffix and the end
+token. A label's score is the sum of the log-probabilities of all continuation tokens given
+``[context ; query ; earlier continuation tokens]``, its probability the softmax of these sums over
+the candidate labels. Scoring through the suffix and end token is what keeps lengths honest: a
+label that is a prefix of another ("pos" and "positive") must also make the model *stop* after it,
+so it is not favoured for being short. With a template that has neither an output suffix nor an end
+token, only the label's own tokens are scored, and that protection is gone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from cpt import _compat
+from cpt.data import Template, render_example, render_query
+from cpt.model import ContextCache, CPTModel
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass
+class Classification:
+    """What `classify` returns, for T texts and L candidate labels.
+
+    Attributes:
+        predictions: the most likely label of each text, length T.
+        probabilities: (T, L) float32, softmax of ``log_likelihoods`` over the labels; rows sum
+            to 1.
+        log_likelihoods: (T, L) float32, total log-likelihood (natural log) of each label's
+            continuation (label tokens, output-template suffix, end token) given the context and
+            the query.
+        labels: the candidate labels, in column order.
+    """
+
+    predictions: list[str]
+    probabilities: torch.Tensor
+    log_likelihoods: torch.Tensor
+    labels: list[str]
+
+
+@torch.no_grad()
+def classify(
+    model: CPTModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    labels: Sequence[str],
+    *,
+    template: Template | None = None,
+    batch_size: int = 8,
+    context_cache: ContextCache | None = None,
+    use_cache: bool = True,
+) -> Classification:
+    """Scores every candidate label for every text by its log-likelihood after the context.
+
+    Each (text, label) pair is one sequence, ``render_example(text, label)``, run against the
+    context; ``batch_size`` such sequences (right-padded) go through the model at a time, longest
+    first. The score is the summed log-probability of the tokens after ``render_query(text)``:
+    the label's tokens, the output template's suffix and the end token (see the module docstring).
+
+    The model's train/eval mode is left as it is: call ``model.eval()`` first if it has dropout.
+
+    Args:
+        model: a trained `CPTModel`.
+        tokenizer: the tokenizer the context was made with.
+        texts: T >= 1 input texts.
+        labels: L >= 1 distinct candidate labels, each rendering to at least one token.
+        template: how examples are written out (use the context's); the default `Template` if None.
+        batch_size: sequences per forward pass, >= 1.
+        context_cache: the context's KV cache from ``model.build_context_cache()``; built once
+            here if None. Must come from ``model``'s current context.
+        use_cache: if False, every batch runs ``[context ; sequence]`` from the start (the plain
+            path, for checking the cached one); ``context_cache`` is then ignored. (Where a
+            query renders to no tokens, the label's first token is scored from a forward pass
+            over the context alone, on either path.)
+
+    Returns:
+        A `Classification` with (T, L) float32 tensors on the CPU.
+
+    Raises:
+        ValueError: if ``texts`` or ``labels`` is empty or not a sequence of strings, ``labels``
+            holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
+            ``context_cache`` has the wrong length, or a text's query with its longest
+            continuation does not fit the model's maximum number of positions (naming the text).
+    """
+    texts = _strings("texts", texts)
+    labels = _strings("labels", labels)
+    seen: dict[str, int] = {}
+    for j, label in enumerate(labels):
+        if label in seen:
+            raise ValueError(f"labels holds {label!r} twice (at index {seen[label]} and {j})")
+        seen[label] = j
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    template = Template() if template is None else template
+
+    queries = [render_query(tokenizer, template, text).input_ids for text in texts]
+    continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
+    longest = max(len(ids) for ids in continuations)
+    for i, query in enumerate(queries):
+        what = f"text {i} (query of {len(query)} tokens + continuation of up to {longest})"
+        _check_fits(model, len(query) + longest, what)
+
+    device = model.context_ids.device
+    cache = _checked_cache(model, context_cache) if use_cache else None
+    # The first token of a sequence is predicted at the context's last position: needed only
+    # where a query is empty (the label starts the sequence).
+    first_log_probs = None  # (V,)
+    if any(not query for query in queries):
+        last_logits = (cache if cache is not None else model.build_context_cache()).last_logits
+        first_log_probs = last_logits.float().log_softmax(dim=-1).to(device)
+
+    # One sequence per (text, label) pair; longest first so that a batch pads little.
+    pairs = [(i, j) for i in range(len(texts)) for j in range(len(labels))]
+    pairs.sort(key=lambda pair: -(len(queries[pair[0]]) + len(continuations[pair[1]])))
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    scores = torch.empty(len(texts), len(labels), dtype=torch.float32)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        input_ids, attention_mask = _right_pad(
+            [queries[i] + continuations[j] for i, j in chunk], pad_id, device
+        )  # (B, S) each
+        query_lengths = [len(queries[i]) for i, _ in chunk]
+        # Logits only where a scored token is predicted: from the shortest query's end on.
+        first_scored = max(min(query_lengths), 1)  # token 0 (empty query) comes from the context
+        seq_len = input_ids.shape[1]
+        logits = model.sample_logits(
+            input_ids,
+            attention_mask,
+            context_cache=cache,
+            positions=torch.arange(first_scored - 1, seq_len - 1, device=device),
+        )  # (B, S - first_scored, V): position p - 1 predicts token p
+        log_probs = logits.float().log_softmax(dim=-1)
+        token_log_probs = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)  # (B, S)
+        token_log_probs[:, first_scored:] = log_probs.gather(
+            -1, input_ids[:, first_scored:].unsqueeze(-1)
+        ).squeeze(-1)
+        if first_log_probs is not None:
+            token_log_probs[:, 0] = first_log_probs[input_ids[:, 0]]
+        query_lengths = torch.tensor(query_lengths, device=device)  # (B,)
+        positions = torch.arange(input_ids.shape[1], device=device)  # (S,)
+        scored = (positions >= query_lengths.unsqueeze(1)) & attention_mask.bool()  # (B, S)
+        totals = torch.where(scored, token_log_probs, 0.0).sum(dim=-1).cpu()  # (B,)
+        rows, columns = zip(*chunk)
+        scores[list(rows), list(columns)] = totals
+
+    probabilities = scores.softmax(dim=-1)  # (T, L)
+    predictions = [labels[j] for j in scores.argmax(dim=-1).tolist()]
+    return Classification(predictions, probabilities, scores, list(labels))
+
+
+@torch.no_grad()
+def generate(
+    model: CPTModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: str | Sequence[str],
+    *,
+    template: Template | None = None,
+    context_cache: ContextCache | None = None,
+    **generation_kwargs: Any,
+) -> list[str]:
+    """Generates a continuation of ``[context ; render_query(text)]`` for each text.
+
+    The context is not run again: ``base_model.generate`` gets the context's KV cache together
+    with ``input_ids = context ids + query ids``; it feeds only the ids not yet in the cache (the
+    query), so the context ids are placeholders whose (trained) embeddings are already cached.
+    Logits processors that look back at the prompt (e.g. ``repetition_penalty``) see the context
+    ids, and ``max_length``/``min_length`` count the context's N tokens: prefer
+    ``max_new_tokens``. Texts are generated one at a time (no padding, so nothing to get wrong
+    between the context and a left-padded query).
+
+    Unless ``eos_token_id`` is given, generation also stops at the template's end token (when it
+    is a single token), as every example of the context ends with it; a final stop token is not
+    part of the returned text.
+
+    Args:
+        model: a trained `CPTModel`.
+        tokenizer: the tokenizer the context was made with.
+        texts: one text or a sequence of texts.
+        template: how examples are written out (use the context's); the default `Template` if None.
+        context_cache: the context's KV cache from ``model.build_context_cache()``; built once
+            here if None.
+        **generation_kwargs: passed to ``transformers``' ``generate`` (``max_new_tokens``,
+            ``do_sample``, ``temperature``, ``top_p``, ...).
+
+    Returns:
+        The new text of each input text (special tokens skipped), one string per text.
+
+    Raises:
+        ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
+            replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
+            has the wrong length, a text's prompt does not fit the model's maximum number of
+            positions (naming the text), or a text renders to no query tokens while the
+            context's last token carries a trained embedding.
+    """
+    texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
+    reserved = {"input_ids", "inputs", "inputs_embeds", "attention_mask", "cache", "past_key_values"}
+    clashing = sorted(reserved & generation_kwargs.keys())
+    if clashing:
+        raise ValueError(f"generate builds {clashing} itself; do not pass them")
+    returns = generation_kwargs.get("num_return_sequences", 1)
+    if returns != 1:
+        raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
+    template = Template() if template is None else template
+    cache = _checked_cache(model, context_cache)
+    base_model = model.base_model
+    device = model.context_ids.device
+    n = model.num_virtual_tokens
+
+    if "eos_token_id" not in generation_kwargs:
+        generation_kwargs["eos_token_id"] = stop_token_ids(model, tokenizer, template)
+    stops = set(_as_list(generation_kwargs["eos_token_id"]))
+    if generation_kwargs.get("pad_token_id", base_model.generation_config.pad_token_id) is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
+        generation_kwargs["pad_token_id"] = pad  # spares the warning; one sequence is never padded
+
+    outputs: list[str] = []
+    for i, text in enumerate(texts):
+        query = render_query(tokenizer, template, text).input_ids
+        _check_fits(model, len(query), f"text {i} (query of {len(query)} tokens)")
+        cached = n
+        if not query:
+            # generate needs one uncached token: feed the context's last token again, which is
+            # exact only when its embedding is the plain word embedding (separators, labels).
+            if not _last_context_row_is_plain(model):
+                raise ValueError(
+                    f"text {i} renders to no query tokens and the context's last token has a "
+                    "trained embedding; use a template with an output prefix or an end token"
+                )
+            cached = n - 1
+        tensors = [(k[:, :, :cached], v[:, :, :cached]) for k, v in cache.tensors]
+        generation_cache = _compat.expanded_cache(tensors, 1, base_model.config)
+        input_ids = torch.cat(
+            [model.context_ids, torch.tensor(query, dtype=torch.long, device=device)]
+        ).unsqueeze(0)  # (1, N + Q)
+        attention_mask = torch.cat(
+            [model.context_mask, torch.ones(len(query), dtype=torch.long, device=device)]
+        ).unsqueeze(0)  # (1, N + Q)
+        sequences = base_model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            **_compat.cache_kwargs(base_model, generation_cache),
+            **generation_kwargs,
+        )
+        new = sequences[0, input_ids.shape[1] :].tolist()
+        if new and new[-1] in stops:
+            new = new[:-1]
+        outputs.append(tokenizer.decode(new, skip_special_tokens=True))
+    return outputs
+
+
+def stop_token_ids(model: CPTModel, tokenizer: PreTrainedTokenizerBase, template: Template) -> list[int]:
+    """The ids `generate` stops at by default: the model's eos ids and the template's end token.
+
+    The end token counts only when `render_example` writes it as exactly one token (the
+    tokenizer's eos token when ``template.end_token`` is None).
+    """
+    stops = _as_list(getattr(model.base_model.generation_config, "eos_token_id", None))
+    # render_example ends with the end token: the difference with an end-less template is it.
+    with_end = render_example(tokenizer, template, "", _PROBE_LABEL).input_ids
+    without = render_example(tokenizer, replace(template, end_token=""), "", _PROBE_LABEL).input_ids
+    end = with_end[len(without) :]
+    if len(end) == 1 and end[0] not in stops:
+        stops.append(end[0])
+    return stops
+
+
+_PROBE_LABEL = "x"  # any label that renders to a token will do
+
+
+def _continuation(
+    tokenizer: PreTrainedTokenizerBase, template: Template, label: str, index: int
+) -> list[int]:
+    """What `render_example` writes after the query: label, output suffix, end token."""
+    try:
+        # render_example(text, label) is render_query(text) + this, whatever the text.
+        full = render_example(tokenizer, template, "", label).input_ids
+    except ValueError as error:
+        raise ValueError(f"label {index} ({label!r}): {error}") from error
+    return full[len(render_query(tokenizer, template, "").input_ids) :]
+
+
+def _strings(name: str, values: Sequence[str]) -> list[str]:
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{name} must be a sequence of strings, got the string {values!r}")
+    values = list(values)
+    if not values:
+        raise ValueError(f"{name} is empty: give at least one")
+    for k, value in enumerate(values):
+        if not isinstance(value, str):
+            raise ValueError(f"{name}[{k}] must be a string, got {value!r}")
+    return values
+
+
+def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
+    if cache is None:
+        return model.build_context_cache()
+    if cache.num_tokens != model.num_virtual_tokens:
+        raise ValueError(
+            f"context_cache holds {cache.num_tokens} tokens but the model's context has "
+            f"{model.num_virtual_tokens}; build it with model.build_context_cache()"
+        )
+    return cache
+
+
+def _max_positions(model: CPTModel) -> int | None:
+    """The most positions the base model can attend over, or None if it sets no limit (ALiBi)."""
+    config = model.base_model.config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
+    limit = _max_positions(model)
+    total = model.num_virtual_tokens + sample_tokens
+    if limit is not None and total > limit:
+        raise ValueError(
+            f"{what} after the context of {model.num_virtual_tokens} tokens needs {total} "
+            f"positions, more than the model's {limit}"
+        )
+
+
+def _right_pad(
+    sequences: list[list[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) ids padded with ``pad_id`` on the right, and the (B, S) mask of real tokens."""
+    length = max(len(ids) for ids in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long, device=device)
+    for b, ids in enumerate(sequences):
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        attention_mask[b, : len(ids)] = 1
+    return input_ids, attention_mask
+
+
+def _last_context_row_is_plain(model: CPTModel) -> bool:
+    """True if the context's last embedding equals the word embedding of its id."""
+    embeddings = model.base_model.get_input_embeddings()
+    last = model.context_embeddings()[-1].to(embeddings.weight.dtype)
+    return torch.equal(last, embeddings(model.context_ids[-1:])[0])
+
+
+def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+    if ids is None:
+        return []
+    if isinstance(ids, torch.Tensor):
+        return [int(i) for i in ids.flatten().tolist()]
+    if isinstance(ids, int):
+        return [ids]
+    return [int(i) for i in ids]

@@ -1,0 +1,740 @@
+"""Training a CPT context: AdamW on ``delta``, then the projection, after every optimizer step.
+
+Context-aware Prompt Tuning (Blau et al., arXiv 2410.17222) refines the embeddings of a few-shot
+context by projected gradient descent: an AdamW step on the offset ``delta``, then every row of
+``delta`` is put back into its L2 ball (`CPTModel.project_`). This module owns that loop:
+
+- `train` runs it, with gradient accumulation, optional bf16 autocast, gradient clipping,
+  periodic evaluation, a tqdm bar showing the running loss, and checkpoints;
+- `save_checkpoint` / `load_checkpoint` write and read a resumable training state with no pickle
+  (safetensors for tensors, JSON for the rest), atomically as a whole folder;
+- `CPTProjectionCallback` gives users of `transformers.Trainer` the same projection step.
+
+Gradient accumulation matches one big batch: each micro-batch's loss is weighted by its number of
+label positions and the summed gradient is divided by the window's total, so ``k`` micro-batches
+of ``b`` samples give the gradient of one batch of ``k * b`` samples (the CPT loss is a mean over
+label positions, SPEC §4), not the mean of ``k`` means.
+
+The sample order of epoch ``e`` is a permutation drawn from a generator seeded with
+``(seed, e)`` alone, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as safetensors_load
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from cpt._io import atomic_save_tensors, atomic_write_json
+from cpt.adapter import load_adapter, save_adapter
+from cpt.model import CPTModel
+
+logger = logging.getLogger(__name__)
+
+MixedPrecision = Literal["auto", "bf16", "no"]
+MIXED_PRECISION_MODES = ("auto", "bf16", "no")
+
+STATE_FORMAT = "cpt-trainer-state"
+CHECKPOINT_FORMAT_VERSION = 1
+ADAPTER_DIR = "adapter"  # the adapter, in cpt's layout (base and delta apart)
+STATE_TENSORS_NAME = "trainer_state.safetensors"  # optimizer moments, RNG states
+STATE_JSON_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
+LAST_CHECKPOINT_NAME = "last"  # `train` keeps one rolling checkpoint, checkpoint_dir / "last"
+
+_ORDER_FIELDS = ("seed", "batch_size", "gradient_accumulation_steps")
+"""TrainConfig fields that decide which samples each step sees: a resume must keep them."""
+
+Batch = dict[str, torch.Tensor]
+EvalFn = Callable[[CPTModel], Mapping[str, float]]
+
+
+@dataclass
+class TrainConfig:
+    """How `train` optimises a CPT context.
+
+    Args:
+        learning_rate: AdamW's step size.
+        epochs: passes over the dataset; ignored when ``max_steps`` is set.
+        batch_size: samples per forward pass (micro-batch).
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        weight_decay: AdamW's decoupled weight decay on ``delta`` (pulls it towards 0, the
+            original context).
+        max_steps: if set, train for exactly this many optimizer steps, cycling epochs as
+            needed (as in ``transformers``); ``epochs`` is then ignored.
+        seed: seeds the sample order (with the epoch) and, on a fresh run, the global torch and
+            Python RNGs.
+        eval_every: call ``eval_fn`` every this many optimizer steps; None never.
+        checkpoint_every: save a checkpoint every this many optimizer steps; None only at the end
+            (when a ``checkpoint_dir`` is given).
+        log_every: the running loss (bar and log) averages the last this many steps, and is
+            logged at INFO level every this many steps.
+        progress: show a tqdm progress bar.
+        mixed_precision: ``"auto"`` runs the forward pass under bf16 autocast on CUDA (where bf16
+            is supported) and in full precision elsewhere; ``"bf16"`` forces bf16 autocast;
+            ``"no"`` never autocasts. ``delta``, the optimizer and the projection stay float32.
+        max_grad_norm: clip the gradient's L2 norm to this before each step; None never clips.
+
+    Raises:
+        ValueError: naming the bad field and value.
+    """
+
+    learning_rate: float = 1e-4  # PEFT's CPT example (and the paper's recipe) with batch size 1
+    # PEFT's CPT example trains 5 epochs: with a handful of samples an epoch is a few steps, and
+    # the projection bounds how far the context can drift, so a few passes converge without
+    # over-fitting (the paper's point against plain prompt tuning).
+    epochs: int = 5
+    batch_size: int = 1  # the reference recipe: one sample per step, the context shared anyway
+    gradient_accumulation_steps: int = 1  # no accumulation: each micro-batch is a step
+    # 0, as transformers.Trainer (what PEFT's example uses): the L2 balls already keep delta small
+    weight_decay: float = 0.0
+    max_steps: int | None = None  # None: epochs decide
+    seed: int = 0
+    eval_every: int | None = None  # None: no periodic evaluation
+    checkpoint_every: int | None = None  # None: a checkpoint only at the end
+    log_every: int = 10  # a smooth enough running loss at a few steps per epoch
+    progress: bool = True
+    mixed_precision: MixedPrecision = "auto"
+    max_grad_norm: float | None = 1.0  # transformers.Trainer's default, which PEFT's example uses
+
+    def __post_init__(self) -> None:
+        _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
+        _check_number("weight_decay", self.weight_decay, minimum=0.0, inclusive=True)
+        if self.max_grad_norm is not None:
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
+        for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
+            _check_int(name, getattr(self, name), minimum=1)
+        for name in ("max_steps", "eval_every", "checkpoint_every"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+        if not isinstance(self.progress, bool):
+            raise ValueError(f"progress must be True or False, got {self.progress!r}")
+        if self.mixed_precision not in MIXED_PRECISION_MODES:
+            raise ValueError(
+                f"mixed_precision must be one of {MIXED_PRECISION_MODES}, got {self.mixed_precision!r}"
+            )
+        self.learning_rate = float(self.learning_rate)
+        self.weight_decay = float(self.weight_decay)
+        if self.max_grad_norm is not None:
+            self.max_grad_norm = float(self.max_grad_norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TrainResult:
+    """What `train` did, over the whole run (a resumed run includes what came before).
+
+    Attributes:
+        losses: the loss of every optimizer step, in order (a label-weighted mean over the
+            step's micro-batches, i.e. the loss of the step's whole batch).
+        steps: optimizer steps done in total.
+        eval_history: ``{"step": s, **eval_fn(model)}`` for every evaluation.
+        wall_time: seconds this call took (checkpoints and evaluations included).
+        epoch: completed epochs plus the fraction of the current one.
+    """
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+    wall_time: float = 0.0
+    epoch: float = 0.0
+
+
+@dataclass
+class TrainState:
+    """Where a run stands between two optimizer steps: everything a resume needs but tensors.
+
+    Attributes:
+        step: optimizer steps done.
+        epoch: the epoch the next batch belongs to.
+        position: batches of that epoch already consumed.
+        losses: per-step losses so far.
+        eval_history: evaluations so far.
+    """
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0
+    losses: list[float] = field(default_factory=list)
+    eval_history: list[dict[str, float]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------- training
+
+
+def train(
+    model: CPTModel,
+    dataset: Sequence[Any],
+    config: TrainConfig,
+    *,
+    collator: Callable[[list[Any]], Batch],
+    eval_fn: EvalFn | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
+) -> TrainResult:
+    """Trains ``model``'s context by projected AdamW.
+
+    Each optimizer step: forward and backward over ``gradient_accumulation_steps`` micro-batches
+    of ``batch_size`` samples, clip, AdamW step on ``model.trainable_parameters()``, then
+    ``model.project_()``. The base model is in eval mode throughout (frozen, no dropout).
+
+    Args:
+        model: the model to train, in place; batches go to the device of ``model.delta``.
+        dataset: indexable samples (e.g. `cpt.data.CPTDataset`), ``len`` >= 1.
+        config: the hyper-parameters.
+        collator: turns a list of samples into a batch, a dict with ``input_ids``,
+            ``attention_mask``, ``labels`` and ``input_type_mask``, each (B, S)
+            (e.g. `cpt.data.CPTCollator`).
+        eval_fn: called as ``eval_fn(model)`` under ``torch.no_grad()`` every
+            ``config.eval_every`` steps; returns metrics (str -> float).
+        checkpoint_dir: where ``checkpoint_dir / "last"`` is saved every
+            ``config.checkpoint_every`` steps and at the end.
+        resume_from: a checkpoint folder (from `save_checkpoint`) to continue from; the result
+            is bit-for-bit that of an uninterrupted run with the same config.
+
+    Returns:
+        A `TrainResult` over the whole run.
+
+    Raises:
+        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, or a
+            checkpoint that does not match the model, the dataset or the config.
+    """
+    start_time = time.perf_counter()
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if config.checkpoint_every is not None and checkpoint_dir is None:
+        raise ValueError("checkpoint_every is set but checkpoint_dir is None: where would checkpoints go?")
+    num_samples = len(dataset)
+    if num_samples == 0:
+        raise ValueError("dataset is empty: nothing to train on")
+
+    model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
+    optimizer = make_optimizer(model, config)
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, model, optimizer, config=config, num_samples=num_samples)
+    else:
+        state = TrainState()
+        _seed_everything(config.seed)
+
+    batches_per_epoch = math.ceil(num_samples / config.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    device = model.delta.device
+    autocast = _autocast(config.mixed_precision, device)
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / LAST_CHECKPOINT_NAME
+    saved_at = state.step if resume_from is not None else -1
+
+    initial = min(state.step, total_steps)
+    bar = tqdm(total=total_steps, initial=initial, disable=not config.progress, desc="cpt", unit="step")
+    size, accumulation = config.batch_size, config.gradient_accumulation_steps
+    try:
+        while state.step < total_steps:
+            order = epoch_order(num_samples, config.seed, state.epoch)  # (num_samples,)
+            batches = [order[i : i + size] for i in range(0, num_samples, size)]
+            while state.position < len(batches) and state.step < total_steps:
+                window = batches[state.position : state.position + accumulation]
+                loss = _optimizer_step(model, optimizer, config, dataset, collator, window, device, autocast)
+                state.position += len(window)
+                state.step += 1
+                state.losses.append(loss)
+                if state.position >= len(batches):  # the epoch is done: point at the next one
+                    state.epoch, state.position = state.epoch + 1, 0
+                _report(bar, state, config)
+                if eval_fn is not None and _due(state.step, config.eval_every):
+                    state.eval_history.append(_evaluate(model, eval_fn, state.step))
+                if folder is not None and _due(state.step, config.checkpoint_every):
+                    save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+                    saved_at = state.step
+                if state.position == 0:
+                    break  # a new epoch: a new order
+    finally:
+        bar.close()
+    if folder is not None and saved_at != state.step:
+        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+
+    return TrainResult(
+        losses=list(state.losses),
+        steps=state.step,
+        eval_history=list(state.eval_history),
+        wall_time=time.perf_counter() - start_time,
+        epoch=state.epoch + state.position / batches_per_epoch,
+    )
+
+
+def make_optimizer(model: CPTModel, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over ``model.trainable_parameters()`` with the config's learning rate and decay."""
+    return torch.optim.AdamW(
+        model.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+
+
+def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of an epoch: a permutation that depends only on ``(seed, epoch)``.
+
+    Returns:
+        A permutation of ``range(num_samples)``.
+    """
+    digest = hashlib.sha256(f"cpt-epoch-order:{seed}:{epoch}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+    return torch.randperm(num_samples, generator=generator).tolist()
+
+
+def _optimizer_step(
+    model: CPTModel,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    dataset: Sequence[Any],
+    collator: Callable[[list[Any]], Batch],
+    window: list[list[int]],
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> float:
+    """One projected AdamW step over the micro-batches of ``window``; returns the step's loss."""
+    params = model.trainable_parameters()
+    optimizer.zero_grad(set_to_none=True)
+    weighted_loss = torch.zeros((), dtype=torch.float32, device=device)
+    total_weight = 0
+    for indices in window:
+        batch = _to_device(collator([dataset[i] for i in indices]), device)
+        with autocast():
+            output = model(**batch)
+        # Each micro-batch counts by its label positions, so the window's loss and gradient are
+        # those of one big batch (a lone micro-batch keeps its plain gradient: weight 1).
+        weight = output.num_targets if len(window) > 1 else 1
+        (output.loss * weight).backward()
+        weighted_loss += output.loss.detach().float() * weight
+        total_weight += weight
+    if total_weight != 1:
+        for param in params:
+            if param.grad is not None:
+                param.grad.div_(total_weight)
+    if config.max_grad_norm is not None:
+        nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+    optimizer.step()
+    model.project_()  # the "P" of PGD: every row back into its ball
+    optimizer.zero_grad(set_to_none=True)
+    return (weighted_loss / total_weight).item()
+
+
+def _due(step: int, every: int | None) -> bool:
+    return every is not None and step % every == 0
+
+
+def _to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _autocast(mode: MixedPrecision, device: torch.device) -> Callable[[], Any]:
+    if mode == "auto":
+        use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    else:
+        use_bf16 = mode == "bf16"
+    if not use_bf16:
+        return nullcontext
+    return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def _evaluate(model: CPTModel, eval_fn: EvalFn, step: int) -> dict[str, float]:
+    with torch.no_grad():
+        metrics = eval_fn(model)
+    model.eval()  # in case eval_fn switched modes
+    if not isinstance(metrics, Mapping):
+        raise ValueError(f"eval_fn must return a mapping of names to floats, got {type(metrics).__name__}")
+    return {"step": step, **{str(k): float(v) for k, v in metrics.items()}}
+
+
+def _report(bar: Any, state: TrainState, config: TrainConfig) -> None:
+    recent = state.losses[-config.log_every :]
+    running = sum(recent) / len(recent)
+    bar.update(1)
+    bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+    if state.step % config.log_every == 0:
+        logger.info("step %d: loss %.6f (mean of the last %d steps)", state.step, running, len(recent))
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # seeds CUDA too
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    folder: str | Path,
+    model: CPTModel,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    config: TrainConfig,
+    *,
+    num_samples: int,
+) -> Path:
+    """Writes a resumable training state into ``folder``, atomically as a whole.
+
+    The folder is built under a temporary sibling name (``.<name>.tmp-<id>``) and renamed into
+    place only when complete; a previous checkpoint at ``folder`` is moved aside and deleted only
+    after that. A crash while building leaves the previous checkpoint untouched; the loader reads
+    ``folder`` alone, never a temporary sibling. Layout::
+
+        adapter/                    the adapter in cpt's layout (`cpt.adapter.save_adapter`)
+        trainer_state.safetensors   optimizer tensors (``optimizer.<param>.<name>``) and RNG
+                                    states (``rng.torch``, ``rng.cuda.<i>``)
+        trainer_state.json          step, epoch, position, config, losses, evaluations,
+                                    optimizer param groups and scalars, Python RNG state,
+                                    the tensors file's checksum
+
+    Args:
+        folder: the checkpoint folder to create or replace.
+        model: the model being trained.
+        optimizer: its optimizer (`make_optimizer`).
+        state: where the run stands.
+        config: the run's config (recorded, and checked on resume).
+        num_samples: the dataset's length (checked on resume).
+
+    Returns:
+        The folder.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"cannot save checkpoint: {folder} exists and is not a folder")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _recover_interrupted_swap(folder)
+    for stale in _siblings(folder, "tmp") + _siblings(folder, "old"):
+        shutil.rmtree(stale, ignore_errors=True)  # left by a save that crashed
+    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
+    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex}"
+    moved_aside = False
+    try:
+        # save_adapter, not save_pretrained: delta is already projected after every step, and
+        # projecting again is not bit-for-bit idempotent (a row scaled onto its sphere can come out
+        # an ulp outside it), so a save must not touch the model it saves.
+        save_adapter(model, tmp / ADAPTER_DIR)
+        tensors, optimizer_json = _optimizer_to_tensors(optimizer)
+        tensors.update(_rng_tensors())
+        data = atomic_save_tensors(tmp / STATE_TENSORS_NAME, tensors, metadata={"format": STATE_FORMAT})
+        atomic_write_json(
+            tmp / STATE_JSON_NAME,
+            {
+                "format": STATE_FORMAT,
+                "format_version": CHECKPOINT_FORMAT_VERSION,
+                "step": state.step,
+                "epoch": state.epoch,
+                "position": state.position,
+                "num_samples": num_samples,
+                "config": config.to_dict(),
+                "losses": state.losses,
+                "eval_history": state.eval_history,
+                "optimizer": optimizer_json,
+                "python_rng": _python_rng_to_json(random.getstate()),
+                "tensors_sha256": hashlib.sha256(data).hexdigest(),
+            },
+        )
+        _fsync_dir(tmp)
+        _fsync_dir(tmp / ADAPTER_DIR)
+        if folder.exists():
+            os.replace(folder, old)  # a directory cannot be renamed over a non-empty one
+            moved_aside = True
+        os.replace(tmp, folder)
+        _fsync_dir(folder.parent)
+    except BaseException:
+        if moved_aside and not folder.exists():
+            os.replace(old, folder)  # put the previous checkpoint back
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def load_checkpoint(
+    folder: str | Path,
+    model: CPTModel,
+    optimizer: torch.optim.Optimizer,
+    *,
+    config: TrainConfig | None = None,
+    num_samples: int | None = None,
+) -> TrainState:
+    """Restores a checkpoint into ``model`` and ``optimizer`` and the global RNGs.
+
+    The optimizer's moments and step counts come from the checkpoint; its hyper-parameters
+    (learning rate, weight decay) stay those it was built with, i.e. the current config's.
+
+    Args:
+        folder: a folder written by `save_checkpoint`.
+        model: a model with the same context and base model as the one saved.
+        optimizer: a fresh optimizer over ``model.trainable_parameters()`` (`make_optimizer`).
+        config: if given, its ``seed``, ``batch_size`` and ``gradient_accumulation_steps`` must
+            equal the saved ones (they decide the sample order).
+        num_samples: if given, must equal the saved dataset length.
+
+    Returns:
+        The `TrainState` to continue from.
+
+    Raises:
+        ValueError: if the folder is not a complete checkpoint, its files do not belong together,
+            or it does not match the model (context, base embeddings, hidden size), the config or
+            the dataset.
+    """
+    folder = Path(folder)
+    _recover_interrupted_swap(folder)
+    meta = _read_state_json(folder / STATE_JSON_NAME)
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{folder / STATE_JSON_NAME} is not a cpt trainer state")
+    if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
+        raise ValueError(f"{folder} was written by a newer cpt (format {meta['format_version']})")
+    if config is not None:
+        saved = meta.get("config", {})
+        for name in _ORDER_FIELDS:
+            if saved.get(name) != getattr(config, name):
+                raise ValueError(
+                    f"cannot resume from {folder}: it was trained with {name}={saved.get(name)!r}, "
+                    f"the config has {name}={getattr(config, name)!r} (the sample order would differ)"
+                )
+    if num_samples is not None and meta.get("num_samples") != num_samples:
+        raise ValueError(
+            f"cannot resume from {folder}: it was trained on {meta.get('num_samples')} samples, "
+            f"the dataset has {num_samples}"
+        )
+
+    tensors_path = folder / STATE_TENSORS_NAME
+    raw = _read_bytes(tensors_path)
+    if hashlib.sha256(raw).hexdigest() != meta.get("tensors_sha256"):
+        raise ValueError(f"{tensors_path} does not match {STATE_JSON_NAME} (checksum differs)")
+    try:
+        tensors = safetensors_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{tensors_path} is not a valid safetensors file: {error}") from None
+
+    delta = _matching_delta(folder / ADAPTER_DIR, model)
+    optimizer_state = _optimizer_from_tensors(meta["optimizer"], tensors)
+    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(optimizer_state)
+    except (ValueError, KeyError, RuntimeError) as error:
+        raise ValueError(f"cannot load the optimizer state of {folder}: {error}") from None
+    for group, values in zip(optimizer.param_groups, hyper):
+        group.update(values)  # the current config's hyper-parameters
+    with torch.no_grad():
+        model.delta.copy_(delta)
+    _restore_rng(tensors, meta["python_rng"])
+    return TrainState(
+        step=int(meta["step"]),
+        epoch=int(meta["epoch"]),
+        position=int(meta["position"]),
+        losses=[float(x) for x in meta["losses"]],
+        eval_history=[dict(e) for e in meta["eval_history"]],
+    )
+
+
+def _matching_delta(adapter_dir: Path, model: CPTModel) -> torch.Tensor:
+    """The saved delta, after checking the adapter was trained on this model's context."""
+    if not adapter_dir.is_dir():
+        raise ValueError(f"checkpoint has no adapter folder {adapter_dir}")
+    saved = load_adapter(model.base_model, adapter_dir, compile_projection=False)
+    ignore = {"tokenizer_name_or_path"}
+    mine = {k: v for k, v in model.config.to_dict().items() if k not in ignore}
+    theirs = {k: v for k, v in saved.config.to_dict().items() if k not in ignore}
+    if mine != theirs:
+        differing = sorted(k for k in mine if mine[k] != theirs.get(k))
+        raise ValueError(
+            f"checkpoint adapter {adapter_dir} does not match the model: its config differs in "
+            f"{differing}"
+        )
+    if not torch.equal(saved.base.to(model.base.device), model.base):
+        raise ValueError(
+            f"checkpoint adapter {adapter_dir} does not match the model: the context's base embeddings "
+            "differ (a different base model?)"
+        )
+    return saved.delta.detach()
+
+
+def _optimizer_to_tensors(
+    optimizer: torch.optim.Optimizer,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Splits ``optimizer.state_dict()`` into safetensors tensors and a JSON description."""
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    state_json: dict[str, dict[str, Any]] = {}
+    for param_id, param_state in state_dict["state"].items():
+        entry: dict[str, Any] = {}
+        for name, value in param_state.items():
+            if isinstance(value, torch.Tensor):
+                key = f"optimizer.{param_id}.{name}"
+                tensors[key] = value
+                entry[name] = {"tensor": key}
+            else:
+                entry[name] = {"value": value}
+        state_json[str(param_id)] = entry
+    return tensors, {"state": state_json, "param_groups": state_dict["param_groups"]}
+
+
+def _optimizer_from_tensors(
+    description: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> dict[str, Any]:
+    """Rebuilds an ``optimizer.state_dict()`` from `_optimizer_to_tensors`' two parts."""
+    state: dict[int, dict[str, Any]] = {}
+    for param_id, entry in description["state"].items():
+        values: dict[str, Any] = {}
+        for name, item in entry.items():
+            if "tensor" in item:
+                if item["tensor"] not in tensors:
+                    raise ValueError(f"checkpoint tensors lack {item['tensor']!r}")
+                values[name] = tensors[item["tensor"]]
+            else:
+                values[name] = item["value"]
+        state[int(param_id)] = values
+    groups = []
+    for group in description["param_groups"]:
+        group = dict(group)
+        if isinstance(group.get("betas"), list):
+            group["betas"] = tuple(group["betas"])
+        groups.append(group)
+    return {"state": state, "param_groups": groups}
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng.torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = rng
+    return tensors
+
+
+def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: Any) -> None:
+    torch.set_rng_state(tensors["rng.torch"])
+    num_cuda = sum(1 for k in tensors if k.startswith("rng.cuda."))
+    if num_cuda and torch.cuda.is_available():
+        cuda = [tensors[f"rng.cuda.{i}"] for i in range(min(num_cuda, torch.cuda.device_count()))]
+        torch.cuda.set_rng_state_all(cuda)
+    random.setstate(_python_rng_from_json(python_rng))
+
+
+def _python_rng_to_json(rng_state: tuple) -> list[Any]:
+    version, internal, gauss_next = rng_state
+    return [version, list(internal), gauss_next]
+
+
+def _python_rng_from_json(data: list[Any]) -> tuple:
+    version, internal, gauss_next = data
+    return (version, tuple(internal), gauss_next)
+
+
+def _siblings(folder: Path, kind: str) -> list[Path]:
+    """The ``.<name>.<kind>-<id>`` folders next to ``folder`` (``kind``: "tmp" or "old")."""
+    return [p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir()]
+
+
+def _recover_interrupted_swap(folder: Path) -> None:
+    """Puts the previous checkpoint back if a save died between its two renames.
+
+    Only then is ``folder`` missing while a complete ``.old-`` sibling exists. Temporary
+    ``.tmp-`` folders are never used: they may be incomplete.
+    """
+    if folder.exists():
+        return
+    complete = [p for p in _siblings(folder, "old") if (p / STATE_JSON_NAME).is_file()]
+    if complete:
+        os.replace(max(complete, key=lambda p: p.stat().st_mtime), folder)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. platforms without directory handles
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_state_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"no complete checkpoint at {path.parent}: {path.name} is missing")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
+
+
+def _read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise ValueError(f"checkpoint file missing: {path}")
+    return path.read_bytes()
+
+
+# ---------------------------------------------------------------------- transformers.Trainer
+
+
+class CPTProjectionCallback(TrainerCallback):
+    """Makes `transformers.Trainer` do CPT's projected gradient descent.
+
+    ``Trainer`` calls ``on_step_end`` after ``optimizer.step()``, the scheduler step and
+    ``zero_grad``, and before it logs, evaluates or saves, so every update is projected before
+    anything uses or stores it. Usage::
+
+        trainer = Trainer(model=cpt_model, args=args, train_dataset=dataset,
+                          data_collator=collator, callbacks=[CPTProjectionCallback()])
+
+    Raises:
+        ValueError: at the first step, if the trained model is not (a wrapper of) a `CPTModel`.
+    """
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
+    ) -> None:
+        find_cpt_model(model).project_()
+
+
+def find_cpt_model(model: nn.Module | None) -> CPTModel:
+    """The `CPTModel` inside ``model``, unwrapping DDP (``.module``) and compile (``._orig_mod``).
+
+    Raises:
+        ValueError: if there is none.
+    """
+    seen = model
+    while seen is not None and not isinstance(seen, CPTModel):
+        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
+    if seen is None:
+        raise ValueError(f"CPTProjectionCallback needs a CPTModel, got {type(model).__name__}")
+    return seen
+
+
+# ---------------------------------------------------------------------- validation
+
+
+def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= minimum if inclusive else value > minimum)
+    if not ok:
+        bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_int(name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,272 @@
+"""Tests of cpt/infer.py: label scoring and generation against the cached context."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_models import make_model
+from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
+from transformers import PreTrainedTokenizerFast
+
+from cpt.data import Template, build_context, render_example, render_query
+from cpt.infer import Classification, classify, generate, stop_token_ids
+from cpt.model import CPTModel
+
+TOKENIZER_MAKERS = {"wordlevel": make_wordlevel_tokenizer, "bpe": make_bpe_tokenizer}
+ARCHS = ("llama", "gpt2", "opt", "bloom", "gemma2")
+
+CONTEXT = [("the movie was great", "very positive"), ("an awful film", "negative")]
+TEXTS = ["a fine story", "boring and too long", "the", "the plot was thin but the actors were good"]
+LABELS = ["positive", "negative", "very positive", "pos"]  # multi-token, and a prefix of another
+SUFFIXES = Template(  # text on both sides of each slot and a custom end token
+    input_template="Q: {} ?", output_template="A: {} .", intra_separator=" ", end_token="\n"
+)
+TOL = dict(rtol=0, atol=1e-5)
+
+
+@pytest.fixture(autouse=True)
+def seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="module", params=sorted(TOKENIZER_MAKERS))
+def tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerFast:
+    return TOKENIZER_MAKERS[request.param]()
+
+
+def tiny_model(arch: str, vocab_size: int) -> torch.nn.Module:
+    """A tiny model with the tokenizer's vocabulary size (the BPE one has 320)."""
+    return make_model(arch, vocab_size=vocab_size)
+
+
+def trained_model(
+    arch: str, tokenizer: PreTrainedTokenizerFast, template: Template | None = None
+) -> CPTModel:
+    """A `CPTModel` whose trainable context rows moved far, so a wrong context shows."""
+    config = build_context(tokenizer, CONTEXT, template)
+    model = CPTModel(tiny_model(arch, len(tokenizer)), config)
+    with torch.no_grad():
+        model.delta.copy_(torch.randn_like(model.delta) * model.trainable_rows)
+    return model
+
+
+def brute_force_log_likelihood(
+    model: CPTModel, tokenizer: PreTrainedTokenizerFast, template: Template, text: str, label: str
+) -> float:
+    """Sum of log p(continuation) from full-sequence logits over ``[context ; example]`` embeds."""
+    example = render_example(tokenizer, template, text, label).input_ids
+    start = len(render_query(tokenizer, template, text).input_ids)
+    embeds = model.base_model.get_input_embeddings()(torch.tensor(example))  # (S, d)
+    full = torch.cat([model.context_embeddings(), embeds]).unsqueeze(0)  # (1, N + S, d)
+    with torch.no_grad():
+        log_probs = model.base_model(inputs_embeds=full).logits[0].float().log_softmax(-1)
+    n = model.num_virtual_tokens
+    return sum(float(log_probs[n + p - 1, example[p]]) for p in range(start, len(example)))
+
+
+def brute_force_table(
+    model: CPTModel, tokenizer: PreTrainedTokenizerFast, template: Template, texts: list[str]
+) -> torch.Tensor:
+    """(T, L) `brute_force_log_likelihood` of every text and label of `LABELS`."""
+    return torch.tensor(
+        [[brute_force_log_likelihood(model, tokenizer, template, t, lab) for lab in LABELS] for t in texts]
+    )
+
+
+def reference_greedy(
+    model: CPTModel, tokenizer: PreTrainedTokenizerFast, template: Template, text: str, steps: int
+) -> str:
+    """Greedy decoding that re-runs ``[context ; query ; new]`` embeds each step, no cache."""
+    stops = set(stop_token_ids(model, tokenizer, template))
+    ids = render_query(tokenizer, template, text).input_ids
+    embed = model.base_model.get_input_embeddings()
+    new: list[int] = []
+    for _ in range(steps):
+        embeds = embed(torch.tensor(ids + new, dtype=torch.long))  # (S, d)
+        full = torch.cat([model.context_embeddings(), embeds]).unsqueeze(0)  # (1, N + S, d)
+        with torch.no_grad():
+            new.append(int(model.base_model(inputs_embeds=full).logits[0, -1].argmax()))
+        if new[-1] in stops:
+            new.pop()
+            break
+    return tokenizer.decode(new, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------------- classify
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_classify_matches_brute_force_and_plain_path(arch: str, tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model(arch, tokenizer)
+    cached = classify(model, tokenizer, TEXTS, LABELS)
+    plain = classify(model, tokenizer, TEXTS, LABELS, use_cache=False)
+    torch.testing.assert_close(cached.log_likelihoods, plain.log_likelihoods, **TOL)
+    expected = brute_force_table(model, tokenizer, Template(), TEXTS)
+    torch.testing.assert_close(cached.log_likelihoods, expected, **TOL)
+    assert isinstance(cached, Classification)
+    assert cached.labels == LABELS
+    assert cached.log_likelihoods.shape == cached.probabilities.shape == (len(TEXTS), len(LABELS))
+    torch.testing.assert_close(cached.probabilities.sum(-1), torch.ones(len(TEXTS)), rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached.probabilities, cached.log_likelihoods.softmax(-1), rtol=0, atol=1e-6)
+    assert cached.predictions == [LABELS[j] for j in cached.log_likelihoods.argmax(-1).tolist()]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_classify_scores_output_suffix_and_end_token(arch: str, tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model(arch, tokenizer, SUFFIXES)
+    result = classify(model, tokenizer, TEXTS[:2], LABELS, template=SUFFIXES, batch_size=3)
+    expected = brute_force_table(model, tokenizer, SUFFIXES, TEXTS[:2])
+    torch.testing.assert_close(result.log_likelihoods, expected, **TOL)
+    # a label alone, without its suffix and end token, would score differently
+    label_only = Template(SUFFIXES.input_template, "A: {}", SUFFIXES.intra_separator, end_token="")
+    assert not torch.allclose(
+        classify(model, tokenizer, TEXTS[:2], LABELS, template=label_only).log_likelihoods,
+        result.log_likelihoods,
+    )
+
+
+def test_classify_is_batch_invariant(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("llama", tokenizer)
+    results = [classify(model, tokenizer, TEXTS, LABELS, batch_size=b) for b in (1, 3, 8, 100)]
+    for other in results[1:]:
+        torch.testing.assert_close(other.log_likelihoods, results[0].log_likelihoods, **TOL)
+        assert other.predictions == results[0].predictions
+
+
+def test_classify_builds_the_context_cache_once(
+    tokenizer: PreTrainedTokenizerFast, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = trained_model("llama", tokenizer)
+    cache = model.build_context_cache()
+    calls: list[int] = []
+    build = model.build_context_cache
+    monkeypatch.setattr(model, "build_context_cache", lambda: calls.append(1) or build())
+    reference = classify(model, tokenizer, TEXTS, LABELS, batch_size=1)  # many batches
+    assert len(calls) == 1
+    given = classify(model, tokenizer, TEXTS, LABELS, batch_size=2, context_cache=cache)
+    assert len(calls) == 1  # the given cache is used as it is
+    torch.testing.assert_close(given.log_likelihoods, reference.log_likelihoods, **TOL)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_classify_empty_query(tokenizer: PreTrainedTokenizerFast, use_cache: bool) -> None:
+    # nothing before the label: its first token is scored from the context's last position
+    bare = Template(input_template="{}", output_template="{}", intra_separator="")
+    model = trained_model("llama", tokenizer, bare)
+    assert render_query(tokenizer, bare, "").input_ids == []
+    result = classify(model, tokenizer, ["", "a fine story"], LABELS, template=bare, use_cache=use_cache)
+    expected = brute_force_table(model, tokenizer, bare, ["", "a fine story"])
+    torch.testing.assert_close(result.log_likelihoods, expected, **TOL)
+
+
+@pytest.mark.parametrize(
+    "texts, labels, kwargs, message",
+    [
+        (TEXTS, [], {}, "labels is empty"),
+        ([], LABELS, {}, "texts is empty"),
+        (TEXTS, ["positive", "negative", "positive"], {}, "'positive' twice"),
+        ("a fine story", LABELS, {}, "texts must be a sequence of strings"),
+        (TEXTS, ["positive", 3], {}, r"labels\[1\] must be a string"),
+        (TEXTS, LABELS, {"batch_size": 0}, "batch_size must be an integer >= 1"),
+        (TEXTS, LABELS, {"batch_size": 2.0}, "batch_size must be an integer >= 1"),
+        (TEXTS, ["positive", ""], {}, r"label 1 \(''\).*no tokens"),
+    ],
+)
+def test_classify_rejects_bad_arguments(
+    tokenizer: PreTrainedTokenizerFast, texts, labels, kwargs, message: str
+) -> None:
+    model = trained_model("llama", tokenizer)
+    with pytest.raises(ValueError, match=message):
+        classify(model, tokenizer, texts, labels, **kwargs)
+
+
+def test_classify_rejects_a_text_longer_than_the_model(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("gpt2", tokenizer)  # 512 learned positions
+    texts = ["a fine story", "the " * 600]
+    with pytest.raises(ValueError, match=r"text 1 .*more than the model's 512"):
+        classify(model, tokenizer, texts, LABELS)
+    with pytest.raises(ValueError, match=r"text 1 .*more than the model's 512"):
+        generate(model, tokenizer, texts, max_new_tokens=1)
+
+
+def test_classify_rejects_a_cache_of_another_context(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("llama", tokenizer)
+    other = CPTModel(tiny_model("llama", len(tokenizer)), build_context(tokenizer, CONTEXT[:1]))
+    with pytest.raises(ValueError, match="context_cache holds"):
+        classify(model, tokenizer, TEXTS, LABELS, context_cache=other.build_context_cache())
+    with pytest.raises(ValueError, match="context_cache holds"):
+        generate(model, tokenizer, TEXTS, context_cache=other.build_context_cache())
+
+
+# ---------------------------------------------------------------------------- generate
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generate_greedy_matches_uncached_reference(arch: str, tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model(arch, tokenizer)
+    texts = TEXTS[:3]
+    outputs = generate(model, tokenizer, texts, max_new_tokens=6, do_sample=False)
+    assert outputs == [reference_greedy(model, tokenizer, Template(), text, 6) for text in texts]
+    cache = model.build_context_cache()
+    assert generate(model, tokenizer, texts[0], context_cache=cache, max_new_tokens=6) == outputs[:1]
+
+
+def test_generate_depends_on_the_trained_context() -> None:
+    # the check above would be vacuous if the output ignored the context's trained embeddings
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("llama", tokenizer)
+    trained = generate(model, tokenizer, TEXTS[:3], max_new_tokens=6)
+    with torch.no_grad():
+        model.delta.zero_()
+    assert generate(model, tokenizer, TEXTS[:3], max_new_tokens=6) != trained
+
+
+def test_generate_stops_at_the_template_end_token(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("llama", tokenizer, SUFFIXES)
+    end = tokenizer.encode("\n", add_special_tokens=False)
+    stops = stop_token_ids(model, tokenizer, SUFFIXES)
+    if len(end) == 1:  # the word-level tokenizer drops whitespace: no end token at all
+        assert stops == [model.base_model.generation_config.eos_token_id, end[0]]
+    outputs = generate(model, tokenizer, TEXTS[:2], template=SUFFIXES, max_new_tokens=6)
+    assert outputs == [reference_greedy(model, tokenizer, SUFFIXES, text, 6) for text in TEXTS[:2]]
+
+
+def test_generate_empty_query(tokenizer: PreTrainedTokenizerFast) -> None:
+    bare = Template(input_template="{}", output_template="{}", intra_separator="")
+    model = trained_model("llama", tokenizer, bare)  # the context ends with the eos token
+    assert generate(model, tokenizer, "", template=bare, max_new_tokens=5) == [
+        reference_greedy(model, tokenizer, bare, "", 5)
+    ]
+    trained_end = Template(input_template="{}", output_template="{} .", intra_separator="", end_token="")
+    model = trained_model("llama", tokenizer, trained_end)  # ends with "." (trained)
+    with pytest.raises(ValueError, match="text 0 renders to no query tokens"):
+        generate(model, tokenizer, [""], template=trained_end, max_new_tokens=5)
+
+
+def test_generate_samples_with_generation_arguments() -> None:
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("gpt2", tokenizer)
+    torch.manual_seed(1)
+    first = generate(model, tokenizer, TEXTS[:2], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=20)
+    torch.manual_seed(1)
+    again = generate(model, tokenizer, TEXTS[:2], max_new_tokens=5, do_sample=True, temperature=0.8, top_k=20)
+    assert first == again
+    assert all(isinstance(text, str) for text in first) and len(first) == 2
+
+
+@pytest.mark.parametrize(
+    "texts, kwargs, message",
+    [
+        ([], {}, "texts is empty"),
+        (["a", None], {}, r"texts\[1\] must be a string"),
+        (["a"], {"input_ids": torch.tensor([[1]])}, "generate builds"),
+        (["a"], {"past_key_values": None}, "generate builds"),
+        (["a"], {"num_return_sequences": 2}, "num_return_sequences must be 1"),
+    ],
+)
+def test_generate_rejects_bad_arguments(texts, kwargs, message: str) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    model = trained_model("llama", tokenizer)
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokenizer, texts, **kwargs)

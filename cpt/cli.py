@@ -34,6 +34,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_ERROR
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stderr is for our own one-line errors and progress
     try:
         return args.run(args)
     except (CLIError, ValueError, ImportError, FileNotFoundError) as error:

@@ -1,0 +1,487 @@
+"""How accurate is a CPT context, against zero-shot, in-context learning and PEFT's CPT?
+
+The paper's few-shot setting (Blau et al., "Context-aware Prompt Tuning", arXiv 2410.17222): K
+labelled examples of each class form the context; CPT trains that context on those same
+examples. For every data set, K and seed, on the same held-out test examples and with the same
+template and scoring (`cpt.infer.classify`: summed log-likelihood of each label's continuation):
+
+- **zero-shot**: no examples. A context must hold at least one token, and the honest "nothing"
+  is the token that precedes every query in ICL: the template's end token (the tokenizer's eos).
+  So the context is that one separator token (type 0, never trained) and the query, label and
+  scoring are exactly ICL's. This does not depend on K: it is run once per (data set, seed) and
+  reported with ``K = 0``.
+- **ICL**: the K examples per class as the context, no training (a `CPTModel` with delta = 0).
+- **CPT**: ``cpt.fit`` on the context's own examples with the library's defaults
+  (``cpt.workflow.CONTEXT_DEFAULTS`` and ``TrainConfig()``; only ``seed`` follows the run's seed).
+- **PEFT**: PEFT's ``CPTConfig`` / ``get_peft_model`` on a copy of the same base model, trained on
+  exactly the same samples with the same hyper-parameters: the same learning rate, epochs, batch
+  size, per-epoch sample order (`cpt.train.epoch_order`), AdamW, gradient clipping, constant
+  learning rate; the projection is PEFT's own (lazy, at each forward). Its adapter is saved with
+  PEFT's ``save_pretrained``, loaded with ``CPTModel.from_pretrained`` and scored with the same
+  ``classify``. ``context_rel_diff`` records how far PEFT's trained context is from cpt's.
+
+Each seed draws its own test set, then its own context (`cpt.datasets.split_examples`: the test
+set first, so K = 2 and K = 4 are scored on the same test examples). Nothing is tuned on test
+examples. ``--sweep`` is the one place where hyper-parameters vary: it scores CPT on a
+*validation* set drawn from the examples left after the test set and the context.
+
+Output (under ``--output-dir``, default ``docs/``): ``<name>_runs.jsonl`` (one JSON line per run,
+written as runs finish; ``--resume`` skips the runs already there), ``<name>_table.md`` (mean ±
+sample standard deviation over seeds) and ``<name>.png`` (if matplotlib is importable). The JSON
+lines and the table are printed too.
+
+Examples::
+
+    python -m benchmarks.accuracy --quick                  # ~5 minutes on 2 CPU cores
+    python -m benchmarks.accuracy                          # the full grid (hours on a CPU)
+    python -m benchmarks.accuracy --datasets trec --k 4 --sweep --val 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if __package__ in (None, ""):  # run as a file: make `cpt` importable from the checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cpt import CPTConfig, CPTModel, Template, TrainConfig, build_context, classify, fit  # noqa: E402
+from cpt.data import CPTCollator, CPTDataset, Example  # noqa: E402
+from cpt.train import epoch_order  # noqa: E402
+from cpt.workflow import CONTEXT_DEFAULTS  # noqa: E402
+
+DATASETS = ("rotten_tomatoes", "sst2_sentences", "agnews", "trec")
+METHODS = ("zero-shot", "icl", "cpt", "peft")
+METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "cpt": "CPT (cpt)", "peft": "CPT (PEFT)"}
+QUICK = dict(datasets=["rotten_tomatoes"], k=[2], seeds=[0], test=40)
+
+# --sweep: the default grid around the library's defaults (lr 1e-4, 5 epochs, eps 0.2 / 0.1)
+SWEEP_LR = [1e-4, 1e-3, 1e-2]
+SWEEP_EPOCHS = [5]
+SWEEP_EPSILON = ["0.2/0.1", "1/0.5", "4/2"]  # input/format radii at d = 2048
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """Runs the benchmark; returns the run records (also written and printed)."""
+    args = _parser().parse_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+        args.name = args.name or "accuracy_quick"
+    args.datasets = args.datasets or list(DATASETS)
+    args.k = args.k or [2, 4]
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
+    args.test = args.test or 200
+    args.name = args.name or ("accuracy_sweep" if args.sweep else "accuracy")
+    methods = [m for m in args.methods if m != "peft" or _have_peft()]
+    if "peft" in args.methods and "peft" not in methods:
+        print("# PEFT is not installed: the PEFT column is skipped", file=sys.stderr)
+    torch.set_num_threads(args.threads)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    if args.bf16 and not device.startswith("cuda"):
+        raise SystemExit("--bf16 is for CUDA devices only")
+    from cpt.datasets import load_dataset
+    from cpt.models import load_model_and_tokenizer
+
+    base_model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    runs_path = output_dir / f"{args.name}_runs.jsonl"
+    done = _read_runs(runs_path) if args.resume else []
+    if not args.resume:
+        runs_path.write_text("")
+    done_keys = {_key(r) for r in done}
+    records = list(done)
+    env = {
+        "model": args.model or "smollm2-135m",
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(json.dumps({"kind": "environment", **env}), flush=True)
+    started = time.perf_counter()
+
+    def record(**fields: Any) -> None:
+        entry = {**fields, **env}
+        records.append(entry)
+        done_keys.add(_key(entry))
+        line = json.dumps(entry)
+        print(line, flush=True)
+        with runs_path.open("a") as f:
+            f.write(line + "\n")
+
+    template = Template()
+    datasets = {name: load_dataset(name) for name in args.datasets}
+    for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
+        for name, data in datasets.items():
+            for k in args.k:
+                these = list(methods)
+                if "peft" in these and (
+                    seed not in (args.peft_seeds if args.peft_seeds is not None else args.seeds)
+                    or f"{name}:{k}" in args.peft_skip
+                ):
+                    these.remove("peft")
+                run = _Run(args, data, k, seed, base_model, tokenizer, template, these)
+                if args.sweep:
+                    run.sweep(done_keys, record)
+                else:
+                    run.evaluate_all(done_keys, record)
+
+    total = time.perf_counter() - started
+    print(json.dumps({"kind": "total", "seconds": round(total, 1), "runs": len(records)}), flush=True)
+    if args.sweep:
+        table = sweep_table(records)
+    else:
+        table = markdown_table(records, methods)
+        _plot(records, methods, output_dir / f"{args.name}.png")
+    (output_dir / f"{args.name}_table.md").write_text(table)
+    print(table)
+    return records
+
+
+class _Run:
+    """One (data set, K, seed): the draws, and a method per call."""
+
+    def __init__(self, args, data, k, seed, base_model, tokenizer, template, methods) -> None:  # type: ignore[no-untyped-def]
+        from cpt.datasets import split_examples
+
+        self.args, self.data, self.k, self.seed = args, data, k, seed
+        self.base_model, self.tokenizer, self.template, self.methods = base_model, tokenizer, template, methods
+        n_val = args.val if args.sweep else 0
+        self.context, self.val, self.test = split_examples(
+            data, per_class=k, n_test=args.test, n_train=n_val, seed=seed
+        )
+        self.train_config = TrainConfig(seed=seed, progress=False)  # the library's defaults
+
+    def key(self, method: str, k: int | None = None) -> tuple:
+        return (self.data.name, self.k if k is None else k, self.seed, method)
+
+    def _score(self, model: CPTModel, examples: Sequence[Example]) -> tuple[float, dict[str, int], float]:
+        started = time.perf_counter()
+        result = classify(
+            model,
+            self.tokenizer,
+            [e.text for e in examples],
+            self.data.labels,
+            template=self.template,
+            batch_size=self.args.batch_size,
+        )
+        seconds = time.perf_counter() - started
+        accuracy = sum(p == e.label for p, e in zip(result.predictions, examples)) / len(examples)
+        return accuracy, dict(Counter(result.predictions)), seconds
+
+    def _common(self, method: str, k: int) -> dict[str, Any]:
+        return {"dataset": self.data.name, "K": k, "seed": self.seed, "method": method, "n_test": len(self.test)}
+
+    def evaluate_all(self, done: set, record) -> None:  # type: ignore[no-untyped-def]
+        if "zero-shot" in self.methods and self.key("zero-shot", 0) not in done:
+            eos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eos_token)
+            config = CPTConfig(cpt_token_ids=[eos], cpt_tokens_type_mask=[0])  # one separator
+            accuracy, counts, seconds = self._score(CPTModel(self.base_model, config), self.test)
+            record(**self._common("zero-shot", 0), accuracy=accuracy, seconds=round(seconds, 2),
+                   eval_seconds=round(seconds, 2), context_tokens=1, predictions=counts)
+        config = build_context(self.tokenizer, self.context, self.template, **CONTEXT_DEFAULTS)
+        n = config.num_virtual_tokens
+        if "icl" in self.methods and self.key("icl") not in done:
+            accuracy, counts, seconds = self._score(CPTModel(self.base_model, config), self.test)
+            record(**self._common("icl", self.k), accuracy=accuracy, seconds=round(seconds, 2),
+                   eval_seconds=round(seconds, 2), context_tokens=n, predictions=counts)
+        cpt_context = None
+        if "cpt" in self.methods and self.key("cpt") not in done or "peft" in self.methods and self.key("peft") not in done:
+            started = time.perf_counter()
+            model, result = fit(
+                self.base_model, self.tokenizer, self.context, template=self.template,
+                labels=self.data.labels, train_config=self.train_config,
+            )
+            train_seconds = time.perf_counter() - started
+            cpt_context = model.context_embeddings().detach()
+            if "cpt" in self.methods and self.key("cpt") not in done:
+                accuracy, counts, seconds = self._score(model, self.test)
+                record(**self._common("cpt", self.k), accuracy=accuracy,
+                       seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
+                       eval_seconds=round(seconds, 2), context_tokens=n, steps=result.steps,
+                       first_loss=result.losses[0], final_loss=result.losses[-1],
+                       mean_delta_norm=_mean_delta_norm(model), predictions=counts)
+            del model
+        if "peft" in self.methods and self.key("peft") not in done:
+            started = time.perf_counter()
+            model, losses = train_with_peft(
+                self.base_model, self.tokenizer, self.context, self.template, self.train_config,
+                CONTEXT_DEFAULTS,
+            )
+            train_seconds = time.perf_counter() - started
+            accuracy, counts, seconds = self._score(model, self.test)
+            rel = (model.context_embeddings() - cpt_context).norm() / cpt_context.norm()
+            record(**self._common("peft", self.k), accuracy=accuracy,
+                   seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
+                   eval_seconds=round(seconds, 2), context_tokens=n, steps=len(losses),
+                   first_loss=losses[0], final_loss=losses[-1], context_rel_diff=float(rel.detach()),
+                   predictions=counts)
+
+    def sweep(self, done: set, record) -> None:  # type: ignore[no-untyped-def]
+        """CPT's validation accuracy over `SWEEP_LR` x `SWEEP_EPOCHS` x `SWEEP_EPSILON`, and ICL's."""
+        if not self.val:
+            raise SystemExit("--sweep needs --val > 0 validation examples")
+        common = {"dataset": self.data.name, "K": self.k, "seed": self.seed, "n_val": len(self.val)}
+        if ("icl",) + self.key("")[:3] not in done:
+            config = build_context(self.tokenizer, self.context, self.template, **CONTEXT_DEFAULTS)
+            accuracy, counts, _ = self._score(CPTModel(self.base_model, config), self.val)
+            record(**common, method="icl", lr=None, epochs=0, epsilon=None, format_epsilon=None,
+                   val_accuracy=accuracy, predictions=counts)
+        for lr in self.args.sweep_lr:
+            for epochs in self.args.sweep_epochs:
+                for eps, format_eps in self.args.sweep_epsilon:
+                    key = (self.data.name, self.k, self.seed, f"cpt:{lr}:{epochs}:{eps}:{format_eps}")
+                    if key in done:
+                        continue
+                    started = time.perf_counter()
+                    model, result = fit(
+                        self.base_model, self.tokenizer, self.context, template=self.template,
+                        labels=self.data.labels,
+                        train_config=replace(self.train_config, learning_rate=lr, epochs=epochs),
+                        opt_projection_epsilon=eps, opt_projection_format_epsilon=format_eps,
+                    )
+                    accuracy, counts, _ = self._score(model, self.val)
+                    record(**common, method="cpt", lr=lr, epochs=epochs, epsilon=eps,
+                           format_epsilon=format_eps, val_accuracy=accuracy,
+                           final_loss=result.losses[-1], mean_delta_norm=_mean_delta_norm(model),
+                           seconds=round(time.perf_counter() - started, 2), predictions=counts)
+
+
+def train_with_peft(
+    base_model: torch.nn.Module,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    template: Template,
+    train_config: TrainConfig,
+    context_options: dict[str, Any],
+) -> tuple[CPTModel, list[float]]:
+    """Trains PEFT's CPT on ``examples`` as `cpt.fit` would, and loads the result as a `CPTModel`.
+
+    Same context (`build_context`), same samples (`CPTDataset` of the context's examples, padded by
+    `CPTCollator`), same per-epoch order (`epoch_order`), AdamW with the same learning rate and
+    weight decay, the same gradient clipping, a constant learning rate. PEFT runs on a deep copy
+    of ``base_model``; its adapter goes through PEFT's ``save_pretrained`` and
+    ``CPTModel.from_pretrained`` (PEFT's layout: base + projected delta).
+
+    Returns:
+        ``(model, losses)``: a `CPTModel` on ``base_model`` and the loss of every step.
+    """
+    import peft
+
+    if train_config.gradient_accumulation_steps != 1 or train_config.max_steps is not None:
+        raise ValueError("train_with_peft follows epochs with no gradient accumulation")
+    config = build_context(tokenizer, examples, template, **context_options)
+    fields = {k: v for k, v in config.to_dict().items() if k != "num_virtual_tokens"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_model = peft.get_peft_model(copy.deepcopy(base_model), peft.CPTConfig(**fields))
+    peft_model.eval()  # the frozen model: no dropout, as cpt's train() does
+    delta = peft_model.prompt_encoder["default"].delta_embedding.weight
+    optimizer = torch.optim.AdamW([delta], lr=train_config.learning_rate, weight_decay=train_config.weight_decay)
+    dataset = CPTDataset(tokenizer, examples, template)
+    collator = CPTCollator(tokenizer.pad_token_id)
+    device = delta.device
+    torch.manual_seed(train_config.seed)
+    losses: list[float] = []
+    size = train_config.batch_size
+    for epoch in range(train_config.epochs):
+        order = epoch_order(len(dataset), train_config.seed, epoch)
+        for start in range(0, len(order), size):
+            batch = collator([dataset[i] for i in order[start : start + size]])
+            batch = {k: v.to(device) for k, v in batch.items()}  # PEFT shifts input_type_mask in place
+            optimizer.zero_grad(set_to_none=True)
+            loss = peft_model(**batch).loss
+            loss.backward()
+            if train_config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_([delta], train_config.max_grad_norm)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder)  # PEFT projects delta when it saves
+        model = CPTModel.from_pretrained(base_model, folder)
+    del peft_model
+    return model, losses
+
+
+def _mean_delta_norm(model: CPTModel) -> float:
+    """Mean L2 norm of delta over the trainable rows (how far training moved the context)."""
+    rows = model.trainable_rows.squeeze(1)
+    return float(model.delta.detach()[rows].norm(dim=1).mean()) if bool(rows.any()) else 0.0
+
+
+# ---------------------------------------------------------------------- output
+
+
+def _key(record: dict[str, Any]) -> tuple:
+    method = record["method"]
+    if "lr" in record and method == "cpt":
+        method = f"cpt:{record['lr']}:{record['epochs']}:{record['epsilon']}:{record['format_epsilon']}"
+    if "n_val" in record and method == "icl":
+        return ("icl", record["dataset"], record["K"], record["seed"])
+    return (record["dataset"], record["K"], record["seed"], method)
+
+
+def _read_runs(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f}"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
+def _accuracies(records: list[dict[str, Any]], dataset: str, k: int, method: str) -> list[float]:
+    return [r["accuracy"] for r in records if r["dataset"] == dataset and r["K"] == k and r["method"] == method]
+
+
+def markdown_table(records: list[dict[str, Any]], methods: Sequence[str]) -> str:
+    """Mean ± sample standard deviation (over seeds) of the accuracy, in %, per (data set, K).
+
+    Zero-shot (K = 0) is shown on every K row of its data set.
+    """
+    runs = [r for r in records if "accuracy" in r]
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    ks = sorted({r["K"] for r in runs if r["K"] > 0})
+    header = "| data set | K | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | seeds | test |"
+    lines = [header, "|" + "---|" * (len(methods) + 4)]
+    for dataset in datasets:
+        for k in ks:
+            cells = []
+            for method in methods:
+                cells.append(_mean_std(_accuracies(runs, dataset, 0 if method == "zero-shot" else k, method)))
+            these = [r for r in runs if r["dataset"] == dataset and r["K"] == k]
+            if not these:
+                continue
+            seeds = len({r["seed"] for r in these})
+            n_test = these[0]["n_test"]
+            lines.append(f"| {dataset} | {k} | " + " | ".join(cells) + f" | {seeds} | {n_test} |")
+    return "\n".join(lines) + "\n"
+
+
+def sweep_table(records: list[dict[str, Any]]) -> str:
+    """Validation accuracy (%) of every swept setting, mean over seeds, per (data set, K)."""
+    runs = [r for r in records if "val_accuracy" in r]
+    groups: dict[tuple, list[float]] = {}
+    for r in runs:
+        setting = "ICL" if r["method"] == "icl" else f"lr {r['lr']:g}, {r['epochs']} ep, eps {r['epsilon']:g}/{r['format_epsilon']:g}"
+        groups.setdefault((r["dataset"], r["K"], setting), []).append(r["val_accuracy"])
+    lines = ["| data set | K | setting | validation accuracy | seeds |", "|---|---|---|---|---|"]
+    for (dataset, k, setting), values in groups.items():
+        lines.append(f"| {dataset} | {k} | {setting} | {_mean_std(values)} | {len(values)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(records: list[dict[str, Any]], methods: Sequence[str], path: Path) -> Path | None:
+    """Bar chart of mean accuracy (± std) by data set and method, one panel per K."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("# matplotlib is not installed: no plot", file=sys.stderr)
+        return None
+    runs = [r for r in records if "accuracy" in r]
+    datasets = list(dict.fromkeys(r["dataset"] for r in runs))
+    ks = sorted({r["K"] for r in runs if r["K"] > 0})
+    if not ks or not datasets:
+        return None
+    fig, axes = plt.subplots(1, len(ks), figsize=(5.5 * len(ks), 4), sharey=True, squeeze=False)
+    width = 0.8 / len(methods)
+    for ax, k in zip(axes[0], ks):
+        for i, method in enumerate(methods):
+            means, stds = [], []
+            for dataset in datasets:
+                values = _accuracies(runs, dataset, 0 if method == "zero-shot" else k, method)
+                means.append(100 * statistics.fmean(values) if values else math.nan)
+                stds.append(100 * statistics.stdev(values) if len(values) > 1 else 0.0)
+            positions = [d + (i - (len(methods) - 1) / 2) * width for d in range(len(datasets))]
+            ax.bar(positions, means, width, yerr=stds, capsize=2, label=METHOD_NAMES[method])
+        ax.set_xticks(range(len(datasets)), datasets, rotation=15)
+        ax.set_title(f"K = {k} examples per class")
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (%)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    model = runs[0].get("model", "")
+    fig.suptitle(f"{model}: mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _have_peft() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.accuracy",
+        description="Test accuracy of zero-shot, ICL, CPT (cpt.fit) and PEFT's CPT on StaICC data "
+        "with the default model (SmolLM2-135M), K examples per class as the context.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--datasets", nargs="+", default=None, help=f"built-in names or .jsonl/.csv files (default: {' '.join(DATASETS)})")
+    parser.add_argument("--k", type=int, nargs="+", default=None, help="examples per class in the context (default: 2 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds; each draws its own test set and context (default: 0 1 2)")
+    parser.add_argument("--test", type=int, default=None, help="held-out test examples per seed (default: 200)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to run")
+    parser.add_argument("--model", default=None, help="model folder or hub name (default: SmolLM2-135M)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (CUDA only)")
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when scoring")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--output-dir", default="docs", help="where the JSONL, markdown and PNG go")
+    parser.add_argument("--name", default=None, help="file name prefix (default: accuracy, accuracy_quick or accuracy_sweep)")
+    parser.add_argument("--resume", action="store_true", help="keep <name>_runs.jsonl and skip the runs in it")
+    parser.add_argument("--quick", action="store_true", help="smoke run: rotten_tomatoes, K=2, seed 0, 40 test examples")
+    parser.add_argument("--sweep", action="store_true", help="validation sweep of CPT's lr / epochs / epsilon instead (no test set scored)")
+    parser.add_argument("--val", type=int, default=100, help="validation examples for --sweep, drawn outside the test set and context")
+    parser.add_argument("--sweep-lr", type=float, nargs="+", default=SWEEP_LR, help="--sweep: learning rates")
+    parser.add_argument("--sweep-epochs", type=int, nargs="+", default=SWEEP_EPOCHS, help="--sweep: epochs")
+    parser.add_argument("--sweep-epsilon", type=_epsilons, nargs="+", default=[_epsilons(e) for e in SWEEP_EPSILON],
+                        help="--sweep: INPUT/FORMAT epsilon pairs (at d = 2048), e.g. 0.2/0.1")
+    parser.add_argument("--peft-seeds", type=int, nargs="+", default=None, help="seeds that also run PEFT (default: all)")
+    parser.add_argument("--peft-skip", nargs="+", default=[], metavar="DATASET:K", help="cells where PEFT is not run")
+    return parser
+
+
+def _epsilons(text: str) -> tuple[float, float]:
+    try:
+        eps, format_eps = (float(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INPUT/FORMAT, e.g. 0.2/0.1, got {text!r}") from None
+    return eps, format_eps
+
+
+if __name__ == "__main__":
+    main()

@@ -89,6 +89,19 @@ class SealableCache(DynamicCache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
+def sealed_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> SealableCache:
+    """A batch-1 cache holding the context's states that hands later states back unstored.
+
+    The model then counts positions from N (the cache's length) while `cpt.attention` reads the
+    context's keys and values from ``tensors`` directly.
+    """
+    cache = SealableCache(config=config)
+    for layer_idx, (keys, values) in enumerate(tensors):
+        DynamicCache.update(cache, keys, values, layer_idx)
+    cache.sealed = True
+    return cache
+
+
 def sliding_window(config: Any) -> int | None:
     """The smallest sliding attention window of the model's layers, or None if there is none."""
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config

@@ -18,6 +18,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from cpt import attention
+
 _MARK = "_cpt_checkpointed"
 
 
@@ -55,6 +57,12 @@ def disable(model: nn.Module) -> None:
 
 
 def _checkpointed_forward(forward, *args, **kwargs):  # type: ignore[no-untyped-def]
-    if torch.is_grad_enabled():
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return forward(*args, **kwargs)
+    if not torch.is_grad_enabled():
+        return forward(*args, **kwargs)
+    shared = attention.capture()  # the recompute runs after the pass: bring its attention back
+
+    def run(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with attention.restore(shared):
+            return forward(*args, **kwargs)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)

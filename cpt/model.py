@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt import _compat, checkpointing
+from cpt import _compat, attention, checkpointing
 from cpt.config import CPTConfig, is_label, is_trainable
 from cpt.loss import LossTerms, label_weights
 from cpt.projection import epsilons, project_
@@ -139,6 +139,10 @@ class CPTModel(nn.Module):
         self.register_buffer("trainable_rows", is_trainable(codes).unsqueeze(1), persistent=False)  # (N, 1)
         self.register_buffer("epsilon", epsilons(config, hidden_size).to(device), persistent=False)  # (N,)
         self._warned_fallback = False
+        # Facts of the fixed context, kept as Python values: reading them off the GPU between
+        # the context pass and the sample pass would stall the launch queue.
+        self._context_fully_visible = all(config.cpt_mask)
+        self.shared_attention = True  # cpt.attention for the samples where the model allows it
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
     # ------------------------------------------------------------------ parameters
@@ -265,7 +269,7 @@ class CPTModel(nn.Module):
 
     def _sample_codes(self, input_ids: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
         # Sample codes move above the context's so the two never collide (SPEC §1).
-        offset = int(self.context_codes.max())
+        offset = max(self.config.cpt_tokens_type_mask)
         if input_type_mask is None:
             return torch.full_like(input_ids, 4 + offset)
         codes = input_type_mask.to(device=input_ids.device, dtype=torch.long)
@@ -274,7 +278,7 @@ class CPTModel(nn.Module):
     def _full_attention_mask(
         self, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int
     ) -> torch.Tensor | None:
-        if attention_mask is None and bool(self.context_mask.all()):
+        if attention_mask is None and self._context_fully_visible:
             return None  # as PEFT: no mask at all when the caller gives none
         if attention_mask is None:
             attention_mask = torch.ones(batch_size, seq_len, dtype=torch.long, device=self.context_mask.device)
@@ -334,7 +338,7 @@ class CPTModel(nn.Module):
         # The context, once: its KV cache keeps the gradient to delta.
         embeds = self._embed(input_ids)  # (B, S, d)
         context = self._context_for_forward(embeds.dtype).unsqueeze(0)  # (1, N, d)
-        context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
+        context_mask = None if self._context_fully_visible else self.context_mask.unsqueeze(0)
         cache = _compat.SealableCache(config=self.base_model.config)
         context_out = self.base_model(
             inputs_embeds=context,
@@ -347,19 +351,10 @@ class CPTModel(nn.Module):
         context_logits = context_out.logits[0]  # (Kc, V)
         num_context = context_positions.numel()
 
-        # The samples, against the context's cache broadcast to the batch.
+        # The samples, against the context's cache.
         keep_sample = torch.unique(sample_positions[~first] - 1)
-        sample_out = self.base_model(
-            inputs_embeds=embeds,
-            attention_mask=self._full_attention_mask(attention_mask, batch_size, seq_len),
-            logits_to_keep=keep_sample,
-            use_cache=True,
-            **_compat.cache_kwargs(
-                self.base_model,
-                _compat.expanded_cache(
-                    _compat.cache_tensors(cache), batch_size, self.base_model.config, read_only=True
-                ),
-            ),
+        sample_out = self._run_against_context(
+            embeds, attention_mask, _compat.cache_tensors(cache), logits_to_keep=keep_sample
         )
 
         terms = LossTerms.of(
@@ -402,7 +397,7 @@ class CPTModel(nn.Module):
             raise ValueError(f"the context cannot be cached: {self._sharing_obstacle()}")
         embeds_dtype = _input_embeddings(self.base_model).weight.dtype
         context = self._context_for_forward(embeds_dtype).unsqueeze(0)  # (1, N, d)
-        context_mask = None if bool(self.context_mask.all()) else self.context_mask.unsqueeze(0)
+        context_mask = None if self._context_fully_visible else self.context_mask.unsqueeze(0)
         n = self.num_virtual_tokens
         output = self.base_model(
             inputs_embeds=context,
@@ -448,15 +443,43 @@ class CPTModel(nn.Module):
                 use_cache=False,
             )
             return output.logits
-        cache = _compat.expanded_cache(context_cache.tensors, batch_size, self.base_model.config, read_only=True)
-        output = self.base_model(
+        return self._run_against_context(
+            embeds, attention_mask, context_cache.tensors, logits_to_keep=positions
+        ).logits
+
+    def _run_against_context(
+        self,
+        embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        context: list[tuple[torch.Tensor, torch.Tensor]],
+        logits_to_keep: torch.Tensor,
+    ):  # type: ignore[no-untyped-def]
+        """Runs the samples (B, S, d) after the context whose per-layer KV states are given.
+
+        Where `cpt.attention` supports the model, the samples attend to the one batch-1 copy of
+        the context; elsewhere the context's states are broadcast into a `transformers` cache.
+        """
+        batch_size, seq_len = embeds.shape[:2]
+        full_mask = self._full_attention_mask(attention_mask, batch_size, seq_len)
+        config = self.base_model.config
+        if self.shared_attention and attention.supports(self.base_model, self.num_virtual_tokens, seq_len):
+            context_mask = None if self._context_fully_visible else self.context_mask
+            with attention.shared_context(self.base_model, context, context_mask, attention_mask):
+                return self.base_model(
+                    inputs_embeds=embeds,
+                    attention_mask=full_mask,
+                    logits_to_keep=logits_to_keep,
+                    use_cache=True,
+                    **_compat.cache_kwargs(self.base_model, _compat.sealed_cache(context, config)),
+                )
+        cache = _compat.expanded_cache(context, batch_size, config, read_only=True)
+        return self.base_model(
             inputs_embeds=embeds,
             attention_mask=full_mask,
-            logits_to_keep=positions,
+            logits_to_keep=logits_to_keep,
             use_cache=True,
             **_compat.cache_kwargs(self.base_model, cache),
         )
-        return output.logits
 
     # ------------------------------------------------------------------ files
 

@@ -243,3 +243,48 @@ def test_activation_checkpointing_recomputes_the_layers() -> None:
     calls.clear()
     model(**sample_batch(2)).loss.backward()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "phi", "gpt_neox", "qwen2", "mistral"])
+def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> None:
+    from cpt import attention
+
+    calls = []
+    original = attention.shared_context_attention
+    monkeypatch.setattr(attention.AttentionInterface, "_global_mapping", dict(attention.AttentionInterface._global_mapping))
+    attention.AttentionInterface.register(attention.NAME, lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = CPTModel(make_model(arch), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8),
+                     context_sharing="always")
+    with torch.no_grad():
+        model.delta.normal_(0, 0.02)
+    batch = sample_batch(4)
+    results = {}
+    for shared_attention in (True, False):
+        model.shared_attention = shared_attention
+        model.delta.grad = None
+        calls.clear()
+        loss = model(**batch).loss
+        loss.backward()
+        results[shared_attention] = (loss.detach(), model.delta.grad.clone(), len(calls))
+    assert results[True][2] == 2 and results[False][2] == 0  # one call per layer of the sample pass
+    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=0)
+    assert (results[True][1] - results[False][1]).norm() / results[False][1].norm() <= 1e-5
+    cache = model.build_context_cache()
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    model.shared_attention = True
+    fast = model.sample_logits(ids, mask, context_cache=cache)
+    model.shared_attention = False
+    slow = model.sample_logits(ids, mask, context_cache=cache)
+    plain = model.sample_logits(ids, mask)
+    real = mask.bool()
+    torch.testing.assert_close(fast[real], slow[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
+
+
+def test_models_outside_the_list_keep_the_cache_path() -> None:
+    from cpt import attention
+
+    for arch in ("bloom", "falcon"):
+        assert not attention.supports(make_model(arch), 20, 9)
+    gemma = make_model("gemma2")  # sliding window of 256 in the tiny config
+    assert attention.supports(gemma, 200, 56) and not attention.supports(gemma, 200, 57)

@@ -1,0 +1,198 @@
+"""Attention of B samples to one shared context, without copying the context B times.
+
+With a KV cache, `transformers` attends the B samples to ``[context ; sample]`` keys: the cache
+concatenates the context's keys and values to every sample's (B copies of N positions), the
+grouped-query heads are repeated to all query heads (another copy), and an explicit (B, 1, S,
+N + S) mask rules out the fast kernels. Those copies are kept for the backward pass, so at long
+contexts they cost more memory than the context's own activations.
+
+Here the sample pass runs with an attention function of our own (registered with `transformers`'
+``AttentionInterface``, switched on only for that pass). For each layer it scores the queries
+(B, H, S, D) against the context's keys (1, H_kv, N, D), shared by every sample and grouped-query
+head through one batched matrix product, and against the sample's own keys (causal, padding
+masked); one softmax runs over both parts, exactly as over the concatenation. Nothing of size
+B x N x D is materialised.
+
+The function reproduces `transformers`' eager attention (scaling, logit soft-capping, softmax in
+float32) for the architectures in `SUPPORTED_MODEL_TYPES`, whose attention goes through the
+interface; other models keep the cache-concatenating path, which is exact too, only heavier.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+NAME = "cpt_shared_context"
+
+SUPPORTED_MODEL_TYPES = frozenset(
+    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "gpt2", "opt"}
+)
+"""Model types whose attention goes through `transformers`' AttentionInterface with no extra
+terms (sinks, ALiBi) that this function does not know; each is checked by the parity tests."""
+
+
+@dataclass
+class _Shared:
+    config: Any  # the model config whose attention implementation is switched
+    context: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, H_kv, N, D) keys, values
+    context_visible: torch.Tensor | None  # (N,) bool: False where cpt_mask is 0; None: all
+    sample_mask: torch.Tensor | None  # (B, S) bool: True for real tokens; None: no padding
+
+
+_ACTIVE: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar("cpt_shared_context", default=None)
+
+
+def supports(model: torch.nn.Module, num_context_tokens: int, num_sample_tokens: int) -> bool:
+    """Whether the shared-context attention computes exactly what ``model``'s own attention does."""
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+        return False
+    window = getattr(config, "sliding_window", None)
+    return not window or num_context_tokens + num_sample_tokens <= window
+
+
+@contextlib.contextmanager
+def shared_context(
+    model: torch.nn.Module,
+    context: list[tuple[torch.Tensor, torch.Tensor]],
+    context_mask: torch.Tensor | None,
+    sample_mask: torch.Tensor | None,
+) -> Iterator[None]:
+    """Runs ``model``'s attention as `shared_context_attention` inside the block.
+
+    Args:
+        model: the causal LM; its config's attention implementation is switched for the block.
+        context: the context's (keys, values) per layer, each (1, H_kv, N, D).
+        context_mask: (N,) 0/1 context attention mask, or None if all ones.
+        sample_mask: (B, S) 0/1 sample attention mask, or None if all ones.
+    """
+    _register()
+    config = model.config
+    previous = config._attn_implementation
+    token = _ACTIVE.set(
+        _Shared(
+            config=config,
+            context=context,
+            context_visible=None if context_mask is None else context_mask.bool(),
+            sample_mask=None if sample_mask is None else sample_mask.bool(),
+        )
+    )
+    config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        _ACTIVE.reset(token)
+
+
+def capture() -> _Shared | None:
+    """The shared context in force now (None if none), for `restore` to bring back later."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def restore(shared: _Shared | None) -> Iterator[None]:
+    """Puts a captured shared context back in force for the block: the recompute of a
+    checkpointed layer, in the backward pass, must attend exactly as its first run did."""
+    if shared is None or _ACTIVE.get() is shared:
+        yield
+        return
+    previous = shared.config._attn_implementation
+    token = _ACTIVE.set(shared)
+    shared.config._attn_implementation = NAME
+    try:
+        yield
+    finally:
+        shared.config._attn_implementation = previous
+        _ACTIVE.reset(token)
+
+
+def shared_context_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of the samples' queries to the shared context and to their own keys.
+
+    Args:
+        module: the attention module (its ``layer_idx`` picks the context's keys and values).
+        query: (B, H, S, D).
+        key: (B, H_kv, S, D) the samples' own keys (the cache is sealed: it returns them alone).
+        value: (B, H_kv, S, D).
+        attention_mask: ignored; masks come from the context set by `shared_context`.
+        scaling: score scale; ``D ** -0.5`` if None.
+        dropout: must be 0 (the frozen model runs in eval mode).
+        softcap: ``softcap * tanh(score / softcap)`` before the softmax, as Gemma 2 does.
+
+    Returns:
+        ``(output, None)`` with output (B, S, H, D), as `transformers` attention functions do.
+    """
+    shared = _ACTIVE.get()
+    if shared is None:
+        raise RuntimeError(f"{NAME} attention used outside cpt.attention.shared_context")
+    if dropout:
+        raise ValueError("shared-context attention runs the frozen model without dropout")
+    context_keys, context_values = shared.context[module.layer_idx]  # (1, H_kv, N, D)
+    batch, heads, seq_len, dim = query.shape
+    kv_heads, num_context = key.shape[1], context_keys.shape[2]
+    group = heads // kv_heads
+    scale = dim**-0.5 if scaling is None else scaling
+
+    # Scores against the context: one product per kv head for all samples and grouped heads.
+    grouped = query.view(batch, kv_heads, group, seq_len, dim).permute(1, 0, 2, 3, 4)  # (H_kv, B, G, S, D)
+    grouped = grouped.reshape(kv_heads, batch * group * seq_len, dim)
+    context_scores = torch.bmm(grouped, context_keys[0].transpose(1, 2)) * scale  # (H_kv, B*G*S, N)
+    context_scores = context_scores.view(kv_heads, batch, group, seq_len, num_context).permute(1, 0, 2, 3, 4)
+    # Scores against the samples' own keys.
+    queries = query.view(batch, kv_heads, group, seq_len, dim)  # (B, H_kv, G, S, D)
+    own_scores = torch.matmul(queries, key.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, S, S)
+    if softcap is not None:
+        context_scores = torch.tanh(context_scores / softcap) * softcap
+        own_scores = torch.tanh(own_scores / softcap) * softcap
+
+    blocked = torch.finfo(own_scores.dtype).min
+    if shared.context_visible is not None:
+        hidden = ~shared.context_visible.to(query.device)  # (N,)
+        context_scores = context_scores.masked_fill(hidden, blocked)
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()  # (S, S)
+    if shared.sample_mask is not None:
+        allowed = allowed & shared.sample_mask.to(query.device)[:, None, :]  # (B, S, S)
+        allowed = allowed[:, None, None]  # (B, 1, 1, S, S)
+    own_scores = own_scores.masked_fill(~allowed, blocked)
+
+    scores = torch.cat([context_scores, own_scores], dim=-1)  # (B, H_kv, G, S, N + S)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    context_weights, own_weights = weights.split([num_context, seq_len], dim=-1)
+
+    context_weights = context_weights.permute(1, 0, 2, 3, 4).reshape(kv_heads, batch * group * seq_len, num_context)
+    out = torch.bmm(context_weights, context_values[0])  # (H_kv, B*G*S, D)
+    out = out.view(kv_heads, batch, group, seq_len, dim).permute(1, 0, 2, 3, 4)  # (B, H_kv, G, S, D)
+    out = out + torch.matmul(own_weights, value.unsqueeze(2))  # (B, H_kv, G, S, D)
+    return out.reshape(batch, heads, seq_len, dim).transpose(1, 2).contiguous(), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    """The mask `transformers` would build for this pass: none, `shared_context_attention`
+    masks by itself."""
+    return None
+
+
+def _register() -> None:
+    """Makes ``NAME`` known to `transformers` (on first use, not at import)."""
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, shared_context_attention)
+        AttentionMaskInterface.register(NAME, _no_mask)

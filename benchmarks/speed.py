@@ -246,8 +246,12 @@ def cpt_measurements(
     if args.compile_projection is not None:
         kwargs["compile_projection"] = args.compile_projection
     cpt_model = CPTModel(model, context.cpt_config(), **kwargs)
+    cpt_model.shared_attention = {"auto": None, "on": True, "off": False}[args.shared_attention]
     try:
-        out: dict[str, Any] = {"cpt_path": "shared" if cpt_model._share_context(batch["input_ids"].shape[0]) else "plain"}
+        batch_size, seq_len = batch["input_ids"].shape
+        shared = cpt_model._share_context(batch_size)
+        one_copy = shared and cpt_model._use_shared_attention(batch_size, seq_len)
+        out: dict[str, Any] = {"cpt_path": ("shared, 1 copy" if one_copy else "shared") if shared else "plain"}
         out.update(guarded(lambda: _cpt_train(cpt_model, batch, args), "cpt_train", device))
         free_memory(device)
         out.update(guarded(lambda: _cpt_infer(cpt_model, queries, args), "cpt_infer", device))
@@ -348,7 +352,7 @@ def _derive(record: dict[str, Any], model: torch.nn.Module, context: SyntheticCo
     cpt_ms = record.get("cpt_train_ms")
     config = getattr(model, "config", None)
     if isinstance(cpt_ms, float) and config is not None and hasattr(config, "intermediate_size"):
-        flops = cpt_step_flops(config, context, case.batch_size, EXAMPLE_LEN, record.get("cpt_path") == "shared")
+        flops = cpt_step_flops(config, context, case.batch_size, EXAMPLE_LEN, str(record.get("cpt_path")).startswith("shared"))
         record["cpt_step_tflop"] = float(f"{flops / 1e12:.4g}")
         record["cpt_tflops"] = float(f"{flops / (cpt_ms / 1e3) / 1e12:.4g}")
     spec = SPEC_H200.get(case.name)
@@ -411,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="torch device (default cuda for gpu, cpu for cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 gpu, fp32 cpu)")
     parser.add_argument("--sharing", choices=("auto", "always", "never"), default="auto", help="cpt context_sharing")
+    parser.add_argument("--shared-attention", choices=("auto", "on", "off"), default="auto",
+                        help="samples attend to one copy of the context (cpt.attention): auto picks by size")
     parser.add_argument("--compile-projection", dest="compile_projection", action="store_true", default=None,
                         help="force the compiled projection (default: CPTModel's choice, compiled on CUDA)")
     parser.add_argument("--no-compile-projection", dest="compile_projection", action="store_false")

@@ -43,8 +43,8 @@ terms (sinks, ALiBi) that this function does not know; each is checked by the pa
 class _Shared:
     config: Any  # the model config whose attention implementation is switched
     context: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, H_kv, N, D) keys, values
-    context_visible: torch.Tensor | None  # (N,) bool: False where cpt_mask is 0; None: all
-    sample_mask: torch.Tensor | None  # (B, S) bool: True for real tokens; None: no padding
+    context_blocked: torch.Tensor | None  # (N,) bool: True where cpt_mask is 0; None: none
+    sample_blocked: torch.Tensor | None  # (B or 1, 1, 1, S, S) bool: later or padding keys; made once
 
 
 _ACTIVE: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar("cpt_shared_context", default=None)
@@ -77,12 +77,13 @@ def shared_context(
     _register()
     config = model.config
     previous = config._attn_implementation
+    device = context[0][0].device
     token = _ACTIVE.set(
         _Shared(
             config=config,
             context=context,
-            context_visible=None if context_mask is None else context_mask.bool(),
-            sample_mask=None if sample_mask is None else sample_mask.bool(),
+            context_blocked=None if context_mask is None else ~context_mask.to(device).bool(),
+            sample_blocked=None if sample_mask is None else ~_sample_allowed(sample_mask.to(device)),
         )
     )
     config._attn_implementation = NAME
@@ -153,26 +154,24 @@ def shared_context_attention(
     scale = dim**-0.5 if scaling is None else scaling
 
     # Scores against the context: one product per kv head for all samples and grouped heads.
-    grouped = query.view(batch, kv_heads, group, seq_len, dim).permute(1, 0, 2, 3, 4)  # (H_kv, B, G, S, D)
-    grouped = grouped.reshape(kv_heads, batch * group * seq_len, dim)
-    context_scores = torch.bmm(grouped, context_keys[0].transpose(1, 2)) * scale  # (H_kv, B*G*S, N)
+    queries = query.view(batch, kv_heads, group, seq_len, dim)  # (B, H_kv, G, S, D)
+    grouped = queries.permute(1, 0, 2, 3, 4).reshape(kv_heads, batch * group * seq_len, dim)
+    context_scores = torch.baddbmm(  # (H_kv, B*G*S, N): scale * q k^T in one kernel
+        grouped.new_empty(()), grouped, context_keys[0].transpose(1, 2), beta=0.0, alpha=scale
+    )
     context_scores = context_scores.view(kv_heads, batch, group, seq_len, num_context).permute(1, 0, 2, 3, 4)
     # Scores against the samples' own keys.
-    queries = query.view(batch, kv_heads, group, seq_len, dim)  # (B, H_kv, G, S, D)
     own_scores = torch.matmul(queries, key.unsqueeze(2).transpose(-1, -2)) * scale  # (B, H_kv, G, S, S)
     if softcap is not None:
         context_scores = torch.tanh(context_scores / softcap) * softcap
         own_scores = torch.tanh(own_scores / softcap) * softcap
 
     blocked = torch.finfo(own_scores.dtype).min
-    if shared.context_visible is not None:
-        hidden = ~shared.context_visible.to(query.device)  # (N,)
-        context_scores = context_scores.masked_fill(hidden, blocked)
-    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=query.device).tril()  # (S, S)
-    if shared.sample_mask is not None:
-        allowed = allowed & shared.sample_mask.to(query.device)[:, None, :]  # (B, S, S)
-        allowed = allowed[:, None, None]  # (B, 1, 1, S, S)
-    own_scores = own_scores.masked_fill(~allowed, blocked)
+    if shared.context_blocked is not None:
+        context_scores = context_scores.masked_fill(shared.context_blocked, blocked)
+    if shared.sample_blocked is None:  # no padding: causal only, made by the first layer
+        shared.sample_blocked = ~_sample_allowed(None, seq_len).to(query.device)
+    own_scores = own_scores.masked_fill(shared.sample_blocked, blocked)
 
     scores = torch.cat([context_scores, own_scores], dim=-1)  # (B, H_kv, G, S, N + S)
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -183,6 +182,19 @@ def shared_context_attention(
     out = out.view(kv_heads, batch, group, seq_len, dim).permute(1, 0, 2, 3, 4)  # (B, H_kv, G, S, D)
     out = out + torch.matmul(own_weights, value.unsqueeze(2))  # (B, H_kv, G, S, D)
     return out.reshape(batch, heads, seq_len, dim).transpose(1, 2).contiguous(), None
+
+
+def _sample_allowed(sample_mask: torch.Tensor | None, seq_len: int | None = None) -> torch.Tensor:
+    """(B or 1, 1, 1, S, S): which of a sample's own keys each of its queries may see.
+
+    Args:
+        sample_mask: (B, S) 0/1 padding mask, or None (then ``seq_len`` gives S).
+    """
+    if sample_mask is None:
+        return torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None, None]
+    seq_len = sample_mask.shape[1]
+    allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=sample_mask.device).tril()  # (S, S)
+    return (allowed & sample_mask.bool()[:, None, :])[:, None, None]
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:

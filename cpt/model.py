@@ -38,6 +38,13 @@ IGNORE_INDEX = -100
 ContextSharing = Literal["auto", "always", "never"]
 
 SHARING_UNSUPPORTED: frozenset[str] = frozenset()
+
+SHARED_ATTENTION_MIN_ROWS = 32768
+"""B x N from which the samples attend to one copy of the context (`cpt.attention`) rather than
+through `transformers`' cache, which copies it B times. Below it the copies are cheap and the
+fused kernels of `transformers`' own attention are faster (H200, 8B: 2048 x 8 took 234 ms with
+the cache path, 271 ms with one copy; 8192 x 8 took 808 ms and 91.7 GiB against 744 ms and
+68.5 GiB; benchmarks/RESULTS.md)."""
 """``model_type`` values whose KV cache cannot carry a shared context exactly."""
 
 
@@ -142,7 +149,8 @@ class CPTModel(nn.Module):
         # Facts of the fixed context, kept as Python values: reading them off the GPU between
         # the context pass and the sample pass would stall the launch queue.
         self._context_fully_visible = all(config.cpt_mask)
-        self.shared_attention = True  # cpt.attention for the samples where the model allows it
+        # cpt.attention for the samples (where the model allows it): None picks by size
+        self.shared_attention: bool | None = None
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
     # ------------------------------------------------------------------ parameters
@@ -447,6 +455,14 @@ class CPTModel(nn.Module):
             embeds, attention_mask, context_cache.tensors, logits_to_keep=positions
         ).logits
 
+    def _use_shared_attention(self, batch_size: int, seq_len: int) -> bool:
+        n = self.num_virtual_tokens
+        if not attention.supports(self.base_model, n, seq_len):
+            return False
+        if self.shared_attention is None:  # auto: where the B copies would be large
+            return batch_size * n >= SHARED_ATTENTION_MIN_ROWS
+        return bool(self.shared_attention)
+
     def _run_against_context(
         self,
         embeds: torch.Tensor,
@@ -462,7 +478,7 @@ class CPTModel(nn.Module):
         batch_size, seq_len = embeds.shape[:2]
         full_mask = self._full_attention_mask(attention_mask, batch_size, seq_len)
         config = self.base_model.config
-        if self.shared_attention and attention.supports(self.base_model, self.num_virtual_tokens, seq_len):
+        if self._use_shared_attention(batch_size, seq_len):
             context_mask = None if self._context_fully_visible else self.context_mask
             with attention.shared_context(self.base_model, context, context_mask, attention_mask):
                 return self.base_model(

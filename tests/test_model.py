@@ -259,6 +259,7 @@ def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> N
         model.delta.normal_(0, 0.02)
     batch = sample_batch(4)
     results = {}
+    assert model._use_shared_attention(4, 9) is False  # auto: small contexts keep the cache path
     for shared_attention in (True, False):
         model.shared_attention = shared_attention
         model.delta.grad = None
@@ -288,3 +289,18 @@ def test_models_outside_the_list_keep_the_cache_path() -> None:
         assert not attention.supports(make_model(arch), 20, 9)
     gemma = make_model("gemma2")  # sliding window of 256 in the tiny config
     assert attention.supports(gemma, 200, 56) and not attention.supports(gemma, 200, 57)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_shared_context_attention_without_padding_mask(arch: str) -> None:
+    model = CPTModel(make_model(arch), context_config(), context_sharing="always")
+    batch = sample_batch(2)
+    batch["input_ids"] = batch["input_ids"][:, :7]
+    batch["labels"] = batch["input_ids"].clone()
+    batch["input_type_mask"] = batch["input_type_mask"][:, :7]
+    del batch["attention_mask"]
+    losses = {}
+    for shared_attention in (True, False):
+        model.shared_attention = shared_attention
+        losses[shared_attention] = model(**batch).loss
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=0)

@@ -62,9 +62,11 @@ def test_loss_and_gradient_match_peft(loss_type: str, batch_size: int, sharing: 
 @pytest.mark.parametrize(
     "arch", ["mistral", "qwen2", "gemma2", "gpt2", "opt", "gpt_neox", "bloom", "phi", "falcon"]
 )
-def test_shared_context_matches_peft_on_every_architecture(arch: str) -> None:
+@pytest.mark.parametrize("shared_attention", [True, False])
+def test_shared_context_matches_peft_on_every_architecture(arch: str, shared_attention: bool) -> None:
     ours, theirs, encoder = _pair(arch, "decay")
     ours.context_sharing = "always"
+    ours.shared_attention = shared_attention  # one copy of the context (cpt.attention) or B copies
     batch = sample_batch(3)
     loss = ours(**batch).loss
     loss.backward()

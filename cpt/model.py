@@ -39,12 +39,19 @@ ContextSharing = Literal["auto", "always", "never"]
 
 SHARING_UNSUPPORTED: frozenset[str] = frozenset()
 
-SHARED_ATTENTION_MIN_ROWS = 32768
+SHARED_ATTENTION_MIN_ROWS = 16384
 """B x N from which the samples attend to one copy of the context (`cpt.attention`) rather than
-through `transformers`' cache, which copies it B times. Below it the copies are cheap and the
-fused kernels of `transformers`' own attention are faster (H200, 8B: 2048 x 8 took 234 ms with
-the cache path, 271 ms with one copy; 8192 x 8 took 808 ms and 91.7 GiB against 744 ms and
-68.5 GiB; benchmarks/RESULTS.md)."""
+through `transformers`' cache, which copies it B times. Below it the copies are cheap and
+`transformers`' fused attention kernels are faster. Measured on one H200, 8B model, same run
+(benchmarks/RESULTS.md): N = 512, B = 8: 249 ms with the cache, 239 ms with one copy;
+N = 2048, B = 8: 249 ms and 35.1 GiB with the cache, 277 ms and 29.3 GiB with one copy (so from
+here memory wins); N = 8192, B = 8: 808 ms and 91.7 GiB with the cache (an earlier run), 775 ms
+and 68.5 GiB with one copy."""
+
+SHARED_ATTENTION_MIN_ROWS_INFERENCE = 32768
+"""The same threshold without gradients, where the B copies are not kept for a backward pass:
+8 queries took 38 ms with the cache and 56 ms with one copy at N = 2048, but 111 ms with the
+cache and 70 ms with one copy at N = 8192 (H200, 8B)."""
 """``model_type`` values whose KV cache cannot carry a shared context exactly."""
 
 
@@ -460,7 +467,8 @@ class CPTModel(nn.Module):
         if not attention.supports(self.base_model, n, seq_len):
             return False
         if self.shared_attention is None:  # auto: where the B copies would be large
-            return batch_size * n >= SHARED_ATTENTION_MIN_ROWS
+            training = torch.is_grad_enabled()
+            return batch_size * n >= (SHARED_ATTENTION_MIN_ROWS if training else SHARED_ATTENTION_MIN_ROWS_INFERENCE)
         return bool(self.shared_attention)
 
     def _run_against_context(

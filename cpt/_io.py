@@ -35,6 +35,30 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
+    """Reads a JSON object from ``path``.
+
+    Raises:
+        ValueError: ``cannot read <what> <path>: ...`` or ``<what> <path> does not hold a JSON
+            object``.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {what} {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} does not hold a JSON object")
+    return data
+
+
+def read_file_bytes(path: str | Path, what: str) -> bytes:
+    """The bytes of ``path``; ``ValueError: <what> missing: <path>`` if it is not a file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{what} missing: {path}")
+    return path.read_bytes()
+
+
 def atomic_write_json(path: str | Path, data: Any) -> Path:
     return atomic_write_bytes(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 

@@ -20,7 +20,6 @@ folder whose files do not belong together is reported instead of loaded.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from torch import nn
 
-from cpt._io import atomic_save_tensors, atomic_write_json
+from cpt._io import atomic_save_tensors, atomic_write_json, read_file_bytes, read_json_object
 from cpt.config import CPTConfig
 from cpt.model import CPTModel
 
@@ -161,19 +160,11 @@ def _check_hidden_size(path: Path, saved: Any, hidden_size: int) -> None:
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise ValueError(f"adapter weights missing: {path}")
-    return path.read_bytes()
+    return read_file_bytes(path, "adapter weights")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read adapter config {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"adapter config {path} does not hold a JSON object")
-    return data
+    return read_json_object(path, "adapter config")
 
 
 def _parse_tensors(path: Path, raw: bytes) -> dict[str, torch.Tensor]:

@@ -144,10 +144,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    from cpt.data import Template, build_context
     from cpt.datasets import load_dataset, split_examples
     from cpt.infer import classify
     from cpt.model import CPTModel
-    from cpt.data import Template, build_context
     from cpt.workflow import CONTEXT_DEFAULTS, fit
 
     started = time.perf_counter()
@@ -208,8 +208,8 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     model, tokenizer, _ = _load_model(args)
     training = list(context) + list(train_examples or [])
-    from cpt.model import CPTModel
     from cpt.data import build_context
+    from cpt.model import CPTModel
 
     probe = CPTModel(model, build_context(tokenizer, context, template))
     _check_fits(probe, tokenizer, template, [e.text for e in training], data.labels)

@@ -308,7 +308,6 @@ class CPTModel(nn.Module):
         codes: torch.Tensor,
     ) -> LossTerms:
         batch_size, seq_len = input_ids.shape
-        n = self.num_virtual_tokens
         embeds = self._embed(input_ids)  # (B, S, d)
         context = self._context_for_forward(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1)
         full_codes = torch.cat([self.context_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)

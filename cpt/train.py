@@ -22,7 +22,6 @@ The sample order of epoch ``e`` is a permutation drawn from a generator seeded w
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -43,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from cpt._io import atomic_save_tensors, atomic_write_json
+from cpt._io import atomic_save_tensors, atomic_write_json, read_file_bytes, read_json_object
 from cpt.adapter import load_adapter, save_adapter
 from cpt.model import CPTModel
 
@@ -672,19 +671,11 @@ def _fsync_dir(path: Path) -> None:
 def _read_state_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"no complete checkpoint at {path.parent}: {path.name} is missing")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {path}: {error}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} does not hold a JSON object")
-    return data
+    return read_json_object(path, "checkpoint state")
 
 
 def _read_bytes(path: Path) -> bytes:
-    if not path.is_file():
-        raise ValueError(f"checkpoint file missing: {path}")
-    return path.read_bytes()
+    return read_file_bytes(path, "checkpoint file")
 
 
 # ---------------------------------------------------------------------- transformers.Trainer

@@ -2,9 +2,8 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from contexts import context_config, sample_batch
+from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
 from cpt import CPTModel, adapter_format

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 from transformers import PreTrainedTokenizerFast

@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from contexts import context_config, sample_batch
 from tiny_models import ARCHITECTURES, make_model
 

@@ -6,7 +6,6 @@ import warnings
 
 import pytest
 import torch
-
 from contexts import context_config, sample_batch
 from tiny_models import make_model
 

@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-
 from contexts import context_config
 
 from cpt.config import FROZEN_EPSILON

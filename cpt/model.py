@@ -36,6 +36,7 @@ IGNORE_INDEX = -100
 """Label value that marks a position as not a target, as in `transformers`."""
 
 ContextSharing = Literal["auto", "always", "never"]
+CONTEXT_SHARING_MODES = ("auto", "always", "never")
 
 SHARING_UNSUPPORTED: frozenset[str] = frozenset()
 
@@ -105,6 +106,9 @@ class CPTModel(nn.Module):
         activation_checkpointing: keep only each layer's input during the forward pass and
             recompute the rest in the backward pass (`cpt.checkpointing`): long contexts fit in
             far less memory, for one more forward pass. Works with the shared context.
+        shared_attention: with a shared context, let the samples attend to one copy of it
+            (`cpt.attention`) instead of B copies in a `transformers` cache: less memory, and
+            faster at long contexts. None decides by B x N (`SHARED_ATTENTION_MIN_ROWS`).
 
     Raises:
         ValueError: if the context does not fit the model (ids outside the vocabulary).
@@ -118,10 +122,13 @@ class CPTModel(nn.Module):
         context_sharing: ContextSharing = "auto",
         compile_projection: bool | None = None,
         activation_checkpointing: bool = False,
+        shared_attention: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(config, CPTConfig):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
+        if context_sharing not in CONTEXT_SHARING_MODES:
+            raise ValueError(f"context_sharing must be one of {CONTEXT_SHARING_MODES}, got {context_sharing!r}")
         embeddings = _input_embeddings(base_model)
         vocab_size, hidden_size = embeddings.weight.shape
         too_big = [i for i in config.cpt_token_ids if i >= vocab_size]
@@ -156,8 +163,7 @@ class CPTModel(nn.Module):
         # Facts of the fixed context, kept as Python values: reading them off the GPU between
         # the context pass and the sample pass would stall the launch queue.
         self._context_fully_visible = all(config.cpt_mask)
-        # cpt.attention for the samples (where the model allows it): None picks by size
-        self.shared_attention: bool | None = None
+        self.shared_attention = shared_attention
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
     # ------------------------------------------------------------------ parameters
@@ -245,9 +251,9 @@ class CPTModel(nn.Module):
     def _share_context(self, batch_size: int) -> bool:
         if self.context_sharing == "never":
             return False
-        if self.context_sharing not in ("auto", "always"):
+        if self.context_sharing not in CONTEXT_SHARING_MODES:  # the attribute may be set later
             raise ValueError(
-                f"context_sharing must be 'auto', 'always' or 'never', got {self.context_sharing!r}"
+                f"context_sharing must be one of {CONTEXT_SHARING_MODES}, got {self.context_sharing!r}"
             )
         if self.context_sharing == "auto" and batch_size == 1:
             return False  # one sample gains nothing from sharing: two passes cost more than one

@@ -203,8 +203,11 @@ def test_context_outside_vocabulary_is_refused() -> None:
 
 
 def test_unknown_sharing_mode_is_refused() -> None:
-    model = CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")
-    with pytest.raises(ValueError, match="context_sharing must be"):
+    with pytest.raises(ValueError, match="context_sharing must be one of .* got 'sometimes'"):
+        CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")
+    model = CPTModel(make_model("llama"), context_config())
+    model.context_sharing = "sometimes"
+    with pytest.raises(ValueError, match="context_sharing must be one of"):
         model(**sample_batch(2))
 
 

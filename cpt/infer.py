@@ -80,8 +80,8 @@ def classify(
         labels: L >= 1 distinct candidate labels, each rendering to at least one token.
         template: how examples are written out (use the context's); the default `Template` if None.
         batch_size: sequences per forward pass, >= 1.
-        context_cache: the context's KV cache from ``model.build_context_cache()``; built once
-            here if None. Must come from ``model``'s current context.
+        context_cache: the context's KV cache; by default ``model.context_cache()``, which the
+            model keeps while its adapter is unchanged. Must come from ``model``'s current context.
         use_cache: if False, every batch runs ``[context ; sequence]`` from the start (the plain
             path, for checking the cached one); ``context_cache`` is then ignored. (Where a
             query renders to no tokens, the label's first token is scored from a forward pass
@@ -120,7 +120,7 @@ def classify(
     # where a query is empty (the label starts the sequence).
     first_log_probs = None  # (V,)
     if any(not query for query in queries):
-        last_logits = (cache if cache is not None else model.build_context_cache()).last_logits
+        last_logits = (cache if cache is not None else model.context_cache()).last_logits
         first_log_probs = last_logits.float().log_softmax(dim=-1).to(device)
 
     # One sequence per (text, label) pair; longest first so that a batch pads little.
@@ -191,7 +191,7 @@ def generate(
         tokenizer: the tokenizer the context was made with.
         texts: one text or a sequence of texts.
         template: how examples are written out (use the context's); the default `Template` if None.
-        context_cache: the context's KV cache from ``model.build_context_cache()``; built once
+        context_cache: the context's KV cache; by default ``model.context_cache()``, which the
             here if None.
         **generation_kwargs: passed to ``transformers``' ``generate`` (``max_new_tokens``,
             ``do_sample``, ``temperature``, ``top_p``, ...).
@@ -307,7 +307,7 @@ def _strings(name: str, values: Sequence[str]) -> list[str]:
 
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
-        return model.build_context_cache()
+        return model.context_cache()
     if cache.num_tokens != model.num_virtual_tokens:
         raise ValueError(
             f"context_cache holds {cache.num_tokens} tokens but the model's context has "

@@ -164,6 +164,7 @@ class CPTModel(nn.Module):
         # the context pass and the sample pass would stall the launch queue.
         self._context_fully_visible = all(config.cpt_mask)
         self.shared_attention = shared_attention
+        self._cached_context: tuple[tuple, ContextCache] | None = None  # see context_cache()
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
     # ------------------------------------------------------------------ parameters
@@ -405,6 +406,21 @@ class CPTModel(nn.Module):
         """Whether `build_context_cache` gives exactly the logits of running the context again."""
         obstacle = self._sharing_obstacle()
         return obstacle is None or obstacle.startswith("transformers' gradient checkpointing")
+
+    def context_cache(self) -> ContextCache:
+        """The context's KV cache, built on first use and kept while the adapter is unchanged.
+
+        It is rebuilt when ``delta`` or ``base`` has changed since (an optimizer step, a
+        projection, a load) or the model moved to another device or dtype, so every
+        `cpt.infer.classify` or `cpt.infer.generate` call on a trained adapter reuses one cache.
+        """
+        key = (
+            self.delta._version, self.delta.data_ptr(), self.base._version, self.base.data_ptr(),
+            _input_embeddings(self.base_model).weight.dtype,
+        )
+        if self._cached_context is None or self._cached_context[0] != key:
+            self._cached_context = (key, self.build_context_cache())
+        return self._cached_context[1]
 
     @torch.no_grad()
     def build_context_cache(self) -> ContextCache:

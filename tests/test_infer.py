@@ -146,6 +146,14 @@ def test_classify_builds_the_context_cache_once(
     given = classify(model, tokenizer, TEXTS, LABELS, batch_size=2, context_cache=cache)
     assert len(calls) == 1  # the given cache is used as it is
     torch.testing.assert_close(given.log_likelihoods, reference.log_likelihoods, **TOL)
+    classify(model, tokenizer, TEXTS, LABELS)
+    generate(model, tokenizer, TEXTS[:1], max_new_tokens=2)
+    assert len(calls) == 1  # the adapter has not changed: the model keeps its cache
+    with torch.no_grad():
+        model.delta.mul_(0.5)  # as an optimizer step would
+    changed = classify(model, tokenizer, TEXTS, LABELS)
+    assert len(calls) == 2
+    assert not torch.allclose(changed.log_likelihoods, reference.log_likelihoods)
 
 
 @pytest.mark.parametrize("use_cache", [True, False])

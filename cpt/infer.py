@@ -192,7 +192,7 @@ def generate(
         texts: one text or a sequence of texts.
         template: how examples are written out (use the context's); the default `Template` if None.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
-            here if None.
+            model keeps while its adapter is unchanged.
         **generation_kwargs: passed to ``transformers``' ``generate`` (``max_new_tokens``,
             ``do_sample``, ``temperature``, ``top_p``, ...).
 

@@ -133,6 +133,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
         for name, data in datasets.items():
             for k in args.k:
+                if f"{name}:{k}" in args.skip or f"{name}:{k}:{seed}" in args.skip:
+                    continue
                 these = list(methods)
                 if "peft" in these and (
                     seed not in (args.peft_seeds if args.peft_seeds is not None else args.seeds)
@@ -426,10 +428,11 @@ def _plot(records: list[dict[str, Any]], methods: Sequence[str], path: Path) -> 
         ax.set_title(f"K = {k} examples per class")
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].set_ylabel("test accuracy (%)")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    handles, names = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(methods), frameon=False)
     model = runs[0].get("model", "")
-    fig.suptitle(f"{model}: mean ± std over seeds")
-    fig.tight_layout()
+    fig.suptitle(f"{model}: mean ± std over seeds (zero-shot: no examples)")
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -472,6 +475,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="--sweep: INPUT/FORMAT epsilon pairs (at d = 2048), e.g. 0.2/0.1")
     parser.add_argument("--peft-seeds", type=int, nargs="+", default=None, help="seeds that also run PEFT (default: all)")
     parser.add_argument("--peft-skip", nargs="+", default=[], metavar="DATASET:K", help="cells where PEFT is not run")
+    parser.add_argument("--skip", nargs="+", default=[], metavar="DATASET:K[:SEED]",
+                        help="cells (of every seed, or of one seed) not run at all; zero-shot runs with the first K not skipped")
     return parser
 
 

@@ -1,0 +1,92 @@
+"""Smoke test of benchmarks/accuracy.py on a tiny model and a tiny data set (no download)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from tiny_models import make_model
+from tokenizers_util import make_bpe_tokenizer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:  # `benchmarks` lives beside the package, not inside it
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import accuracy  # noqa: E402
+
+WORDS = ("great", "awful", "fine", "boring", "good", "thin", "long", "story", "film", "movie")
+
+
+@pytest.fixture
+def tiny_setup(tmp_path: Path) -> tuple[Path, Path]:
+    tokenizer = make_bpe_tokenizer()
+    model = make_model("llama", vocab_size=len(tokenizer))
+    model_dir = tmp_path / "model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "data.jsonl"
+    lines = []
+    for i in range(40):
+        text = f"the {WORDS[i % len(WORDS)]} {WORDS[(3 * i + 1) % len(WORDS)]} {i}"
+        lines.append(json.dumps({"text": text, "label": "positive" if i % 2 else "negative"}))
+    data.write_text("\n".join(lines) + "\n")
+    return model_dir, data
+
+
+def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "--model", str(model_dir), "--datasets", str(data), "--k", "1", "--seeds", "0", "1",
+        "--test", "6", "--device", "cpu", "--threads", "1", "--output-dir", str(out), *extra,
+    ]
+
+
+def test_every_method_gives_a_record_a_table_and_peft_matches_cpt(tiny_setup, tmp_path, capsys) -> None:
+    model_dir, data = tiny_setup
+    out = tmp_path / "out"
+    records = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0"))
+    methods = [(r["seed"], r["method"]) for r in records]
+    expected = [(0, "zero-shot"), (0, "icl"), (0, "cpt")] + ([(0, "peft")] if accuracy._have_peft() else [])
+    assert methods == expected + [(1, "zero-shot"), (1, "icl"), (1, "cpt")]
+    for r in records:
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["n_test"] == 6
+        assert r["K"] == (0 if r["method"] == "zero-shot" else 1)
+    if accuracy._have_peft():
+        peft_run = next(r for r in records if r["method"] == "peft")
+        cpt_run = next(r for r in records if r["method"] == "cpt" and r["seed"] == 0)
+        assert peft_run["context_rel_diff"] < 1e-5  # same samples, order and optimizer as cpt.fit
+        assert peft_run["first_loss"] == pytest.approx(cpt_run["first_loss"], rel=1e-5)
+    written = [json.loads(line) for line in (out / "accuracy_runs.jsonl").read_text().splitlines()]
+    assert written == records
+    table = (out / "accuracy_table.md").read_text()
+    assert "| data set | K | zero-shot | ICL | CPT (cpt) |" in table
+    assert table in capsys.readouterr().out
+
+    # --resume runs nothing new
+    again = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0", "--resume"))
+    assert again == records
+
+
+def test_sweep_scores_validation_examples_only(tiny_setup, tmp_path) -> None:
+    model_dir, data = tiny_setup
+    out = tmp_path / "out"
+    records = accuracy.main(
+        _args(model_dir, data, out, "--sweep", "--val", "5", "--sweep-lr", "1e-3",
+              "--sweep-epochs", "1", "--sweep-epsilon", "0.2/0.1", "1/0.5")
+    )
+    assert [r["method"] for r in records] == ["icl", "cpt", "cpt"] * 2
+    assert all(r["n_val"] == 5 and "accuracy" not in r for r in records)
+    assert "validation accuracy" in (out / "accuracy_sweep_table.md").read_text()
+
+
+def test_markdown_table_shows_mean_and_std_over_seeds() -> None:
+    records = [
+        {"dataset": "d", "K": 0, "seed": s, "method": "zero-shot", "accuracy": a, "n_test": 10}
+        for s, a in ((0, 0.5), (1, 0.7))
+    ] + [
+        {"dataset": "d", "K": 2, "seed": s, "method": "icl", "accuracy": a, "n_test": 10}
+        for s, a in ((0, 0.6), (1, 0.8))
+    ]
+    table = accuracy.markdown_table(records, ["zero-shot", "icl"])
+    assert "| d | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 2 | 10 |" in table

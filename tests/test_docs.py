@@ -1,0 +1,104 @@
+"""Every ```python block of docs/*.md runs, so the documentation cannot drift from the code.
+
+The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
+in a temporary working folder, with a tiny random Llama and an offline BPE tokenizer standing in
+for the real model: the namespace starts with ``base_model`` and ``tokenizer``, and
+`cpt.models.load_model_and_tokenizer` returns those two, so a page can show the real call and
+still run in milliseconds. A block preceded by the line ``<!-- no-test -->`` is not run (kept for
+the few that need a GPU or a real download); a block that imports ``peft`` is skipped when PEFT
+is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_models import make_model
+from tokenizers_util import make_bpe_tokenizer
+
+import cpt.models
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+NO_TEST = "<!-- no-test -->"
+TINY_MAX_POSITIONS = 4096  # rotary positions: any length works, the limit is only checked
+MAX_NO_TEST_BLOCKS = 3  # "sparingly": more than this and the docs are no longer tested
+EXPECTED_PAGES = (
+    "index.md", "quickstart.md", "method.md", "api.md", "cli.md", "adapters.md", "tuning.md",
+    "performance.md", "accuracy.md", "limitations.md",
+)
+
+_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+_LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
+
+
+def python_blocks(text: str) -> list[tuple[int, str, bool]]:
+    """``(line, code, runs)`` of every ```python block; ``runs`` is False after ``<!-- no-test -->``."""
+    blocks = []
+    for match in _BLOCK.finditer(text):
+        before = text[: match.start()].rstrip("\n").splitlines()
+        runs = not (before and before[-1].strip() == NO_TEST)
+        line = text.count("\n", 0, match.start()) + 2  # 1-based line of the block's first code line
+        blocks.append((line, match.group(1), runs))
+    return blocks
+
+
+def _pages() -> list[Path]:
+    return sorted(DOCS.glob("*.md"))
+
+
+def test_every_page_exists() -> None:
+    missing = [name for name in EXPECTED_PAGES if not (DOCS / name).is_file()]
+    assert missing == []
+
+
+def test_python_blocks_are_found_and_few_are_skipped() -> None:
+    blocks = [b for page in _pages() for b in python_blocks(page.read_text())]
+    assert sum(runs for _, _, runs in blocks) >= 10
+    assert sum(not runs for _, _, runs in blocks) <= MAX_NO_TEST_BLOCKS
+
+
+def test_block_parser_honours_the_marker() -> None:
+    text = "x\n```python\na = 1\n```\n\n" + NO_TEST + "\n```python\nraise SystemExit\n```\n"
+    assert python_blocks(text) == [(3, "a = 1\n", True), (8, "raise SystemExit\n", False)]
+
+
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
+def test_links_between_pages_resolve(page: Path) -> None:
+    """Relative links to other pages and files of the docs folder point at something that exists."""
+    for target, _anchor in _LINK.findall(page.read_text()):
+        if "://" in target or target.startswith("mailto:"):
+            continue
+        path = (page.parent / target).resolve()
+        if path.parent == DOCS.resolve():
+            assert path.exists(), f"{page.name} links to missing {target}"
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
+    tokenizer = make_bpe_tokenizer()
+    base_model = make_model("llama", vocab_size=len(tokenizer))
+    # The toy tokenizer spells real reviews byte by byte: give contexts of real text room.
+    base_model.config.max_position_embeddings = TINY_MAX_POSITIONS
+    monkeypatch.setenv("TQDM_DISABLE", "1")  # no progress bars in the test log
+    monkeypatch.setattr(cpt.models, "load_model_and_tokenizer", lambda *a, **k: (base_model, tokenizer))
+    monkeypatch.chdir(tmp_path)  # adapters and checkpoints written by the snippets land here
+    return {"base_model": base_model, "tokenizer": tokenizer}
+
+
+@pytest.mark.parametrize("page", [*_pages(), DOCS.parent / "README.md"], ids=lambda p: p.name)
+def test_python_blocks_run(page: Path, tiny: dict) -> None:
+    namespace = {"__name__": f"docs_{page.stem}", **tiny}
+    for line, code, runs in python_blocks(page.read_text()):
+        if not runs:
+            continue
+        if re.search(r"^\s*(import peft|from peft)", code, re.M) and importlib.util.find_spec("peft") is None:
+            continue
+        torch.manual_seed(0)
+        try:
+            exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
+        except Exception as error:
+            raise AssertionError(f"the block at {page.name}:{line} raised {type(error).__name__}") from error

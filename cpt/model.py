@@ -10,7 +10,9 @@ Two exact formulations of the same function are used (SPEC §5):
 - *plain*: the model runs over ``[context ; sample]`` for each of the B samples, as PEFT does;
 - *shared context*: causal attention means the context's hidden states do not depend on the
   sample, so the context runs once (batch 1) into a KV cache that keeps its gradient, and the B
-  samples run against it. The context's loss terms are computed once and weighted by B.
+  samples run against it. The context's loss terms are computed once and weighted by B. Where
+  `cpt.attention` supports the model, the samples attend to that one copy of the context rather
+  than to B copies in a `transformers` cache.
 
 In both, vocabulary logits are computed only where a label is predicted (``logits_to_keep``, so
 the model's own head, logit scaling or soft-capping included), never over the whole sequence.
@@ -38,8 +40,6 @@ IGNORE_INDEX = -100
 ContextSharing = Literal["auto", "always", "never"]
 CONTEXT_SHARING_MODES = ("auto", "always", "never")
 
-SHARING_UNSUPPORTED: frozenset[str] = frozenset()
-
 SHARED_ATTENTION_MIN_ROWS = 16384
 """B x N from which the samples attend to one copy of the context (`cpt.attention`) rather than
 through `transformers`' cache, which copies it B times. Below it the copies are cheap and
@@ -53,7 +53,6 @@ SHARED_ATTENTION_MIN_ROWS_INFERENCE = 32768
 """The same threshold without gradients, where the B copies are not kept for a backward pass:
 8 queries took 38 ms with the cache and 56 ms with one copy at N = 2048, but 111 ms with the
 cache and 70 ms with one copy at N = 8192 (H200, 8B)."""
-"""``model_type`` values whose KV cache cannot carry a shared context exactly."""
 
 
 @dataclass
@@ -268,9 +267,6 @@ class CPTModel(nn.Module):
 
     def _sharing_obstacle(self) -> str | None:
         """Why the context's KV cache cannot stand in for running it with each sample, or None."""
-        model_type = getattr(self.base_model.config, "model_type", None)
-        if model_type in SHARING_UNSUPPORTED:
-            return f"{model_type!r} models cannot share a context exactly"
         if _is_checkpointing(self.base_model):
             return (
                 "transformers' gradient checkpointing drops KV caches (use "

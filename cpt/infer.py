@@ -2,7 +2,7 @@
 
 Context-aware Prompt Tuning (Blau et al., arXiv 2410.17222) trains the embeddings of a few-shot
 context; at inference the context is constant. Both functions here run it through the frozen model
-once (`CPTModel.build_context_cache`, SPEC §5 "cached context at inference") and reuse its KV cache
+once (`CPTModel.context_cache`, SPEC §5 "cached context at inference") and reuse its KV cache
 for every query, instead of re-running ``[context ; query]`` from the start each time.
 
 What `classify` scores, for a text and a candidate label: the query is ``render_query(text)``

@@ -1,4 +1,4 @@
-"""Every ```python block of docs/*.md runs, so the documentation cannot drift from the code.
+"""Every ```python block of docs/*.md and README.md runs: the docs cannot drift from the code.
 
 The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
 in a temporary working folder, with a tiny random Llama and an offline BPE tokenizer standing in
@@ -47,7 +47,8 @@ def python_blocks(text: str) -> list[tuple[int, str, bool]]:
 
 
 def _pages() -> list[Path]:
-    return sorted(DOCS.glob("*.md"))
+    """The docs pages and the README (whose first Python block is the workflow users copy)."""
+    return sorted(DOCS.glob("*.md")) + [DOCS.parent / "README.md"]
 
 
 def test_every_page_exists() -> None:
@@ -89,7 +90,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     return {"base_model": base_model, "tokenizer": tokenizer}
 
 
-@pytest.mark.parametrize("page", [*_pages(), DOCS.parent / "README.md"], ids=lambda p: p.name)
+@pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
 def test_python_blocks_run(page: Path, tiny: dict) -> None:
     namespace = {"__name__": f"docs_{page.stem}", **tiny}
     for line, code, runs in python_blocks(page.read_text()):

@@ -12,7 +12,8 @@ template and scoring (`cpt.infer.classify`: summed log-likelihood of each label'
   reported with ``K = 0``.
 - **ICL**: the K examples per class as the context, no training (a `CPTModel` with delta = 0).
 - **CPT**: ``cpt.fit`` on the context's own examples with the library's defaults
-  (``cpt.workflow.CONTEXT_DEFAULTS`` and ``TrainConfig()``; only ``seed`` follows the run's seed).
+  (``cpt.workflow.CONTEXT_DEFAULTS`` and ``TrainConfig()``; only ``seed`` follows the run's seed),
+  unless ``--cpt-lr``, ``--cpt-epochs`` or ``--cpt-epsilon`` say otherwise (recorded as ``hyper``).
 - **PEFT**: PEFT's ``CPTConfig`` / ``get_peft_model`` on a copy of the same base model, trained on
   exactly the same samples with the same hyper-parameters: the same learning rate, epochs, batch
   size, per-epoch sample order (`cpt.train.epoch_order`), AdamW, gradient clipping, constant
@@ -34,7 +35,10 @@ Examples::
 
     python -m benchmarks.accuracy --quick                  # ~5 minutes on 2 CPU cores
     python -m benchmarks.accuracy                          # the full grid (hours on a CPU)
-    python -m benchmarks.accuracy --datasets trec --k 4 --sweep --val 100
+    python -m benchmarks.accuracy --test 100 --peft-seeds 0 --peft-skip agnews:4 trec:4  # docs/
+    python -m benchmarks.accuracy --datasets sst2_sentences --k 2 --test 100 --sweep --val 100
+    python -m benchmarks.accuracy --datasets sst2_sentences --k 2 --test 100 --methods icl cpt
+        --cpt-lr 1e-3 --cpt-epsilon 1/0.5 --name accuracy_sst2_lr1e-3_eps1  # one command
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ from cpt.workflow import CONTEXT_DEFAULTS  # noqa: E402
 DATASETS = ("rotten_tomatoes", "sst2_sentences", "agnews", "trec")
 METHODS = ("zero-shot", "icl", "cpt", "peft")
 METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "cpt": "CPT (cpt)", "peft": "CPT (PEFT)"}
-QUICK = dict(datasets=["rotten_tomatoes"], k=[2], seeds=[0], test=40)
+QUICK = {"datasets": ["rotten_tomatoes"], "k": [2], "seeds": [0], "test": 40}
 
 # --sweep: the default grid around the library's defaults (lr 1e-4, 5 epochs, eps 0.2 / 0.1)
 SWEEP_LR = [1e-4, 1e-3, 1e-2]
@@ -171,7 +175,22 @@ class _Run:
         self.context, self.val, self.test = split_examples(
             data, per_class=k, n_test=args.test, n_train=n_val, seed=seed
         )
-        self.train_config = TrainConfig(seed=seed, progress=False)  # the library's defaults
+        # The library's defaults unless --cpt-lr / --cpt-epochs / --cpt-epsilon say otherwise.
+        overrides = {"learning_rate": args.cpt_lr, "epochs": args.cpt_epochs}
+        self.train_config = TrainConfig(
+            seed=seed, progress=False, **{k: v for k, v in overrides.items() if v is not None}
+        )
+        self.context_options: dict[str, Any] = {}
+        if args.cpt_epsilon is not None:
+            eps, format_eps = args.cpt_epsilon
+            self.context_options = {"opt_projection_epsilon": eps, "opt_projection_format_epsilon": format_eps}
+        options = {**CONTEXT_DEFAULTS, **self.context_options}
+        self.hyper = {
+            "lr": self.train_config.learning_rate,
+            "epochs": self.train_config.epochs,
+            "epsilon": options["opt_projection_epsilon"],
+            "format_epsilon": options["opt_projection_format_epsilon"],
+        }
 
     def key(self, method: str, k: int | None = None) -> tuple:
         return (self.data.name, self.k if k is None else k, self.seed, method)
@@ -211,7 +230,7 @@ class _Run:
             started = time.perf_counter()
             model, result = fit(
                 self.base_model, self.tokenizer, self.context, template=self.template,
-                labels=self.data.labels, train_config=self.train_config,
+                labels=self.data.labels, train_config=self.train_config, **self.context_options,
             )
             train_seconds = time.perf_counter() - started
             cpt_context = model.context_embeddings().detach()
@@ -221,13 +240,13 @@ class _Run:
                        seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
                        eval_seconds=round(seconds, 2), context_tokens=n, steps=result.steps,
                        first_loss=result.losses[0], final_loss=result.losses[-1],
-                       mean_delta_norm=_mean_delta_norm(model), predictions=counts)
+                       mean_delta_norm=_mean_delta_norm(model), hyper=self.hyper, predictions=counts)
             del model
         if "peft" in self.methods and self.key("peft") not in done:
             started = time.perf_counter()
             model, losses = train_with_peft(
                 self.base_model, self.tokenizer, self.context, self.template, self.train_config,
-                CONTEXT_DEFAULTS,
+                {**CONTEXT_DEFAULTS, **self.context_options},
             )
             train_seconds = time.perf_counter() - started
             accuracy, counts, seconds = self._score(model, self.test)
@@ -236,7 +255,7 @@ class _Run:
                    seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
                    eval_seconds=round(seconds, 2), context_tokens=n, steps=len(losses),
                    first_loss=losses[0], final_loss=losses[-1], context_rel_diff=float(rel.detach()),
-                   predictions=counts)
+                   hyper=self.hyper, predictions=counts)
 
     def sweep(self, done: set, record) -> None:  # type: ignore[no-untyped-def]
         """CPT's validation accuracy over `SWEEP_LR` x `SWEEP_EPOCHS` x `SWEEP_EPSILON`, and ICL's."""
@@ -473,6 +492,10 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-epochs", type=int, nargs="+", default=SWEEP_EPOCHS, help="--sweep: epochs")
     parser.add_argument("--sweep-epsilon", type=_epsilons, nargs="+", default=[_epsilons(e) for e in SWEEP_EPSILON],
                         help="--sweep: INPUT/FORMAT epsilon pairs (at d = 2048), e.g. 0.2/0.1")
+    parser.add_argument("--cpt-lr", type=float, default=None, help="CPT and PEFT learning rate (None: TrainConfig's 1e-4)")
+    parser.add_argument("--cpt-epochs", type=int, default=None, help="CPT and PEFT epochs (None: TrainConfig's 5)")
+    parser.add_argument("--cpt-epsilon", type=_epsilons, default=None, metavar="INPUT/FORMAT",
+                        help="CPT and PEFT epsilons at d = 2048 (None: fit's 0.2/0.1)")
     parser.add_argument("--peft-seeds", type=int, nargs="+", default=None, help="seeds that also run PEFT (default: all)")
     parser.add_argument("--peft-skip", nargs="+", default=[], metavar="DATASET:K", help="cells where PEFT is not run")
     parser.add_argument("--skip", nargs="+", default=[], metavar="DATASET:K[:SEED]",

@@ -80,6 +80,17 @@ def test_sweep_scores_validation_examples_only(tiny_setup, tmp_path) -> None:
     assert "validation accuracy" in (out / "accuracy_sweep_table.md").read_text()
 
 
+def test_cpt_options_override_the_defaults_and_are_recorded(tiny_setup, tmp_path) -> None:
+    model_dir, data = tiny_setup
+    args = _args(model_dir, data, tmp_path / "out", "--methods", "cpt", "--cpt-lr", "1e-3",
+                 "--cpt-epochs", "2", "--cpt-epsilon", "1/0.5")
+    records = accuracy.main(args)
+    assert {r["method"] for r in records} == {"cpt"}
+    for r in records:
+        assert r["hyper"] == {"lr": 1e-3, "epochs": 2, "epsilon": 1.0, "format_epsilon": 0.5}
+        assert r["steps"] == 2 * 2  # 2 examples (K = 1, 2 labels) x 2 epochs
+
+
 def test_markdown_table_shows_mean_and_std_over_seeds() -> None:
     records = [
         {"dataset": "d", "K": 0, "seed": s, "method": "zero-shot", "accuracy": a, "n_test": 10}

@@ -31,7 +31,7 @@ EXPECTED_PAGES = (
     "performance.md", "accuracy.md", "limitations.md",
 )
 
-_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
+_BLOCK = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.DOTALL | re.MULTILINE)
 _LINK = re.compile(r"\]\(([^)#\s]+)(#[^)\s]*)?\)")
 
 
@@ -96,7 +96,7 @@ def test_python_blocks_run(page: Path, tiny: dict) -> None:
     for line, code, runs in python_blocks(page.read_text()):
         if not runs:
             continue
-        if re.search(r"^\s*(import peft|from peft)", code, re.M) and importlib.util.find_spec("peft") is None:
+        if re.search(r"^\s*(import peft|from peft)", code, re.MULTILINE) and importlib.util.find_spec("peft") is None:
             continue
         torch.manual_seed(0)
         try:

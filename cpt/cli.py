@@ -84,6 +84,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--per-class", type=int, default=2, help="context examples per label")
     train.add_argument("--context", help="a .jsonl/.csv file holding exactly the context's examples")
     train.add_argument("--train", type=int, default=0, help="extra training examples beyond the context")
+    train.add_argument(
+        "--test", type=int, default=200,
+        help="examples held out (never trained on) for `cpt eval` with the same --data and --seed (default 200)",
+    )
     train.add_argument("--output", type=Path, required=True, help="adapter folder to write")
     train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
     train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
@@ -198,10 +202,12 @@ def _run_train(args: argparse.Namespace) -> int:
         context = load_dataset(args.context).examples
         train_examples = None
         if args.train:
-            _, train_examples, _ = split_examples(data, per_class=0, n_test=0, n_train=args.train, seed=args.seed)
+            _, train_examples, _ = split_examples(
+                data, per_class=0, n_test=args.test, n_train=args.train, seed=args.seed
+            )
     else:
-        context, train_examples, _ = split_examples(
-            data, per_class=args.per_class, n_test=0, n_train=args.train, seed=args.seed
+        context, train_examples, _ = split_examples(  # the test set is drawn first: eval's
+            data, per_class=args.per_class, n_test=args.test, n_train=args.train, seed=args.seed
         )
     template = Template(
         input_template=args.input_template, output_template=args.output_template, intra_separator=args.separator

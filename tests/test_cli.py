@@ -31,7 +31,10 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    lines = [json.dumps({"text": t, "label": label}) for label, texts in TEXTS.items() for t in texts * 3]
+    lines = [
+        json.dumps({"text": f"{t} {i}", "label": label})  # distinct texts: loaders drop duplicates
+        for label, texts in TEXTS.items() for t in texts for i in range(4)
+    ]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -41,7 +44,7 @@ def adapter(model_dir: Path, data_file: Path, tmp_path_factory: pytest.TempPathF
     output = tmp_path_factory.mktemp("runs") / "adapter"
     status = main([
         "train", "--model", str(model_dir), "--data", str(data_file), "--per-class", "1",
-        "--output", str(output), "--epochs", "2", "--no-progress", "--device", "cpu",
+        "--output", str(output), "--epochs", "2", "--no-progress", "--device", "cpu", "--test", "6",
     ])
     assert status == 0
     return output
@@ -114,7 +117,8 @@ def test_context_longer_than_the_model(model_dir: Path, data_file: Path, tmp_pat
     model.config.max_position_embeddings = 16
     model.save_pretrained(short)
     tokenizer.save_pretrained(short)
-    line = _error(["train", "--model", str(short), "--data", str(data_file), "--output", str(tmp_path / "o")],
+    line = _error(["train", "--model", str(short), "--data", str(data_file), "--output", str(tmp_path / "o"),
+                   "--test", "6"],
                   capsys)
     assert "maximum length of 16 tokens" in line
     assert not (tmp_path / "o").exists()
@@ -122,7 +126,7 @@ def test_context_longer_than_the_model(model_dir: Path, data_file: Path, tmp_pat
 
 def test_unknown_model_path(data_file: Path, tmp_path: Path, capsys) -> None:
     line = _error(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(data_file),
-                   "--output", str(tmp_path / "o")], capsys)
+                   "--output", str(tmp_path / "o"), "--test", "6"], capsys)
     assert "cannot load model" in line
 
 
@@ -133,7 +137,7 @@ def test_missing_adapter_folder(model_dir: Path, tmp_path: Path, capsys) -> None
 
 def test_bad_option_value(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
     line = _error(["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "o"),
-                   "--epsilon", "-1"], capsys)
+                   "--epsilon", "-1", "--test", "6"], capsys)
     assert "opt_projection_epsilon" in line
 
 
@@ -150,3 +154,14 @@ def test_python_dash_m_cpt_runs_the_command() -> None:
     assert result.returncode == 0 and "usage: cpt" in result.stdout
     for name in ("demo", "train", "eval", "predict"):
         assert name in result.stdout
+
+
+def test_train_never_uses_what_eval_scores(data_file: Path) -> None:
+    # `cpt train --test n` and `cpt eval --test n` with the same data and seed: eval's examples are
+    # drawn first, so the context and training examples come from the rest.
+    from cpt.datasets import load_dataset, split_examples
+
+    data = load_dataset(str(data_file))
+    context, train, _ = split_examples(data, per_class=1, n_test=6, n_train=4, seed=0)
+    _, _, scored = split_examples(data, per_class=0, n_test=6, seed=0)
+    assert not {e.text for e in context + train} & {e.text for e in scored}

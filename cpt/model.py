@@ -162,6 +162,11 @@ class CPTModel(nn.Module):
         # Facts of the fixed context, kept as Python values: reading them off the GPU between
         # the context pass and the sample pass would stall the launch queue.
         self._context_fully_visible = all(config.cpt_mask)
+        self._max_context_code = max(config.cpt_tokens_type_mask)  # samples' codes start above it
+        context_targets = _target_mask(codes.unsqueeze(0), ids.unsqueeze(0))[0]
+        self.register_buffer(
+            "context_target_positions", context_targets.nonzero(as_tuple=True)[0], persistent=False
+        )  # (Mc,) positions 1..N-1 of the context's label tokens
         self.shared_attention = shared_attention
         self._cached_context: tuple[tuple, ContextCache] | None = None  # see context_cache()
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
@@ -287,7 +292,7 @@ class CPTModel(nn.Module):
 
     def _sample_codes(self, input_ids: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
         # Sample codes move above the context's so the two never collide (SPEC §1).
-        offset = max(self.config.cpt_tokens_type_mask)
+        offset = self._max_context_code
         if input_type_mask is None:
             return torch.full_like(input_ids, 4 + offset)
         codes = input_type_mask.to(device=input_ids.device, dtype=torch.long)
@@ -342,8 +347,7 @@ class CPTModel(nn.Module):
         weights = label_weights(full_codes, self.config)  # (B, N+S)
         labels = labels.to(codes.device)
 
-        context_targets = _target_mask(self.context_codes.unsqueeze(0), self.context_ids.unsqueeze(0))[0]
-        (context_positions,) = context_targets.nonzero(as_tuple=True)  # (Mc,) in 1..N-1
+        context_positions = self.context_target_positions  # (Mc,) in 1..N-1
         sample_targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
         rows, sample_positions = sample_targets.nonzero(as_tuple=True)  # (Ms,)
         _require_targets(context_positions.numel() + rows.numel())

@@ -39,6 +39,16 @@ def _pair(arch: str, loss_type: str, seed_delta: bool = True):
     return ours, theirs, encoder
 
 
+def _assert_loss_and_gradient_match(ours, theirs, encoder, batch: dict) -> None:
+    """One forward and backward on each side: loss and delta gradient within RTOL relative."""
+    loss = ours(**batch).loss
+    loss.backward()
+    reference = theirs(**{k: v.clone() for k, v in batch.items()}).loss  # PEFT edits its inputs
+    reference.backward()
+    assert abs(loss.item() - reference.item()) <= RTOL * abs(reference.item())
+    assert _rel(ours.delta.grad, encoder.delta_embedding.weight.grad) <= RTOL
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
@@ -49,13 +59,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_loss_and_gradient_match_peft(loss_type: str, batch_size: int, sharing: str) -> None:
     ours, theirs, encoder = _pair("llama", loss_type)
     ours.context_sharing = sharing
-    batch = sample_batch(batch_size)
-    loss = ours(**batch).loss
-    loss.backward()
-    reference = theirs(**{k: v.clone() for k, v in batch.items()}).loss
-    reference.backward()
-    assert abs(loss.item() - reference.item()) <= RTOL * abs(reference.item())
-    assert _rel(ours.delta.grad, encoder.delta_embedding.weight.grad) <= RTOL
+    _assert_loss_and_gradient_match(ours, theirs, encoder, sample_batch(batch_size))
 
 
 @pytest.mark.parametrize(
@@ -66,13 +70,7 @@ def test_shared_context_matches_peft_on_every_architecture(arch: str, shared_att
     ours, theirs, encoder = _pair(arch, "decay")
     ours.context_sharing = "always"
     ours.shared_attention = shared_attention  # one copy of the context (cpt.attention) or B copies
-    batch = sample_batch(3)
-    loss = ours(**batch).loss
-    loss.backward()
-    reference = theirs(**{k: v.clone() for k, v in batch.items()}).loss
-    reference.backward()
-    assert abs(loss.item() - reference.item()) <= RTOL * abs(reference.item())
-    assert _rel(ours.delta.grad, encoder.delta_embedding.weight.grad) <= RTOL
+    _assert_loss_and_gradient_match(ours, theirs, encoder, sample_batch(3))
 
 
 def test_missing_type_mask_means_every_sample_token_is_a_label() -> None:

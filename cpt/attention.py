@@ -49,6 +49,11 @@ class _Shared:
 
 _ACTIVE: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar("cpt_shared_context", default=None)
 
+CAUSAL_NAME = "cpt_causal_sdpa"
+"""`transformers`' own SDPA attention, with no mask made for it (`causal_context`)."""
+
+_CAUSAL: contextvars.ContextVar[Any] = contextvars.ContextVar("cpt_causal_context", default=None)  # its config
+
 
 def supports(model: torch.nn.Module, num_context_tokens: int, num_sample_tokens: int) -> bool:
     """Whether the shared-context attention computes exactly what ``model``'s own attention does."""
@@ -94,26 +99,58 @@ def shared_context(
         _ACTIVE.reset(token)
 
 
-def capture() -> _Shared | None:
-    """The shared context in force now (None if none), for `restore` to bring back later."""
-    return _ACTIVE.get()
-
-
 @contextlib.contextmanager
-def restore(shared: _Shared | None) -> Iterator[None]:
-    """Puts a captured shared context back in force for the block: the recompute of a
-    checkpointed layer, in the backward pass, must attend exactly as its first run did."""
-    if shared is None or _ACTIVE.get() is shared:
+def causal_context(model: torch.nn.Module) -> Iterator[None]:
+    """For a pass over the context alone (empty cache, every position visible): the model's
+    SDPA attention runs with ``is_causal`` and no mask, whatever the circumstances.
+
+    `transformers` does the same by itself, except while a CUDA graph is being captured: 5.17
+    then writes the N x N causal mask out, which rules out the flash kernel (slower at long
+    contexts) and makes a captured pass round differently from the eager one. Models whose
+    attention is not SDPA, or not among `SUPPORTED_MODEL_TYPES`, are left alone.
+    """
+    config = model.config
+    if config._attn_implementation != "sdpa" or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
         yield
         return
-    previous = shared.config._attn_implementation
-    token = _ACTIVE.set(shared)
-    shared.config._attn_implementation = NAME
+    _register()
+    token = _CAUSAL.set(config)
+    config._attn_implementation = CAUSAL_NAME
     try:
         yield
     finally:
-        shared.config._attn_implementation = previous
-        _ACTIVE.reset(token)
+        config._attn_implementation = "sdpa"
+        _CAUSAL.reset(token)
+
+
+def capture() -> tuple[_Shared | None, Any]:
+    """The attention switches in force now, for `restore` to bring back later."""
+    return _ACTIVE.get(), _CAUSAL.get()
+
+
+@contextlib.contextmanager
+def restore(state: tuple[_Shared | None, Any]) -> Iterator[None]:
+    """Puts captured attention switches back in force for the block: the recompute of a
+    checkpointed layer, in the backward pass, must attend exactly as its first run did."""
+    shared, causal = state
+    with contextlib.ExitStack() as stack:
+        if shared is not None and _ACTIVE.get() is not shared:
+            stack.enter_context(_switched(shared.config, NAME, _ACTIVE, shared))
+        if causal is not None and _CAUSAL.get() is not causal:
+            stack.enter_context(_switched(causal, CAUSAL_NAME, _CAUSAL, causal))
+        yield
+
+
+@contextlib.contextmanager
+def _switched(config: Any, name: str, var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    previous = config._attn_implementation
+    token = var.set(value)
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
+        var.reset(token)
 
 
 def shared_context_attention(
@@ -170,7 +207,7 @@ def shared_context_attention(
     if shared.context_blocked is not None:
         context_scores = context_scores.masked_fill(shared.context_blocked, blocked)
     if shared.sample_blocked is None:  # no padding: causal only, made by the first layer
-        shared.sample_blocked = ~_sample_allowed(None, seq_len).to(query.device)
+        shared.sample_blocked = ~_sample_allowed(None, seq_len, device=query.device)
     own_scores = own_scores.masked_fill(shared.sample_blocked, blocked)
 
     scores = torch.cat([context_scores, own_scores], dim=-1)  # (B, H_kv, G, S, N + S)
@@ -184,14 +221,17 @@ def shared_context_attention(
     return out.reshape(batch, heads, seq_len, dim).transpose(1, 2).contiguous(), None
 
 
-def _sample_allowed(sample_mask: torch.Tensor | None, seq_len: int | None = None) -> torch.Tensor:
+def _sample_allowed(
+    sample_mask: torch.Tensor | None, seq_len: int | None = None, device: torch.device | None = None
+) -> torch.Tensor:
     """(B or 1, 1, 1, S, S): which of a sample's own keys each of its queries may see.
 
     Args:
-        sample_mask: (B, S) 0/1 padding mask, or None (then ``seq_len`` gives S).
+        sample_mask: (B, S) 0/1 padding mask, or None (then ``seq_len`` and ``device`` give S
+            and where to make it: made there, never copied, so a CUDA graph can capture it).
     """
     if sample_mask is None:
-        return torch.ones(seq_len, seq_len, dtype=torch.bool).tril()[None, None, None]
+        return torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()[None, None, None]
     seq_len = sample_mask.shape[1]
     allowed = torch.ones(seq_len, seq_len, dtype=torch.bool, device=sample_mask.device).tril()  # (S, S)
     return (allowed & sample_mask.bool()[:, None, :])[:, None, None]
@@ -208,3 +248,6 @@ def _register() -> None:
     if NAME not in AttentionInterface._global_mapping:
         AttentionInterface.register(NAME, shared_context_attention)
         AttentionMaskInterface.register(NAME, _no_mask)
+    if CAUSAL_NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(CAUSAL_NAME, AttentionInterface._global_mapping["sdpa"])
+        AttentionMaskInterface.register(CAUSAL_NAME, _no_mask)

@@ -59,10 +59,10 @@ def disable(model: nn.Module) -> None:
 def _checkpointed_forward(forward, *args, **kwargs):  # type: ignore[no-untyped-def]
     if not torch.is_grad_enabled():
         return forward(*args, **kwargs)
-    shared = attention.capture()  # the recompute runs after the pass: bring its attention back
+    state = attention.capture()  # the recompute runs after the pass: bring its attention back
 
     def run(*args, **kwargs):  # type: ignore[no-untyped-def]
-        with attention.restore(shared):
+        with attention.restore(state):
             return forward(*args, **kwargs)
 
     return checkpoint(run, *args, use_reentrant=False, **kwargs)

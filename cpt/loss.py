@@ -42,6 +42,21 @@ def label_weights(codes: torch.Tensor, config: CPTConfig) -> torch.Tensor:
     return torch.pow(torch.tensor(config.opt_loss_decay_factor, dtype=torch.float64), rank).float()
 
 
+def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(weights * cross_entropy(logits, targets))`` in float32.
+
+    Args:
+        logits: (M, V) logits that predict the targets.
+        targets: (M,) token ids.
+        weights: (M,) weight of each term.
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
+    return (ce * weights.to(ce.device)).sum()
+
+
 @dataclass
 class LossTerms:
     """A sum of weighted cross-entropy terms and how many positions it stands for.
@@ -69,8 +84,8 @@ class LossTerms:
             weights: (M,) weight of each term (already summed over rows for shared terms).
             count: positions these terms stand for; M by default.
         """
-        ce = F.cross_entropy(logits.float(), targets, reduction="none")  # (M,)
-        return cls((ce * weights.to(ce.device)).sum(), targets.numel() if count is None else count)
+        total = weighted_cross_entropy(logits, targets, weights)
+        return cls(total, targets.numel() if count is None else count)
 
     def __add__(self, other: LossTerms) -> LossTerms:
         return LossTerms(self.total + other.total, self.count + other.count)

@@ -21,6 +21,7 @@ the model's own head, logit scaling or soft-capping included), never over the wh
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,7 @@ from transformers.utils import ModelOutput
 
 from cpt import _compat, attention, checkpointing
 from cpt.config import CPTConfig, is_label, is_trainable
-from cpt.loss import LossTerms, label_weights
+from cpt.loss import LossTerms, label_weights, weighted_cross_entropy
 from cpt.projection import epsilons, project_
 
 IGNORE_INDEX = -100
@@ -85,6 +86,43 @@ class ContextCache:
     tensors: list[tuple[torch.Tensor, torch.Tensor]]
     last_logits: torch.Tensor
     num_tokens: int
+
+
+@dataclass
+class SharedLossPlan:
+    """Where the loss terms of a batch are, for `CPTModel.shared_loss_total` (made by
+    `CPTModel.shared_loss_plan`). K is the number of sample positions whose logits are kept.
+
+    Attributes:
+        keep: (K,) sample positions whose next-token logits are computed.
+        labels: (B, K) the target at ``keep + 1`` in each row (0 where there is none).
+        weights: (B, K) float32 weight of each of those terms, 0 where there is no target.
+        first_labels: (B,) the target at sample position 0, predicted by the context's last
+            position (0 where there is none).
+        first_weights: (B,) float32, 0 where there is no target.
+        context_weights: (Mc,) float32 weight of each of the context's own targets, summed over
+            the B rows.
+        attention_mask: (B, S) where the batch has padding, else None.
+        count: target positions the loss averages over.
+    """
+
+    keep: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    first_labels: torch.Tensor
+    first_weights: torch.Tensor
+    context_weights: torch.Tensor
+    attention_mask: torch.Tensor | None
+    count: int
+
+    def to(self, device: torch.device) -> SharedLossPlan:
+        """The plan with its tensors on ``device`` (copied without blocking the host)."""
+        moved = {
+            name: None if value is None else _to(value, device)
+            for name, value in vars(self).items()
+            if name != "count"
+        }
+        return SharedLossPlan(**moved, count=self.count)
 
 
 class CPTModel(nn.Module):
@@ -164,9 +202,11 @@ class CPTModel(nn.Module):
         self._context_fully_visible = all(config.cpt_mask)
         self._max_context_code = max(config.cpt_tokens_type_mask)  # samples' codes start above it
         context_targets = _target_mask(codes.unsqueeze(0), ids.unsqueeze(0))[0]
-        self.register_buffer(
-            "context_target_positions", context_targets.nonzero(as_tuple=True)[0], persistent=False
-        )  # (Mc,) positions 1..N-1 of the context's label tokens
+        positions = context_targets.nonzero(as_tuple=True)[0]  # (Mc,) in 1..N-1: the context's labels
+        self._context_plan = (codes.cpu(), positions.cpu())  # what `shared_loss_plan` reads, on the CPU
+        self.register_buffer("context_target_ids", ids[positions], persistent=False)  # (Mc,)
+        last = positions.new_tensor([config.num_virtual_tokens - 1])
+        self.register_buffer("context_keep", torch.cat([positions - 1, last]), persistent=False)  # (Mc + 1,)
         self.shared_attention = shared_attention
         self._cached_context: tuple[tuple, ContextCache] | None = None  # see context_cache()
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
@@ -228,6 +268,10 @@ class CPTModel(nn.Module):
     ) -> CPTOutput:
         """Runs the model over ``[context ; sample]``.
 
+        The batch's tensors may be on the CPU (as a collator makes them) or on the model's
+        device; on the CPU, the shared-context path reads its targets there without waiting for
+        the GPU.
+
         Args:
             input_ids: (B, S) token ids of the samples, right-padded.
             attention_mask: (B, S) 1 for real tokens, 0 for padding; None means all real.
@@ -246,11 +290,16 @@ class CPTModel(nn.Module):
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
-        codes = self._sample_codes(input_ids, input_type_mask)  # (B, S)
         if self._share_context(input_ids.shape[0]):
-            terms = self._shared_loss_terms(input_ids, attention_mask, labels, codes)
-        else:
-            terms = self._plain_loss_terms(input_ids, attention_mask, labels, codes)
+            plan = self.shared_loss_plan(labels, input_type_mask, attention_mask)
+            total = self.shared_loss_total(input_ids, plan.to(self.delta.device))
+            return CPTOutput(loss=total / plan.count, num_targets=plan.count)
+        _check_type_codes(input_type_mask)
+        device = self.delta.device
+        input_ids = input_ids.to(device)
+        attention_mask = None if attention_mask is None else attention_mask.to(device)
+        codes = self._sample_codes(input_ids, input_type_mask)  # (B, S)
+        terms = self._plain_loss_terms(input_ids, attention_mask, labels.to(device), codes)
         return CPTOutput(loss=terms.mean(), num_targets=terms.count)
 
     def _share_context(self, batch_size: int) -> bool:
@@ -286,6 +335,13 @@ class CPTModel(nn.Module):
         # Same values as context_embeddings(); the gradient reaches only trainable rows (SPEC §2).
         delta = torch.where(self.trainable_rows, self.delta, self.delta.detach())
         return (self.base + delta).to(dtype)  # (N, d)
+
+    def _context_pass(self):  # type: ignore[no-untyped-def]
+        """How the context's own pass attends: causal SDPA without a mask where the context is
+        fully visible (`cpt.attention.causal_context`), the model's own way elsewhere."""
+        if not self._context_fully_visible:
+            return nullcontext()
+        return attention.causal_context(self.base_model)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return _input_embeddings(self.base_model)(input_ids)  # (B, S, d)
@@ -334,72 +390,125 @@ class CPTModel(nn.Module):
         weights = label_weights(full_codes, self.config)[rows, positions]  # (M,)
         return LossTerms.of(logits, full_labels[rows, positions], weights)
 
-    def _shared_loss_terms(
+    def shared_loss_plan(
         self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
         labels: torch.Tensor,
-        codes: torch.Tensor,
-    ) -> LossTerms:
-        batch_size, seq_len = input_ids.shape
+        input_type_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        pad_targets_to: int = 1,
+    ) -> SharedLossPlan:
+        """Where a batch's loss terms are and what they weigh, worked out on the CPU.
+
+        Everything in the shared-context loss that depends on the batch's values (which
+        positions are targets, their weights, how many there are) is decided here, so that the
+        passes over the model (`shared_loss_total`) never read a value back from the GPU: the
+        host queues the whole step without waiting, and the step can be replayed as a CUDA
+        graph (`cpt.graphs`). Tensors given on the GPU are copied to the CPU once.
+
+        Args:
+            labels: (B, S) target ids; -100 marks ignored positions.
+            input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
+            attention_mask: (B, S) 0/1, or None.
+            pad_targets_to: round the number of kept sample positions up to a multiple of this
+                (padding terms weigh 0), so that fewer distinct shapes occur.
+
+        Raises:
+            ValueError: on a negative type code or a batch without any label token.
+        """
+        cpu = torch.device("cpu")
+        labels = labels.to(cpu)
+        type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
+        _check_type_codes(type_mask)
+        codes = self._sample_codes(labels, type_mask)  # (B, S)
+        batch_size = labels.shape[0]
         n = self.num_virtual_tokens
-        full_codes = torch.cat([self.context_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
+        context_codes, context_positions = self._context_plan
+        full_codes = torch.cat([context_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
         weights = label_weights(full_codes, self.config)  # (B, N+S)
-        labels = labels.to(codes.device)
+        sample_weights = weights[:, n:]  # (B, S)
 
-        context_positions = self.context_target_positions  # (Mc,) in 1..N-1
-        sample_targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
-        rows, sample_positions = sample_targets.nonzero(as_tuple=True)  # (Ms,)
-        _require_targets(context_positions.numel() + rows.numel())
-        first = sample_positions == 0  # predicted from the context's last position
-        keep_context = context_positions - 1
-        if bool(first.any()):
-            keep_context = torch.cat([keep_context, keep_context.new_tensor([n - 1])])
+        targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
+        count = batch_size * context_positions.numel() + int(targets.sum())
+        _require_targets(count)
+        first = targets[:, 0]  # predicted from the context's last position
+        rest = targets.clone()
+        rest[:, 0] = False
+        keep = rest.any(dim=0).nonzero(as_tuple=True)[0] - 1  # positions predicting a target
+        kept = rest[:, keep + 1]  # (B, K) which rows have a target there
+        zero = torch.zeros((), dtype=torch.float32)
+        kept_labels = torch.where(kept, labels[:, keep + 1], 0)
+        kept_weights = torch.where(kept, sample_weights[:, keep + 1], zero)
+        padding = max(1, -(-keep.numel() // pad_targets_to) * pad_targets_to) - keep.numel()
+        if padding:  # terms at position 0 that weigh nothing
+            keep = torch.cat([keep, keep.new_zeros(padding)])
+            kept_labels = torch.cat([kept_labels, kept_labels.new_zeros(batch_size, padding)], dim=1)
+            kept_weights = torch.cat([kept_weights, kept_weights.new_zeros(batch_size, padding)], dim=1)
 
+        has_padding = attention_mask is not None and not bool(attention_mask.to(cpu).all())
+        return SharedLossPlan(
+            keep=keep,
+            labels=kept_labels,
+            weights=kept_weights,
+            first_labels=torch.where(first, labels[:, 0], 0),
+            first_weights=torch.where(first, sample_weights[:, 0], zero),
+            context_weights=weights[:, context_positions].sum(dim=0),  # each term counts once per row
+            attention_mask=attention_mask if has_padding else None,  # all ones: the same as none
+            count=count,
+        )
+
+    def shared_loss_total(self, input_ids: torch.Tensor, plan: SharedLossPlan) -> torch.Tensor:
+        """The weighted sum of the batch's cross-entropy terms (the loss is it over
+        ``plan.count``), by the shared context: the context runs once, the samples against it.
+
+        Reads nothing back from the GPU, so it can be captured in a CUDA graph.
+
+        Args:
+            input_ids: (B, S) sample ids.
+            plan: from `shared_loss_plan`, on the model's device (`SharedLossPlan.to`).
+
+        Returns:
+            0-dim float32 tensor.
+        """
+        input_ids = _to(input_ids, self.delta.device)
+        batch_size = input_ids.shape[0]
         # The context, once: its KV cache keeps the gradient to delta.
         embeds = self._embed(input_ids)  # (B, S, d)
         context = self._context_for_forward(embeds.dtype).unsqueeze(0)  # (1, N, d)
         context_mask = None if self._context_fully_visible else self.context_mask.unsqueeze(0)
         cache = _compat.SealableCache(config=self.base_model.config)
-        context_out = self.base_model(
-            inputs_embeds=context,
-            attention_mask=context_mask,
-            logits_to_keep=keep_context,
-            use_cache=True,
-            **_compat.cache_kwargs(self.base_model, cache),
-        )
+        with self._context_pass():
+            context_out = self.base_model(
+                inputs_embeds=context,
+                attention_mask=context_mask,
+                logits_to_keep=self.context_keep,
+                use_cache=True,
+                **_compat.cache_kwargs(self.base_model, cache),
+            )
         cache.sealed = True  # checkpointed layers recompute in backward without writing again
-        context_logits = context_out.logits[0]  # (Kc, V)
-        num_context = context_positions.numel()
+        context_logits = context_out.logits[0]  # (Mc + 1, V): the context's targets, then its last position
 
         # The samples, against the context's cache.
-        keep_sample = torch.unique(sample_positions[~first] - 1)
-        sample_out = self._run_against_context(
-            embeds, attention_mask, _compat.cache_tensors(cache), logits_to_keep=keep_sample
-        )
+        sample_logits = self._run_against_context(
+            embeds, plan.attention_mask, _compat.cache_tensors(cache), logits_to_keep=plan.keep
+        ).logits  # (B, K, V)
 
-        terms = LossTerms.of(
-            context_logits[:num_context],
-            self.context_ids[context_positions],
-            weights[:, context_positions].sum(dim=0),  # each context term counts once per row
-            count=batch_size * num_context,
+        total = weighted_cross_entropy(context_logits[:-1], self.context_target_ids, plan.context_weights)
+        last = context_logits[-1:].expand(batch_size, -1)  # (B, V)
+        total = total + weighted_cross_entropy(last, plan.first_labels, plan.first_weights)
+        vocab = sample_logits.shape[-1]
+        return total + weighted_cross_entropy(
+            sample_logits.reshape(-1, vocab), plan.labels.reshape(-1), plan.weights.reshape(-1)
         )
-        if bool(first.any()):
-            first_rows = rows[first]
-            terms = terms + LossTerms.of(
-                context_logits[num_context:].expand(first_rows.numel(), -1),
-                labels[first_rows, 0],
-                weights[first_rows, n],
-            )
-        rest_rows, rest_positions = rows[~first], sample_positions[~first]
-        terms = terms + LossTerms.of(
-            sample_out.logits[rest_rows, torch.searchsorted(keep_sample, rest_positions - 1)],
-            labels[rest_rows, rest_positions],
-            weights[rest_rows, n + rest_positions],
-        )
-        return terms
 
     # ------------------------------------------------------------------ inference
+
+    @property
+    def can_share_context(self) -> bool:
+        """Whether the shared-context path computes exactly the plain path's loss for this
+        model (not when the context outruns a sliding window, or under `transformers`' own
+        gradient checkpointing)."""
+        return self._sharing_obstacle() is None
 
     @property
     def can_cache_context(self) -> bool:
@@ -435,12 +544,13 @@ class CPTModel(nn.Module):
         context = self._context_for_forward(embeds_dtype).unsqueeze(0)  # (1, N, d)
         context_mask = None if self._context_fully_visible else self.context_mask.unsqueeze(0)
         n = self.num_virtual_tokens
-        output = self.base_model(
-            inputs_embeds=context,
-            attention_mask=context_mask,
-            logits_to_keep=torch.tensor([n - 1], device=context.device),
-            use_cache=True,
-        )
+        with self._context_pass():
+            output = self.base_model(
+                inputs_embeds=context,
+                attention_mask=context_mask,
+                logits_to_keep=self.context_keep[-1:],  # the last position
+                use_cache=True,
+            )
         cache = _compat.output_cache(output)
         return ContextCache(_compat.cache_tensors(cache), output.logits[0, -1].float(), n)
 
@@ -592,5 +702,18 @@ def _check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
+
+
+def _check_type_codes(input_type_mask: torch.Tensor | None) -> None:
     if input_type_mask is not None and bool((input_type_mask < 0).any()):
         raise ValueError(f"input_type_mask has a type code below 0: {int(input_type_mask.min())}")
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory, without
+    making the host wait for the work already queued there."""
+    if tensor.device == device:
+        return tensor
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)

@@ -109,7 +109,7 @@ def test_only_target_logits_are_built_and_labels_never_reach_the_base_model() ->
 def test_auto_sharing_uses_plain_path_for_one_sample(monkeypatch) -> None:
     model = CPTModel(make_model("llama"), context_config())
     calls = []
-    monkeypatch.setattr(model, "_shared_loss_terms", lambda *a: calls.append("shared") or 1 / 0)
+    monkeypatch.setattr(model, "shared_loss_total", lambda *a: calls.append("shared") or 1 / 0)
     model(**sample_batch(1))
     assert calls == []
     with pytest.raises(ZeroDivisionError):

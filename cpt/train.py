@@ -42,14 +42,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from cpt._io import atomic_save_tensors, atomic_write_json, read_file_bytes, read_json_object
+from cpt._io import (
+    atomic_save_tensors,
+    atomic_write_json,
+    read_file_bytes,
+    read_json_object,
+)
 from cpt.adapter import load_adapter, save_adapter
+from cpt.graphs import GraphedLoss
 from cpt.model import CPTModel
 
 logger = logging.getLogger(__name__)
 
 MixedPrecision = Literal["auto", "bf16", "no"]
 MIXED_PRECISION_MODES = ("auto", "bf16", "no")
+CudaGraphs = Literal["auto", "on", "off"]
+CUDA_GRAPHS_MODES = ("auto", "on", "off")
 
 STATE_FORMAT = "cpt-trainer-state"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -90,6 +98,10 @@ class TrainConfig:
             is supported) and in full precision elsewhere; ``"bf16"`` forces bf16 autocast;
             ``"no"`` never autocasts. ``delta``, the optimizer and the projection stay float32.
         max_grad_norm: clip the gradient's L2 norm to this before each step; None never clips.
+        cuda_graphs: ``"auto"`` replays each step's forward and backward from a CUDA graph
+            (`cpt.graphs`) when the model is on a CUDA device and shares its context, which
+            removes the launch overhead that bounds small models; ``"on"`` requires it;
+            ``"off"`` always runs eagerly.
 
     Raises:
         ValueError: naming the bad field and value.
@@ -112,6 +124,7 @@ class TrainConfig:
     progress: bool = True
     mixed_precision: MixedPrecision = "auto"
     max_grad_norm: float | None = 1.0  # transformers.Trainer's default, which PEFT's example uses
+    cuda_graphs: CudaGraphs = "auto"
 
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
@@ -130,6 +143,8 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION_MODES}, got {self.mixed_precision!r}"
             )
+        if self.cuda_graphs not in CUDA_GRAPHS_MODES:
+            raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS_MODES}, got {self.cuda_graphs!r}")
         self.learning_rate = float(self.learning_rate)
         self.weight_decay = float(self.weight_decay)
         if self.max_grad_norm is not None:
@@ -240,6 +255,7 @@ def train(
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
+    graphed = _graphed_loss(model, config, autocast is not nullcontext)
     folder = None if checkpoint_dir is None else Path(checkpoint_dir) / LAST_CHECKPOINT_NAME
     saved_at = state.step if resume_from is not None else -1
 
@@ -252,7 +268,7 @@ def train(
             batches = [order[i : i + size] for i in range(0, num_samples, size)]
             while state.position < len(batches) and state.step < total_steps:
                 window = batches[state.position : state.position + accumulation]
-                loss = _optimizer_step(model, optimizer, config, dataset, collator, window, device, autocast)
+                loss = _optimizer_step(model, optimizer, config, dataset, collator, window, autocast, graphed)
                 state.position += len(window)
                 state.step += 1
                 state.losses.append(loss)
@@ -305,23 +321,35 @@ def _optimizer_step(
     dataset: Sequence[Any],
     collator: Callable[[list[Any]], Batch],
     window: list[list[int]],
-    device: torch.device,
     autocast: Callable[[], Any],
+    graphed: GraphedLoss | None,
 ) -> float:
-    """One projected AdamW step over the micro-batches of ``window``; returns the step's loss."""
+    """One projected AdamW step over the micro-batches of ``window``; returns the step's loss.
+
+    Batches stay on the CPU where the collator makes them: the model reads the loss's targets
+    there and copies the rest to its device without making the host wait.
+    """
     params = model.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
-    weighted_loss = torch.zeros((), dtype=torch.float32, device=device)
+    weighted_loss = torch.zeros((), dtype=torch.float32, device=model.delta.device)
     total_weight = 0
     for indices in window:
-        batch = _to_device(collator([dataset[i] for i in indices]), device)
-        with autocast():
-            output = model(**batch)
+        batch = collator([dataset[i] for i in indices])
         # Each micro-batch counts by its label positions, so the window's loss and gradient are
         # those of one big batch (a lone micro-batch keeps its plain gradient: weight 1).
-        weight = output.num_targets if len(window) > 1 else 1
-        (output.loss * weight).backward()
-        weighted_loss += output.loss.detach().float() * weight
+        if graphed is not None:
+            input_ids, plan = graphed.prepare(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
+            )
+            weight = plan.count if len(window) > 1 else 1
+            loss = graphed.backward(input_ids, plan, scale=weight)
+        else:
+            with autocast():
+                output = model(**batch)
+            weight = output.num_targets if len(window) > 1 else 1
+            (output.loss * weight).backward()
+            loss = output.loss.detach()
+        weighted_loss += loss.float() * weight
         total_weight += weight
     if total_weight != 1:
         for param in params:
@@ -339,8 +367,26 @@ def _due(step: int, every: int | None) -> bool:
     return every is not None and step % every == 0
 
 
-def _to_device(batch: Mapping[str, Any], device: torch.device) -> Batch:
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> GraphedLoss | None:
+    """The CUDA-graphed loss `train` uses, or None for eager passes (``config.cuda_graphs``).
+
+    Raises:
+        ValueError: for ``cuda_graphs="on"`` where graphs cannot run.
+    """
+    if config.cuda_graphs == "off":
+        return None
+    obstacle = None
+    if model.delta.device.type != "cuda":
+        obstacle = f"the model is on {model.delta.device}, not a CUDA device"
+    elif model.context_sharing == "never":
+        obstacle = 'the model\'s context_sharing is "never" and graphs replay the shared-context path'
+    elif not model.can_share_context:
+        obstacle = f"the context cannot be shared: {model._sharing_obstacle()}"
+    if obstacle is None:
+        return GraphedLoss(model, autocast=autocast)
+    if config.cuda_graphs == "on":
+        raise ValueError(f"cuda_graphs is \"on\" but {obstacle}")
+    return None
 
 
 def _autocast(mode: MixedPrecision, device: torch.device) -> Callable[[], Any]:

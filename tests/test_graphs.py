@@ -1,0 +1,285 @@
+"""The sync-free shared-context loss (`CPTModel.shared_loss_plan` / `shared_loss_total`) and its
+CUDA-graph replay (`cpt.graphs`). The graph tests need a CUDA device and skip without one; the
+rest check on the CPU what a capture relies on: the same loss from padded batches and padded
+plans, and no value read back from the device during the passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from contexts import context_config, sample_batch
+from tiny_models import make_model
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cpt import CPTModel, TrainConfig
+from cpt.data import CPTCollator
+from cpt.graphs import GraphedLoss, pad_batch
+from cpt.train import train
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
+
+# aten ops that read a tensor's value on the host (a device sync, illegal inside a capture)
+HOST_READS = ("_local_scalar_dense", "nonzero", "unique", "is_nonzero", "equal", "item")
+
+
+def _trained_model(arch: str = "llama", **kwargs) -> CPTModel:
+    config = context_config(3, opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8)
+    base_model = make_model(arch)
+    # sdpa: transformers' eager attention makes a CPU tensor in its mask, which a capture refuses
+    base_model.config._attn_implementation = "sdpa"
+    model = CPTModel(base_model, config, **kwargs)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.delta.normal_(0, 0.01)
+    return model
+
+
+def _loss_and_grad(model: CPTModel, run) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
+    model.delta.grad = None
+    loss = run()
+    loss.backward()
+    return loss.detach(), model.delta.grad.clone()
+
+
+def _assert_same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> None:
+    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0)
+    assert ((a[1] - b[1]).norm() / b[1].norm()).item() <= 1e-5
+
+
+class _HostReads(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = str(func)
+        if any(f"aten.{op}" in name for op in HOST_READS):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("shared_attention", [False, True])
+def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None:
+    model = _trained_model(shared_attention=shared_attention)
+    batch = sample_batch(4)
+    batch["input_type_mask"][1, 0] = 4  # a label at the first sample position, in one row only
+    model.context_sharing = "never"
+    plain = _loss_and_grad(model, lambda: model(**batch).loss)
+    for pad in (1, 8):
+        plan = model.shared_loss_plan(
+            batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=pad
+        )
+        assert plan.keep.numel() % pad == 0
+        shared = _loss_and_grad(model, lambda p=plan: model.shared_loss_total(batch["input_ids"], p) / p.count)
+        _assert_same(shared, plain)
+
+
+def test_padding_a_batch_leaves_its_loss_unchanged() -> None:
+    model = _trained_model()
+    batch = sample_batch(3)
+    reference = _loss_and_grad(model, lambda: model(**batch).loss)
+    padded = pad_batch(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"], multiple=8
+    )
+    assert padded[0].shape[1] == 16 and batch["input_ids"].shape[1] == 9
+    assert torch.equal(padded[0][:, :9], batch["input_ids"]) and padded[1][:, 9:].sum() == 0
+    assert (padded[2][:, 9:] == -100).all() and (padded[3][:, 9:] == 0).all()
+    names = ("input_ids", "attention_mask", "labels", "input_type_mask")
+    again = _loss_and_grad(model, lambda: model(**dict(zip(names, padded, strict=True))).loss)
+    _assert_same(again, reference)
+
+
+def test_padding_without_a_mask_makes_one_and_a_multiple_adds_nothing() -> None:
+    ids = torch.arange(6).view(2, 3)
+    out_ids, mask, labels, codes = pad_batch(ids, None, ids, None, multiple=4)
+    assert mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 0]] and codes is None
+    assert labels[:, 3].tolist() == [-100, -100]
+    same = pad_batch(ids, None, ids, None, multiple=3)
+    assert same[0] is ids and same[1] is None
+
+
+def test_plan_counts_what_the_loss_averages_over() -> None:
+    model = _trained_model()
+    batch = sample_batch(4)
+    out = model(**batch)
+    plan = model.shared_loss_plan(batch["labels"], batch["input_type_mask"], batch["attention_mask"])
+    assert plan.count == out.num_targets
+    assert plan.attention_mask is not None  # odd rows are padded
+    full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
+    unpadded = model.shared_loss_plan(full["labels"], full["input_type_mask"], full["attention_mask"])
+    assert unpadded.attention_mask is None
+
+
+@pytest.mark.parametrize("shared_attention", [False, True])
+def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: bool) -> None:
+    model = _trained_model(shared_attention=shared_attention)
+    batch = sample_batch(4)
+    plan = model.shared_loss_plan(
+        batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=8
+    )
+    reads = _HostReads()
+    with reads:
+        loss = model.shared_loss_total(batch["input_ids"], plan) / plan.count
+        loss.backward()
+    assert reads.seen == []
+    # and the check itself can fail: the plan does read values (on the CPU, before the passes)
+    with reads:
+        model.shared_loss_plan(batch["labels"], batch["input_type_mask"], batch["attention_mask"])
+    assert reads.seen
+
+
+def test_forward_takes_cpu_batches_and_rejects_negative_codes_on_either_path() -> None:
+    model = _trained_model()
+    batch = sample_batch(2)
+    batch["input_type_mask"][0, 1] = -1
+    for sharing in ("never", "always"):
+        model.context_sharing = sharing
+        with pytest.raises(ValueError, match="type code below 0"):
+            model(**batch)
+
+
+def test_graphs_refuse_a_cpu_model_and_train_refuses_graphs_on_cpu() -> None:
+    model = _trained_model()
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphedLoss(model)
+    batch = sample_batch(2)
+    items = [
+        {"input_ids": batch["input_ids"][i].tolist(), "input_type_mask": batch["input_type_mask"][i].tolist()}
+        for i in range(2)
+    ]
+    with pytest.raises(ValueError, match='cuda_graphs is "on" but the model is on cpu'):
+        train(model, items, TrainConfig(cuda_graphs="on", progress=False), collator=CPTCollator(pad_token_id=0))
+    with pytest.raises(ValueError, match="cuda_graphs must be one of"):
+        TrainConfig(cuda_graphs="yes")
+
+
+# ---------------------------------------------------------------------------------------- CUDA
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
+def test_graph_replay_matches_eager_passes_over_shapes(arch: str) -> None:
+    model = _trained_model(arch).cuda()
+    graphed = GraphedLoss(model)
+    for batch_size, seed in [(4, 1), (4, 2), (3, 3), (4, 4), (1, 5)]:
+        batch = sample_batch(batch_size, seed=seed)
+        model.context_sharing = "always"
+        eager = _loss_and_grad(model, lambda b=batch: model(**b).loss)
+        model.delta.grad = None
+        loss, count = graphed(**batch)
+        assert count == model(**batch).num_targets
+        _assert_same((loss, model.delta.grad.clone()), eager)
+    assert graphed.enabled and graphed.captures == 3  # (4, 16), (3, 16), (1, 16) after padding
+
+
+@needs_cuda
+def test_graph_adds_scaled_gradients_like_backward() -> None:
+    model = _trained_model().cuda()
+    graphed = GraphedLoss(model)
+    batch = sample_batch(4)
+    _, reference = _loss_and_grad(model, lambda: model(**batch).loss)
+    model.delta.grad = None
+    for _ in range(3):  # capture, then two replays
+        graphed(**batch, scale=0.5)
+    torch.testing.assert_close(model.delta.grad, 1.5 * reference, rtol=1e-4, atol=1e-7)
+
+
+@needs_cuda
+def test_training_with_graphs_matches_eager_training() -> None:
+    batch = sample_batch(4)
+    items = [
+        {"input_ids": batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist(),
+         "input_type_mask": batch["input_type_mask"][i][batch["attention_mask"][i] == 1].tolist()}
+        for i in range(4)
+    ]
+    results = {}
+    for mode in ("off", "on"):
+        model = _trained_model().cuda()
+        config = TrainConfig(
+            batch_size=2, epochs=3, learning_rate=1e-2, cuda_graphs=mode, mixed_precision="no", progress=False
+        )
+        result = train(model, items, config, collator=CPTCollator(pad_token_id=0))
+        results[mode] = (result.losses, model.delta.detach().clone())
+    losses = {mode: torch.tensor(result[0]) for mode, result in results.items()}
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(results["on"][1], results["off"][1], rtol=1e-3, atol=1e-6)
+
+
+@needs_cuda
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_graphed_logits_match_eager_logits(arch: str) -> None:
+    from cpt.graphs import GraphedLogits
+
+    model = _trained_model(arch).cuda()
+    graphed = GraphedLogits(model)
+    cache = model.context_cache()
+    for batch_size, seed in [(4, 1), (4, 2), (2, 3)]:
+        batch = sample_batch(batch_size, seed=seed)
+        ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
+        positions = torch.arange(2, ids.shape[1], device="cuda")
+        expected = model.sample_logits(ids, mask, context_cache=cache, positions=positions)
+        got = graphed(ids, mask, positions)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert graphed.enabled and graphed.captures == 2
+
+
+@needs_cuda
+def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkeypatch) -> None:
+    model = _trained_model().cuda()
+    real = model.shared_loss_total
+
+    def reads_back(input_ids, plan):  # type: ignore[no-untyped-def]
+        total = real(input_ids, plan)
+        float(total)  # a value read back from the GPU: fine eagerly, refused inside a capture
+        return total
+
+    monkeypatch.setattr(model, "shared_loss_total", reads_back)
+    graphed = GraphedLoss(model)
+    batch = sample_batch(4)
+    model.context_sharing = "always"
+    eager = _loss_and_grad(model, lambda: model(**batch).loss)
+    model.delta.grad = None
+    with pytest.warns(UserWarning, match="CUDA graphs are off"):
+        loss, _ = graphed(**batch)
+    _assert_same((loss, model.delta.grad.clone()), eager)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_context_pass_runs_causal_sdpa_without_a_mask(monkeypatch, checkpointing: bool) -> None:
+    from cpt import attention
+
+    model = _trained_model(activation_checkpointing=checkpointing)
+    batch = sample_batch(4)
+    model.context_sharing = "never"
+    plain = _loss_and_grad(model, lambda: model(**batch).loss)
+    attention._register()
+    masks: list[bool] = []
+    sdpa = attention.AttentionInterface._global_mapping[attention.CAUSAL_NAME]
+
+    def recording(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
+        masks.append(attention_mask is None)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.CAUSAL_NAME, recording)
+    model.context_sharing = "always"
+    shared = _loss_and_grad(model, lambda: model(**batch).loss)
+    _assert_same(shared, plain)
+    layers = model.base_model.config.num_hidden_layers
+    # every layer of the context pass, and again in the backward pass where layers recompute
+    assert masks == [True] * layers * (2 if checkpointing else 1)
+    assert model.base_model.config._attn_implementation == "sdpa"
+    cache = model.build_context_cache()
+    assert len(masks) == layers * (3 if checkpointing else 2) and cache.num_tokens == model.num_virtual_tokens
+
+
+def test_models_without_sdpa_keep_their_own_context_attention() -> None:
+    from cpt import attention
+
+    base_model = make_model("llama")  # eager attention
+    with attention.causal_context(base_model):
+        assert base_model.config._attn_implementation == "eager"
+    base_model.config._attn_implementation = "sdpa"
+    with attention.causal_context(base_model):
+        assert base_model.config._attn_implementation == attention.CAUSAL_NAME
+    assert base_model.config._attn_implementation == "sdpa"

@@ -211,7 +211,10 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
         "`sample_logits` with the KV cache built once, build time apart). Times are medians in ms; GiB is "
         "the peak of `torch.cuda.max_memory_allocated` (weights included). Loss rel diff: first-step loss of "
         "cpt vs PEFT on the same batch (delta = 0). cpt TFLOP/s counts forward + input-gradient backward "
-        "(formula in `benchmarks/speed.py:cpt_step_flops`). The last column repeats SPEC §5's H200 numbers.",
+        "(formula in `benchmarks/speed.py:cpt_step_flops`). cpt graph: the same step with forward and backward "
+        "replayed from a CUDA graph (`cpt.graphs.GraphedLoss`, as `train` runs it on CUDA; the capture is a "
+        "warm-up call), and inference replayed with `cpt.graphs.GraphedLogits`; \"graphs off\" means the "
+        "capture's check against the eager pass refused it. The last column repeats SPEC §5's H200 numbers.",
         "",
         speed_bench.results_table(speed) if speed else "(no speed results)\n",
     ]

@@ -111,10 +111,14 @@ TABLE_COLUMNS = [
     ("cpt_train_peak_gib", "cpt GiB"),
     ("train_ratio", "step cpt/PEFT"),
     ("cpt_path", "cpt path"),
+    ("cpt_graph_train_ms", "cpt graph step ms"),
+    ("graph_train_ratio", "graph step cpt/PEFT"),
     ("peft_infer_ms", "PEFT infer ms"),
     ("cpt_cache_ms", "cpt cache build ms"),
     ("cpt_infer_ms", "cpt cached infer ms"),
     ("infer_ratio", "infer cpt/PEFT"),
+    ("cpt_graph_infer_ms", "cpt graph infer ms"),
+    ("graph_infer_ratio", "graph infer cpt/PEFT"),
     ("loss_rel_diff", "loss rel diff"),
     ("cpt_tflops", "cpt TFLOP/s"),
     ("spec_h200", "SPEC H200 (PEFT/cpt step; infer)"),
@@ -252,8 +256,12 @@ def cpt_measurements(
         shared = cpt_model._share_context(batch_size)
         one_copy = shared and cpt_model._use_shared_attention(batch_size, seq_len)
         out: dict[str, Any] = {"cpt_path": ("shared, 1 copy" if one_copy else "shared") if shared else "plain"}
-        out.update(guarded(lambda: _cpt_train(cpt_model, batch, args), "cpt_train", device))
+        cpu_batch = {k: None if v is None else v.cpu() for k, v in batch.items()}  # as train() passes it
+        out.update(guarded(lambda: _cpt_train(cpt_model, cpu_batch, args), "cpt_train", device))
         free_memory(device)
+        if args.graphs:
+            out.update(guarded(lambda: _cpt_graph_train(cpt_model, cpu_batch, args), "cpt_graph_train", device))
+            free_memory(device)
         out.update(guarded(lambda: _cpt_infer(cpt_model, queries, args), "cpt_infer", device))
         return out
     finally:
@@ -282,6 +290,28 @@ def _cpt_train(cpt_model: torch.nn.Module, batch: dict, args: argparse.Namespace
     return {**result.as_dict("cpt_train"), "cpt_loss": losses[0].item()}
 
 
+def _cpt_graph_train(cpt_model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
+    """The train step with forward and backward replayed from a CUDA graph (`cpt.graphs`)."""
+    from cpt.graphs import GraphedLoss
+
+    graphed = GraphedLoss(cpt_model)
+    optimizer = torch.optim.AdamW(cpt_model.trainable_parameters(), lr=args.lr)
+
+    def step() -> None:
+        graphed(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        cpt_model.project_()
+
+    try:
+        result = measure(step, args.device, args.warmup, args.steps)
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+    if not graphed.enabled:
+        return {"cpt_graph_train_status": "graphs off (see the warning)"}
+    return {**result.as_dict("cpt_graph_train"), "cpt_graph_captures": graphed.captures}
+
+
 def _cpt_infer(cpt_model: torch.nn.Module, queries: dict, args: argparse.Namespace) -> dict[str, Any]:
     caches: list[Any] = []
 
@@ -297,7 +327,20 @@ def _cpt_infer(cpt_model: torch.nn.Module, queries: dict, args: argparse.Namespa
             cpt_model.sample_logits(queries["input_ids"], queries["attention_mask"], context_cache=cache)
 
     out.update(measure(infer, args.device, args.warmup, args.steps).as_dict("cpt_infer"))
+    if args.graphs:
+        out.update(guarded(lambda: _cpt_graph_infer(cpt_model, queries, cache, args), "cpt_graph_infer", args.device))
     return out
+
+
+def _cpt_graph_infer(cpt_model: torch.nn.Module, queries: dict, cache: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Cached inference replayed from a CUDA graph (`cpt.graphs.GraphedLogits`)."""
+    from cpt.graphs import GraphedLogits
+
+    graphed = GraphedLogits(cpt_model, cache)
+    out = measure(lambda: graphed(queries["input_ids"], queries["attention_mask"]), args.device, args.warmup, args.steps)
+    if not graphed.enabled:
+        return {"cpt_graph_infer_status": "graphs off (see the warning)"}
+    return out.as_dict("cpt_graph_infer")
 
 
 # ---------------------------------------------------------------------------------------- cases
@@ -344,9 +387,11 @@ def run_case(model: torch.nn.Module, case: Case, args: argparse.Namespace) -> di
 def _derive(record: dict[str, Any], model: torch.nn.Module, context: SyntheticContext, case: Case) -> None:
     """Ratios, loss agreement, TFLOP/s and the SPEC's H200 numbers for the same case."""
     for kind in ("train", "infer"):
-        cpt_ms, peft_ms = record.get(f"cpt_{kind}_ms"), record.get(f"peft_{kind}_ms")
-        if cpt_ms is not None and peft_ms is not None:
-            record[f"{kind}_ratio"] = round(cpt_ms / peft_ms, 3)
+        peft_ms = record.get(f"peft_{kind}_ms")
+        for prefix in ("", "graph_"):
+            cpt_ms = record.get(f"cpt_{prefix}{kind}_ms")
+            if isinstance(cpt_ms, float) and isinstance(peft_ms, float):
+                record[f"{prefix}{kind}_ratio"] = round(cpt_ms / peft_ms, 3)
     if isinstance(record.get("peft_loss"), float) and isinstance(record.get("cpt_loss"), float):
         record["loss_rel_diff"] = abs(record["cpt_loss"] - record["peft_loss"]) / max(abs(record["peft_loss"]), 1e-12)
     cpt_ms = record.get("cpt_train_ms")
@@ -355,6 +400,10 @@ def _derive(record: dict[str, Any], model: torch.nn.Module, context: SyntheticCo
         flops = cpt_step_flops(config, context, case.batch_size, EXAMPLE_LEN, str(record.get("cpt_path")).startswith("shared"))
         record["cpt_step_tflop"] = float(f"{flops / 1e12:.4g}")
         record["cpt_tflops"] = float(f"{flops / (cpt_ms / 1e3) / 1e12:.4g}")
+        graph_ms = record.get("cpt_graph_train_ms")
+        if isinstance(graph_ms, float):
+            shared = cpt_step_flops(config, context, case.batch_size, EXAMPLE_LEN, True)
+            record["cpt_graph_tflops"] = float(f"{shared / (graph_ms / 1e3) / 1e12:.4g}")
     spec = SPEC_H200.get(case.name)
     if spec is not None:
         peft_step, cpt_step, peft_infer, cpt_infer = spec
@@ -366,9 +415,9 @@ def results_table(records: list[dict[str, Any]]) -> str:
     rows = []
     for record in records:
         row = dict(record)
-        for side in ("peft", "cpt"):
+        for side in ("peft", "cpt", "cpt_graph"):
             for kind in ("train", "infer"):
-                status = record.get(f"{side}_{kind}_status") or record.get(f"{side}_status")
+                status = record.get(f"{side}_{kind}_status") or record.get(f"{side.split('_')[0]}_status")
                 if status is not None and not isinstance(record.get(f"{side}_{kind}_ms"), (int, float)):
                     row[f"{side}_{kind}_ms"] = status
         if record.get("status"):
@@ -420,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compile-projection", dest="compile_projection", action="store_true", default=None,
                         help="force the compiled projection (default: CPTModel's choice, compiled on CUDA)")
     parser.add_argument("--no-compile-projection", dest="compile_projection", action="store_false")
+    parser.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
+                        help="also time cpt's step and inference replayed from CUDA graphs (cpt.graphs); "
+                        "auto: on CUDA")
     parser.add_argument("--attention-mask", action="store_true",
                         help="pass all-ones attention masks (default: none, samples are unpadded)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -435,6 +487,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--suite gpu needs CUDA; use --suite cpu here")
     dtype = DTYPES[args.dtype or ("bf16" if args.suite == "gpu" else "fp32")]
+    if args.graphs == "on" and args.device.type != "cuda":
+        raise SystemExit("--graphs on needs a CUDA device")
+    args.graphs = args.graphs == "on" or (args.graphs == "auto" and args.device.type == "cuda")
     args.steps = args.steps or (2 if args.quick else 5)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     cases = args.cases or list(SUITES[args.suite + ("-quick" if args.quick else "")])

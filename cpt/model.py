@@ -414,8 +414,11 @@ class CPTModel(nn.Module):
                 (padding terms weigh 0), so that fewer distinct shapes occur.
 
         Raises:
-            ValueError: on a negative type code or a batch without any label token.
+            ValueError: on a negative type code, a batch without any label token, or
+                ``pad_targets_to`` below 1.
         """
+        if isinstance(pad_targets_to, bool) or not isinstance(pad_targets_to, int) or pad_targets_to < 1:
+            raise ValueError(f"pad_targets_to must be an integer >= 1, got {pad_targets_to!r}")
         cpu = torch.device("cpu")
         labels = labels.to(cpu)
         type_mask = None if input_type_mask is None else input_type_mask.to(cpu)

@@ -99,6 +99,14 @@ def test_padding_without_a_mask_makes_one_and_a_multiple_adds_nothing() -> None:
     assert same[0] is ids and same[1] is None
 
 
+def test_plan_refuses_a_bad_target_padding() -> None:
+    model = _trained_model()
+    batch = sample_batch(2)
+    for bad in (0, -8, 2.5, True):
+        with pytest.raises(ValueError, match="pad_targets_to must be an integer >= 1"):
+            model.shared_loss_plan(batch["labels"], batch["input_type_mask"], pad_targets_to=bad)
+
+
 def test_plan_counts_what_the_loss_averages_over() -> None:
     model = _trained_model()
     batch = sample_batch(4)

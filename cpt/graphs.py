@@ -53,6 +53,9 @@ capture, `transformers` 5.17 writes the causal mask out instead of asking for a 
 which round differently in half precision (about 1e-3 seen in bf16 on an H200); a stale or
 misplaced input is off by the order of the values themselves."""
 
+SIGHTINGS_KEPT = 1024
+"""Shapes counted towards ``capture_after`` at most; the count starts over beyond it."""
+
 Tensors = dict[str, torch.Tensor | None]
 
 
@@ -67,13 +70,19 @@ class _Graph:
 class _Replayer:
     """Graphs by key: capture on first sight (checked against the eager pass), replay after."""
 
-    def __init__(self, what: str, device: torch.device, max_graphs: int, tolerance: float) -> None:
+    def __init__(
+        self, what: str, device: torch.device, max_graphs: int, tolerance: float, capture_after: int = 1
+    ) -> None:
         if device.type != "cuda":
             raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
+        if isinstance(capture_after, bool) or not isinstance(capture_after, int) or capture_after < 1:
+            raise ValueError(f"capture_after must be an integer >= 1, got {capture_after!r}")
         self.what = what
         self.tolerance = tolerance
+        self.capture_after = capture_after
+        self.sightings: dict[Hashable, int] = {}  # calls per shape not captured yet
         self.device = device
         self.max_graphs = max_graphs
         self.enabled = True
@@ -100,6 +109,11 @@ class _Replayer:
             _load(entry.inputs, inputs)
             entry.graph.replay()
             return entry.outputs
+        self.sightings[key] = self.sightings.get(key, 0) + 1
+        if self.sightings[key] < self.capture_after:  # a shape seen once may never come back
+            if len(self.sightings) > SIGHTINGS_KEPT:
+                self.sightings.clear()
+            return fn(_to_device(inputs, self.device))
         try:
             entry, eager = self._capture(inputs, fn, keep_alive)
         except Exception as error:  # noqa: BLE001 - whatever broke the capture, eager passes work
@@ -144,10 +158,13 @@ class _Replayer:
 class _Graphed:
     """What `GraphedLoss` and `GraphedLogits` share: the model check and the replayer's state."""
 
-    def __init__(self, what: str, model: CPTModel, max_graphs: int, autocast: bool = False) -> None:
+    def __init__(
+        self, what: str, model: CPTModel, max_graphs: int, autocast: bool = False, capture_after: int = 1
+    ) -> None:
         if not isinstance(model, CPTModel):
             raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
-        self._replayer = _Replayer(what, model.delta.device, max_graphs, _tolerance(model, autocast))
+        tolerance = _tolerance(model, autocast)
+        self._replayer = _Replayer(what, model.delta.device, max_graphs, tolerance, capture_after)
         self.model = model
 
     @property
@@ -284,15 +301,22 @@ class GraphedLogits(_Graphed):
         context_cache: the context's KV cache; ``model.context_cache()`` (built once, kept while
             the adapter is unchanged) if None, fetched again on every call.
         max_graphs: input shapes kept captured at once.
+        capture_after: capture a shape on its this-many-th call (the calls before run eagerly),
+            so that shapes that never come back cost no capture.
 
     Raises:
         ValueError: if the model is not on a CUDA device or its context cannot be cached.
     """
 
     def __init__(
-        self, model: CPTModel, context_cache: ContextCache | None = None, *, max_graphs: int = MAX_GRAPHS
+        self,
+        model: CPTModel,
+        context_cache: ContextCache | None = None,
+        *,
+        max_graphs: int = MAX_GRAPHS,
+        capture_after: int = 1,
     ) -> None:
-        super().__init__("inference", model, max_graphs)
+        super().__init__("inference", model, max_graphs, capture_after=capture_after)
         if not model.can_cache_context:
             raise ValueError(f"the context cannot be cached: {model._sharing_obstacle()}")
         self.context_cache = context_cache
@@ -303,13 +327,19 @@ class GraphedLogits(_Graphed):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        *,
+        context_cache: ContextCache | None = None,
     ) -> torch.Tensor:
         """``model.sample_logits(input_ids, attention_mask, context_cache=..., positions=positions)``.
+
+        Args:
+            context_cache: this call's context cache; the one given at construction (or the
+                model's own) if None.
 
         Returns:
             (B, S, V) logits, or (B, P, V) at ``positions``: a tensor of its own.
         """
-        cache = self.context_cache if self.context_cache is not None else self.model.context_cache()
+        cache = context_cache or self.context_cache or self.model.context_cache()
         if positions is None:
             positions = torch.arange(input_ids.shape[1])
         inputs: Tensors = {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions}

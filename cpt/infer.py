@@ -26,6 +26,7 @@ import torch
 
 from cpt import _compat
 from cpt.data import Template, render_example, render_query
+from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.model import ContextCache, CPTModel
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ def classify(
     batch_size: int = 8,
     context_cache: ContextCache | None = None,
     use_cache: bool = True,
+    cuda_graphs: bool | None = None,
 ) -> Classification:
     """Scores every candidate label for every text by its log-likelihood after the context.
 
@@ -86,6 +88,10 @@ def classify(
             path, for checking the cached one); ``context_cache`` is then ignored. (Where a
             query renders to no tokens, the label's first token is scored from a forward pass
             over the context alone, on either path.)
+        cuda_graphs: replay the passes against the cached context from CUDA graphs
+            (`cpt.graphs.GraphedLogits`): sequences are padded to a multiple of 8 tokens, and a
+            batch shape is captured the second time it comes in the call.
+            None: on a CUDA device with the cache; ``True`` requires it.
 
     Returns:
         A `Classification` with (T, L) float32 tensors on the CPU.
@@ -93,8 +99,9 @@ def classify(
     Raises:
         ValueError: if ``texts`` or ``labels`` is empty or not a sequence of strings, ``labels``
             holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
-            ``context_cache`` has the wrong length, or a text's query with its longest
-            continuation does not fit the model's maximum number of positions (naming the text).
+            ``context_cache`` has the wrong length, a text's query with its longest continuation
+            does not fit the model's maximum number of positions (naming the text), or
+            ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
     """
     texts = _strings("texts", texts)
     labels = _strings("labels", labels)
@@ -116,6 +123,8 @@ def classify(
 
     device = model.context_ids.device
     cache = _checked_cache(model, context_cache) if use_cache else None
+    graphed = _graphed_logits(model, cache, cuda_graphs)
+    bucket = SEQ_BUCKET if graphed is not None else 1
     # The first token of a sequence is predicted at the context's last position: needed only
     # where a query is empty (the label starts the sequence).
     first_log_probs = None  # (V,)
@@ -130,23 +139,26 @@ def classify(
     scores = torch.empty(len(texts), len(labels), dtype=torch.float32)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        input_ids, attention_mask = _right_pad(
-            [queries[i] + continuations[j] for i, j in chunk], pad_id, device
-        )  # (B, S) each
+        cpu_ids, cpu_mask = _right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
+        input_ids, attention_mask = cpu_ids.to(device), cpu_mask.to(device)  # (B, S) each
         query_lengths = [len(queries[i]) for i, _ in chunk]
-        # Logits only where a scored token is predicted: from the shortest query's end on.
+        # Logits only where a scored token is predicted: from the shortest query's end on (from
+        # a multiple of the bucket, so that graphs see few shapes).
         first_scored = max(min(query_lengths), 1)  # token 0 (empty query) comes from the context
+        first_kept = (first_scored - 1) // bucket * bucket
         seq_len = input_ids.shape[1]
-        logits = model.sample_logits(
-            input_ids,
-            attention_mask,
-            context_cache=cache,
-            positions=torch.arange(first_scored - 1, seq_len - 1, device=device),
-        )  # (B, S - first_scored, V): position p - 1 predicts token p
+        positions = torch.arange(first_kept, seq_len - 1)
+        if graphed is not None:
+            logits = graphed(cpu_ids, cpu_mask, positions, context_cache=cache)
+        else:
+            logits = model.sample_logits(
+                input_ids, attention_mask, context_cache=cache, positions=positions.to(device)
+            )
+        # (B, S - 1 - first_kept, V): position p predicts token p + 1
         log_probs = logits.float().log_softmax(dim=-1)
         token_log_probs = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)  # (B, S)
-        token_log_probs[:, first_scored:] = log_probs.gather(
-            -1, input_ids[:, first_scored:].unsqueeze(-1)
+        token_log_probs[:, first_kept + 1 :] = log_probs.gather(
+            -1, input_ids[:, first_kept + 1 :].unsqueeze(-1)
         ).squeeze(-1)
         if first_log_probs is not None:
             token_log_probs[:, 0] = first_log_probs[input_ids[:, 0]]
@@ -337,16 +349,40 @@ def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
 
 
 def _right_pad(
-    sequences: list[list[int]], pad_id: int, device: torch.device
+    sequences: list[list[int]], pad_id: int, multiple: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S) ids padded with ``pad_id`` on the right, and the (B, S) mask of real tokens."""
+    """(B, S) ids padded with ``pad_id`` on the right to a multiple of ``multiple`` tokens, and
+    the (B, S) mask of real tokens; on the CPU."""
     length = max(len(ids) for ids in sequences)
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long, device=device)
+    length += -length % multiple
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for b, ids in enumerate(sequences):
-        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long, device=device)
+        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
         attention_mask[b, : len(ids)] = 1
     return input_ids, attention_mask
+
+
+def _graphed_logits(
+    model: CPTModel, cache: ContextCache | None, cuda_graphs: bool | None
+) -> GraphedLogits | None:
+    """A `GraphedLogits` for one `classify` call, or None for eager passes.
+
+    Raises:
+        ValueError: for ``cuda_graphs=True`` where graphs cannot run.
+    """
+    if cuda_graphs is False:
+        return None
+    obstacle = None
+    if cache is None:
+        obstacle = "use_cache=False runs the context with every batch"
+    elif model.delta.device.type != "cuda":
+        obstacle = f"the model is on {model.delta.device}, not a CUDA device"
+    if obstacle is not None:
+        if cuda_graphs:
+            raise ValueError(f"cuda_graphs=True but {obstacle}")
+        return None
+    return GraphedLogits(model, capture_after=2)  # a batch shape used once is not captured
 
 
 def _last_context_row_is_plain(model: CPTModel) -> bool:

@@ -291,3 +291,20 @@ def test_models_without_sdpa_keep_their_own_context_attention() -> None:
     with attention.causal_context(base_model):
         assert base_model.config._attn_implementation == attention.CAUSAL_NAME
     assert base_model.config._attn_implementation == "sdpa"
+
+
+@needs_cuda
+def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
+    from cpt.graphs import GraphedLogits
+
+    model = _trained_model().cuda()
+    with pytest.raises(ValueError, match="capture_after must be an integer >= 1"):
+        GraphedLogits(model, capture_after=0)
+    graphed = GraphedLogits(model, capture_after=2)
+    batch = sample_batch(4)
+    ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
+    expected = model.sample_logits(ids, mask, context_cache=model.context_cache())
+    for calls, captures in [(1, 0), (2, 1), (3, 1)]:
+        got = graphed(batch["input_ids"], batch["attention_mask"])
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert graphed.captures == captures, calls

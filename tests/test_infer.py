@@ -277,3 +277,47 @@ def test_generate_rejects_bad_arguments(texts, kwargs, message: str) -> None:
     model = trained_model("llama", tokenizer)
     with pytest.raises(ValueError, match=message):
         generate(model, tokenizer, texts, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------- graphs
+
+
+def test_bucketed_batches_score_the_same(monkeypatch, tokenizer: PreTrainedTokenizerFast) -> None:
+    """What classify does for CUDA graphs (pad to 8 tokens, logits from a multiple of 8), checked
+    on the CPU with eager passes standing in for the replays."""
+    import cpt.infer as infer
+
+    model = trained_model("llama", tokenizer, SUFFIXES)
+    reference = classify(model, tokenizer, TEXTS, LABELS, template=SUFFIXES, batch_size=3)
+    calls = []
+
+    def eager_stand_in(ids, mask, positions, *, context_cache):  # type: ignore[no-untyped-def]
+        calls.append((ids.shape[1], int(positions[0])))
+        return model.sample_logits(ids, mask, context_cache=context_cache, positions=positions)
+
+    monkeypatch.setattr(infer, "_graphed_logits", lambda *args: eager_stand_in)
+    bucketed = classify(model, tokenizer, TEXTS, LABELS, template=SUFFIXES, batch_size=3)
+    assert calls and all(length % infer.SEQ_BUCKET == 0 and first % infer.SEQ_BUCKET == 0 for length, first in calls)
+    assert bucketed.predictions == reference.predictions
+    torch.testing.assert_close(bucketed.log_likelihoods, reference.log_likelihoods, **TOL)
+
+
+def test_classify_refuses_graphs_where_they_cannot_run(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("llama", tokenizer)
+    with pytest.raises(ValueError, match="cuda_graphs=True but the model is on cpu"):
+        classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs=True but use_cache=False"):
+        classify(model, tokenizer, TEXTS[:1], LABELS, use_cache=False, cuda_graphs=True)
+    assert classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=None).predictions  # auto: eager here
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_classify_with_graphs_matches_eager_on_cuda(tokenizer: PreTrainedTokenizerFast) -> None:
+    model = trained_model("llama", tokenizer, SUFFIXES)
+    model.base_model.config._attn_implementation = "sdpa"  # eager attention cannot be captured
+    model.cuda()
+    texts = TEXTS * 4  # shapes repeat, so some are captured (on their second call)
+    eager = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=False)
+    graphed = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=True)
+    assert graphed.predictions == eager.predictions
+    torch.testing.assert_close(graphed.log_likelihoods, eager.log_likelihoods, rtol=0, atol=1e-4)

@@ -224,7 +224,9 @@ def train(
         checkpoint_dir: where ``checkpoint_dir / "last"`` is saved every
             ``config.checkpoint_every`` steps and at the end.
         resume_from: a checkpoint folder (from `save_checkpoint`) to continue from; the result
-            is bit-for-bit that of an uninterrupted run with the same config.
+            is bit-for-bit that of an uninterrupted run with the same config on the CPU; on a GPU
+            up to the run-to-run rounding of its kernels (atomic sums, and a step that captures a
+            CUDA graph runs eagerly).
 
     Returns:
         A `TrainResult` over the whole run.

@@ -165,7 +165,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     rows = []
     icl = CPTModel(model, build_context(tokenizer, context, template, **CONTEXT_DEFAULTS))
-    _check_fits(icl, tokenizer, template, texts, data.labels)
+    _check_fits(model, icl.num_virtual_tokens, tokenizer, template, texts, data.labels)
     t0 = time.perf_counter()
     icl_accuracy = _accuracy(classify(icl, tokenizer, texts, data.labels, template=template).predictions, gold)
     rows.append(("ICL (no training)", icl_accuracy, time.perf_counter() - t0))
@@ -215,10 +215,9 @@ def _run_train(args: argparse.Namespace) -> int:
     model, tokenizer, _ = _load_model(args)
     training = list(context) + list(train_examples or [])
     from cpt.data import build_context
-    from cpt.model import CPTModel
 
-    probe = CPTModel(model, build_context(tokenizer, context, template))
-    _check_fits(probe, tokenizer, template, [e.text for e in training], data.labels)
+    context_tokens = build_context(tokenizer, context, template).num_virtual_tokens
+    _check_fits(model, context_tokens, tokenizer, template, [e.text for e in training], data.labels)
     cpt_model, result = fit(
         model,
         tokenizer,
@@ -258,7 +257,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     _, _, test = split_examples(data, per_class=0, n_test=args.test, seed=args.seed)
     texts = [e.text for e in test]
     template = template_of(cpt_model)
-    _check_fits(cpt_model, tokenizer, template, texts, labels)
+    _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, texts, labels)
     started = time.perf_counter()
     result = classify(cpt_model, tokenizer, texts, labels, template=template, batch_size=args.batch_size)
     accuracy = _accuracy(result.predictions, [e.label for e in test])
@@ -273,7 +272,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     cpt_model, tokenizer = _load_adapter(args)
     labels = labels_of(cpt_model)
     template = template_of(cpt_model)
-    _check_fits(cpt_model, tokenizer, template, args.texts, labels)
+    _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, args.texts, labels)
     result = classify(cpt_model, tokenizer, args.texts, labels, template=template)
     for text, label, probabilities in zip(args.texts, result.predictions, result.probabilities.tolist()):
         print(json.dumps({"text": text, "label": label, "probabilities": dict(zip(labels, probabilities))}))
@@ -312,19 +311,22 @@ def _train_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     )
 
 
-def _check_fits(model: Any, tokenizer: Any, template: Any, texts: Sequence[str], labels: Sequence[str]) -> None:
-    """Refuses a context plus the longest example that the model cannot take in."""
+def _check_fits(
+    model: Any, context_tokens: int, tokenizer: Any, template: Any, texts: Sequence[str], labels: Sequence[str]
+) -> None:
+    """Refuses a context of ``context_tokens`` plus the longest example that ``model`` (the base
+    model) cannot take in."""
     from cpt.data import render_example
 
-    limit = getattr(model.base_model.config, "max_position_embeddings", None)
+    limit = getattr(model.config, "max_position_embeddings", None)
     if not limit:
         return
     longest_label = max(labels, key=lambda label: len(tokenizer.encode(label, add_special_tokens=False)))
     longest = max((len(render_example(tokenizer, template, text, longest_label)) for text in texts), default=0)
-    total = model.num_virtual_tokens + longest
+    total = context_tokens + longest
     if total > limit:
         raise CLIError(
-            f"the context ({model.num_virtual_tokens} tokens) plus the longest example ({longest} tokens) "
+            f"the context ({context_tokens} tokens) plus the longest example ({longest} tokens) "
             f"is longer than the model's maximum length of {limit} tokens: use fewer or shorter examples"
         )
 

@@ -388,3 +388,11 @@ def _cell(value: Any) -> str:
 def append_text(path: str, text: str) -> None:
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(text)
+
+
+def finish(title: str, table: str, output: str | None) -> None:
+    """Prints a benchmark's markdown table under its title, and appends both to ``output``."""
+    text = f"{title}\n\n{table}"
+    print("\n" + text, flush=True)
+    if output:
+        append_text(output, text + "\n")

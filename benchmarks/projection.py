@@ -37,9 +37,9 @@ import torch
 
 from benchmarks.common import (
     DTYPES,
-    append_text,
     emit,
     environment,
+    finish,
     markdown_table,
     synchronize,
     synthetic_context,
@@ -207,11 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records = run(args)
     for record in records:
         emit(record)
-    table = (f"### Projection (N={args.n}, d={args.d}, {str(args.dtype).removeprefix('torch.')}, {env['device']})\n\n"
-             + results_table(records))
-    print("\n" + table, flush=True)
-    if args.output:
-        append_text(args.output, table + "\n")
+    title = f"### Projection (N={args.n}, d={args.d}, {str(args.dtype).removeprefix('torch.')}, {env['device']})"
+    finish(title, results_table(records), args.output)
     return records
 
 

@@ -34,6 +34,7 @@ import importlib.util
 import inspect
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,10 +46,10 @@ from benchmarks.common import (
     EXAMPLE_ROLES,
     MODEL_SHAPES,
     SyntheticContext,
-    append_text,
     count_parameters,
     emit,
     environment,
+    finish,
     free_memory,
     guarded,
     load_model,
@@ -189,11 +190,7 @@ def peft_measurements(
 
 
 def _peft_train(peft_model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr)
-    losses: list[torch.Tensor] = []
-
-    def step() -> None:
+    def forward_backward() -> torch.Tensor:
         output = peft_model(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -201,16 +198,39 @@ def _peft_train(peft_model: torch.nn.Module, batch: dict, args: argparse.Namespa
             input_type_mask=batch["input_type_mask"].clone(),  # PEFT shifts it in place
         )
         output.loss.backward()
+        return output.loss
+
+    params = [p for p in peft_model.parameters() if p.requires_grad]
+    return timed_steps("peft_train", forward_backward, params, args)
+
+
+def timed_steps(
+    prefix: str,
+    forward_backward: Callable[[], torch.Tensor],
+    params: list[torch.nn.Parameter],
+    args: argparse.Namespace,
+    after_step: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Times train steps: ``forward_backward()`` (returns the loss), an AdamW step on ``params``,
+    then ``after_step()``. Returns the timings under ``prefix`` and the first step's loss as
+    ``<side>_loss`` (the prefix's first word)."""
+    optimizer = torch.optim.AdamW(params, lr=args.lr)
+    losses: list[torch.Tensor] = []
+
+    def step() -> None:
+        loss = forward_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         if not losses:
-            losses.append(output.loss.detach())
+            losses.append(loss.detach())
 
     try:
         result = measure(step, args.device, args.warmup, args.steps)
     finally:
         optimizer.zero_grad(set_to_none=True)  # its state goes with it on return
-    return {**result.as_dict("peft_train"), "peft_loss": losses[0].item()}
+    return {**result.as_dict(prefix), f"{prefix.split('_')[0]}_loss": losses[0].item()}
 
 
 def _peft_infer(peft_model: torch.nn.Module, queries: dict, args: argparse.Namespace) -> dict[str, Any]:
@@ -269,25 +289,12 @@ def cpt_measurements(
 
 
 def _cpt_train(cpt_model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
-    optimizer = torch.optim.AdamW(cpt_model.trainable_parameters(), lr=args.lr)
-    losses: list[torch.Tensor] = []
+    def forward_backward() -> torch.Tensor:
+        loss = cpt_model(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"]).loss
+        loss.backward()
+        return loss
 
-    def step() -> None:
-        output = cpt_model(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"]
-        )
-        output.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        cpt_model.project_()
-        if not losses:
-            losses.append(output.loss.detach())
-
-    try:
-        result = measure(step, args.device, args.warmup, args.steps)
-    finally:
-        optimizer.zero_grad(set_to_none=True)  # its state goes with it on return
-    return {**result.as_dict("cpt_train"), "cpt_loss": losses[0].item()}
+    return timed_steps("cpt_train", forward_backward, cpt_model.trainable_parameters(), args, cpt_model.project_)
 
 
 def _cpt_graph_train(cpt_model: torch.nn.Module, batch: dict, args: argparse.Namespace) -> dict[str, Any]:
@@ -295,21 +302,16 @@ def _cpt_graph_train(cpt_model: torch.nn.Module, batch: dict, args: argparse.Nam
     from cpt.graphs import GraphedLoss
 
     graphed = GraphedLoss(cpt_model)
-    optimizer = torch.optim.AdamW(cpt_model.trainable_parameters(), lr=args.lr)
 
-    def step() -> None:
-        graphed(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"])
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        cpt_model.project_()
+    def forward_backward() -> torch.Tensor:
+        return graphed(batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"])[0]
 
-    try:
-        result = measure(step, args.device, args.warmup, args.steps)
-    finally:
-        optimizer.zero_grad(set_to_none=True)
+    params = cpt_model.trainable_parameters()
+    result = timed_steps("cpt_graph_train", forward_backward, params, args, cpt_model.project_)
     if not graphed.enabled:
         return {"cpt_graph_train_status": "graphs off (see the warning)"}
-    return {**result.as_dict("cpt_graph_train"), "cpt_graph_captures": graphed.captures}
+    result.pop("cpt_loss")  # the eager step's is the one compared with PEFT's
+    return {**result, "cpt_graph_captures": graphed.captures}
 
 
 def _cpt_infer(cpt_model: torch.nn.Module, queries: dict, args: argparse.Namespace) -> dict[str, Any]:
@@ -528,10 +530,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         gc.unfreeze()
         free_memory(args.device)
 
-    table = f"### Speed ({env['device']}, steps={args.steps}, warm-up={args.warmup})\n\n" + results_table(records)
-    print("\n" + table, flush=True)
-    if args.output:
-        append_text(args.output, table + "\n")
+    title = f"### Speed ({env['device']}, steps={args.steps}, warm-up={args.warmup})"
+    finish(title, results_table(records), args.output)
     return records
 
 

@@ -194,7 +194,8 @@ def test_graph_adds_scaled_gradients_like_backward() -> None:
 
 
 @needs_cuda
-def test_training_with_graphs_matches_eager_training() -> None:
+@pytest.mark.parametrize(("batch_size", "accumulation"), [(2, 1), (1, 2)])
+def test_training_with_graphs_matches_eager_training(batch_size: int, accumulation: int) -> None:
     batch = sample_batch(4)
     items = [
         {"input_ids": batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist(),
@@ -205,7 +206,8 @@ def test_training_with_graphs_matches_eager_training() -> None:
     for mode in ("off", "on"):
         model = _trained_model().cuda()
         config = TrainConfig(
-            batch_size=2, epochs=3, learning_rate=1e-2, cuda_graphs=mode, mixed_precision="no", progress=False
+            batch_size=batch_size, gradient_accumulation_steps=accumulation, epochs=3, learning_rate=1e-2,
+            cuda_graphs=mode, mixed_precision="no", progress=False,
         )
         result = train(model, items, config, collator=CPTCollator(pad_token_id=0))
         results[mode] = (result.losses, model.delta.detach().clone())

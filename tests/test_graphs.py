@@ -310,3 +310,17 @@ def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
         got = graphed(batch["input_ids"], batch["attention_mask"])
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         assert graphed.captures == captures, calls
+
+
+@needs_cuda
+def test_graph_replay_with_activation_checkpointing_matches_eager() -> None:
+    model = _trained_model(activation_checkpointing=True).cuda()
+    model.context_sharing = "always"
+    graphed = GraphedLoss(model)
+    for seed in (1, 2):  # capture, then a replay with other values
+        batch = sample_batch(4, seed=seed)
+        eager = _loss_and_grad(model, lambda b=batch: model(**b).loss)
+        model.delta.grad = None
+        loss, _ = graphed(**batch)
+        _assert_same((loss, model.delta.grad.clone()), eager)
+    assert graphed.enabled and graphed.captures == 1

@@ -347,8 +347,9 @@ class GraphedLogits(_Graphed):
             tuple(input_ids.shape),
             attention_mask is not None,
             positions.numel(),
-            id(cache),
+            id(cache),  # the cache is kept alive with the graph, so its id is not reused meanwhile
             torch.is_autocast_enabled("cuda"),
+            self.model._use_shared_attention(*input_ids.shape),  # which attention the pass records
         )
 
         def run(x: Tensors) -> dict[str, torch.Tensor]:

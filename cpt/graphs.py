@@ -68,7 +68,8 @@ class _Graph:
 
 
 class _Replayer:
-    """Graphs by key: capture on first sight (checked against the eager pass), replay after."""
+    """Graphs by key: captured on a key's ``capture_after``-th call (and checked against the
+    eager pass), replayed after; eager passes for good once a capture failed or mismatched."""
 
     def __init__(
         self, what: str, device: torch.device, max_graphs: int, tolerance: float, capture_after: int = 1
@@ -114,6 +115,7 @@ class _Replayer:
             if len(self.sightings) > SIGHTINGS_KEPT:
                 self.sightings.clear()
             return fn(_to_device(inputs, self.device))
+        self.sightings.pop(key)
         try:
             entry, eager = self._capture(inputs, fn, keep_alive)
         except Exception as error:  # noqa: BLE001 - whatever broke the capture, eager passes work

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_model
+from tiny_models import ARCHITECTURES, make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 from transformers import PreTrainedTokenizerFast
 
@@ -321,3 +321,32 @@ def test_classify_with_graphs_matches_eager_on_cuda(tokenizer: PreTrainedTokeniz
     graphed = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=True)
     assert graphed.predictions == eager.predictions
     torch.testing.assert_close(graphed.log_likelihoods, eager.log_likelihoods, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------ more contexts and models
+
+
+@pytest.mark.parametrize("arch", sorted(set(ARCHITECTURES) - set(ARCHS)))
+def test_cached_scoring_matches_the_plain_path_on_other_architectures(arch: str) -> None:
+    """The cached context against re-running ``[context ; query ; label]`` per pair, on the
+    architectures the brute-force test leaves out. Queries of several lengths, one empty."""
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model(arch, tokenizer, SUFFIXES)
+    texts = [*TEXTS, ""]
+    cached = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=5)
+    plain = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, use_cache=False)
+    torch.testing.assert_close(cached.log_likelihoods, plain.log_likelihoods, **TOL)
+
+
+def test_cached_scoring_with_masked_context_positions(tokenizer: PreTrainedTokenizerFast) -> None:
+    from dataclasses import replace as dataclass_replace
+
+    config = build_context(tokenizer, CONTEXT)
+    mask = list(config.cpt_mask)
+    mask[1] = mask[3] = 0  # two context positions no one attends to
+    model = CPTModel(tiny_model("llama", len(tokenizer)), dataclass_replace(config, cpt_mask=mask))
+    with torch.no_grad():
+        model.delta.copy_(torch.randn_like(model.delta) * model.trainable_rows)
+    cached = classify(model, tokenizer, TEXTS, LABELS, batch_size=3)
+    plain = classify(model, tokenizer, TEXTS, LABELS, use_cache=False)
+    torch.testing.assert_close(cached.log_likelihoods, plain.log_likelihoods, **TOL)

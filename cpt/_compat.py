@@ -16,13 +16,14 @@ from transformers import DynamicCache
 
 
 @lru_cache(maxsize=None)
-def _forward_takes(cls: type, name: str) -> bool:
+def forward_takes(cls: type, name: str) -> bool:
+    """Whether ``cls.forward`` has a parameter ``name``."""
     return name in inspect.signature(cls.forward).parameters
 
 
 def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     """The keyword argument that passes ``cache`` to ``model.forward`` in this release."""
-    name = "cache" if _forward_takes(type(model), "cache") else "past_key_values"
+    name = "cache" if forward_takes(type(model), "cache") else "past_key_values"
     return {name: cache}
 
 

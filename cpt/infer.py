@@ -68,10 +68,13 @@ def classify(
 ) -> Classification:
     """Scores every candidate label for every text by its log-likelihood after the context.
 
-    Each (text, label) pair is one sequence, ``render_example(text, label)``, run against the
-    context; ``batch_size`` such sequences (right-padded) go through the model at a time, longest
-    first. The score is the summed log-probability of the tokens after ``render_query(text)``:
-    the label's tokens, the output template's suffix and the end token (see the module docstring).
+    The score of a (text, label) pair is the summed log-probability of the tokens that
+    ``render_example(text, label)`` writes after ``render_query(text)``: the label's tokens, the
+    output template's suffix and the end token (see the module docstring). With the context's
+    cache, each query runs once (``batch_size`` queries a pass, longest first) and every
+    label's continuation runs against ``[context ; query]``: L labels cost one query and L short
+    continuations, not L whole sequences. Without the cache (``use_cache=False``), and where
+    CUDA graphs replay the batches, each pair is one sequence, ``batch_size`` sequences a pass.
 
     The model's train/eval mode is left as it is: call ``model.eval()`` first if it has dropout.
 
@@ -81,7 +84,8 @@ def classify(
         texts: T >= 1 input texts.
         labels: L >= 1 distinct candidate labels, each rendering to at least one token.
         template: how examples are written out (use the context's); the default `Template` if None.
-        batch_size: sequences per forward pass, >= 1.
+        batch_size: queries (or pair sequences) per forward pass, >= 1; a query pass is
+            followed by one pass over its ``batch_size * L`` continuations.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
             model keeps while its adapter is unchanged. Must come from ``model``'s current context.
         use_cache: if False, every batch runs ``[context ; sequence]`` from the start (the plain
@@ -121,53 +125,15 @@ def classify(
         what = f"text {i} (query of {len(query)} tokens + continuation of up to {longest})"
         _check_fits(model, len(query) + longest, what)
 
-    device = model.context_ids.device
     cache = _checked_cache(model, context_cache) if use_cache else None
     graphed = _graphed_logits(model, cache, cuda_graphs)
-    bucket = SEQ_BUCKET if graphed is not None else 1
-    # The first token of a sequence is predicted at the context's last position: needed only
-    # where a query is empty (the label starts the sequence).
-    first_log_probs = None  # (V,)
-    if any(not query for query in queries):
-        last_logits = (cache if cache is not None else model.context_cache()).last_logits
-        first_log_probs = last_logits.float().log_softmax(dim=-1).to(device)
-
-    # One sequence per (text, label) pair; longest first so that a batch pads little.
-    pairs = [(i, j) for i in range(len(texts)) for j in range(len(labels))]
-    pairs.sort(key=lambda pair: -(len(queries[pair[0]]) + len(continuations[pair[1]])))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    scores = torch.empty(len(texts), len(labels), dtype=torch.float32)
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        cpu_ids, cpu_mask = _right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
-        input_ids, attention_mask = cpu_ids.to(device), cpu_mask.to(device)  # (B, S) each
-        query_lengths = [len(queries[i]) for i, _ in chunk]
-        # Logits only where a scored token is predicted: from the shortest query's end on (from
-        # a multiple of the bucket, so that graphs see few shapes).
-        first_scored = max(min(query_lengths), 1)  # token 0 (empty query) comes from the context
-        first_kept = (first_scored - 1) // bucket * bucket
-        seq_len = input_ids.shape[1]
-        positions = torch.arange(first_kept, seq_len - 1)
-        if graphed is not None:
-            logits = graphed(cpu_ids, cpu_mask, positions, context_cache=cache)
-        else:
-            logits = model.sample_logits(
-                input_ids, attention_mask, context_cache=cache, positions=positions.to(device)
-            )
-        # (B, S - 1 - first_kept, V): position p predicts token p + 1
-        log_probs = logits.float().log_softmax(dim=-1)
-        token_log_probs = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)  # (B, S)
-        token_log_probs[:, first_kept + 1 :] = log_probs.gather(
-            -1, input_ids[:, first_kept + 1 :].unsqueeze(-1)
-        ).squeeze(-1)
-        if first_log_probs is not None:
-            token_log_probs[:, 0] = first_log_probs[input_ids[:, 0]]
-        query_lengths = torch.tensor(query_lengths, device=device)  # (B,)
-        positions = torch.arange(input_ids.shape[1], device=device)  # (S,)
-        scored = (positions >= query_lengths.unsqueeze(1)) & attention_mask.bool()  # (B, S)
-        totals = torch.where(scored, token_log_probs, 0.0).sum(dim=-1).cpu()  # (B,)
-        rows, columns = zip(*chunk)
-        scores[list(rows), list(columns)] = totals
+    # Queries run once where nothing depends on a token's index in the padded batch: no CUDA
+    # graph (its shapes) and no sliding window (its reach is counted in indices).
+    if cache is not None and graphed is None and _compat.sliding_window(model.base_model.config) is None:
+        scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
+    else:
+        scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id)
 
     probabilities = scores.softmax(dim=-1)  # (T, L)
     predictions = [labels[j] for j in scores.argmax(dim=-1).tolist()]
@@ -291,6 +257,184 @@ def stop_token_ids(model: CPTModel, tokenizer: PreTrainedTokenizerBase, template
 
 
 _PROBE_LABEL = "x"  # any label that renders to a token will do
+
+
+def _score_pairs(
+    model: CPTModel,
+    cache: ContextCache | None,
+    graphed: GraphedLogits | None,
+    queries: list[list[int]],
+    continuations: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """(T, L) scores with one sequence ``query + continuation`` per (text, label) pair,
+    ``batch_size`` sequences per pass, longest first. The reference path (``cache`` None: the
+    context runs again with every batch) and the one CUDA graphs replay (sequences padded to
+    `SEQ_BUCKET` tokens, so that batch shapes repeat)."""
+    device = model.context_ids.device
+    bucket = SEQ_BUCKET if graphed is not None else 1
+    # The first token of a sequence is predicted at the context's last position: needed only
+    # where a query is empty (the label starts the sequence).
+    first_log_probs = None  # (V,)
+    if any(not query for query in queries):
+        last_logits = (cache if cache is not None else model.context_cache()).last_logits
+        first_log_probs = last_logits.float().log_softmax(dim=-1).to(device)
+
+    pairs = [(i, j) for i in range(len(queries)) for j in range(len(continuations))]
+    pairs.sort(key=lambda pair: -(len(queries[pair[0]]) + len(continuations[pair[1]])))
+    scores = torch.empty(len(queries), len(continuations), dtype=torch.float32)
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        cpu_ids, cpu_mask = _right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
+        input_ids, attention_mask = cpu_ids.to(device), cpu_mask.to(device)  # (B, S) each
+        query_lengths = [len(queries[i]) for i, _ in chunk]
+        # Logits only where a scored token is predicted: from the shortest query's end on (from
+        # a multiple of the bucket, so that graphs see few shapes).
+        first_scored = max(min(query_lengths), 1)  # token 0 (empty query) comes from the context
+        first_kept = (first_scored - 1) // bucket * bucket
+        seq_len = input_ids.shape[1]
+        positions = torch.arange(first_kept, seq_len - 1)
+        if graphed is not None:
+            logits = graphed(cpu_ids, cpu_mask, positions, context_cache=cache)
+        else:
+            logits = model.sample_logits(
+                input_ids, attention_mask, context_cache=cache, positions=positions.to(device)
+            )
+        # (B, S - 1 - first_kept, V): position p predicts token p + 1
+        log_probs = logits.float().log_softmax(dim=-1)
+        token_log_probs = torch.zeros(input_ids.shape, dtype=torch.float32, device=device)  # (B, S)
+        token_log_probs[:, first_kept + 1 :] = log_probs.gather(
+            -1, input_ids[:, first_kept + 1 :].unsqueeze(-1)
+        ).squeeze(-1)
+        if first_log_probs is not None:
+            token_log_probs[:, 0] = first_log_probs[input_ids[:, 0]]
+        query_lengths = torch.tensor(query_lengths, device=device)  # (B,)
+        positions = torch.arange(input_ids.shape[1], device=device)  # (S,)
+        scored = (positions >= query_lengths.unsqueeze(1)) & attention_mask.bool()  # (B, S)
+        totals = torch.where(scored, token_log_probs, 0.0).sum(dim=-1).cpu()  # (B,)
+        rows, columns = zip(*chunk, strict=True)
+        scores[list(rows), list(columns)] = totals
+
+    return scores
+
+
+def _score_by_query(
+    model: CPTModel,
+    cache: ContextCache,
+    queries: list[list[int]],
+    continuations: list[list[int]],
+    batch_size: int,
+    pad_id: int,
+) -> torch.Tensor:
+    """(T, L) scores with each query run once: a batch of queries goes through the model after
+    the cached context, then each one's L continuations run against ``[context ; its query]``.
+    The same numbers as `_score_pairs`, for about ``(Q + L * C) / (L * (Q + C))`` of its tokens
+    (queries of Q tokens, continuations of C). ``batch_size`` queries per pass, longest first;
+    their continuation pass holds ``batch_size * L`` short rows (on two CPU cores with
+    SmolLM2-135M, 8 queries a pass scored 200 reviews in 22.9 s, 4 in 27.0 s, against 30.5 s
+    for the pairs)."""
+    device = model.context_ids.device
+    num_labels = len(continuations)
+    cont_ids, cont_mask = (t.to(device) for t in _right_pad(continuations, pad_id))  # (L, C) each
+    order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
+    per_batch = batch_size
+    scores = torch.empty(len(queries), num_labels, dtype=torch.float32)
+    for start in range(0, len(order), per_batch):
+        chunk = order[start : start + per_batch]
+        lengths = torch.tensor([len(queries[i]) for i in chunk], device=device)  # (b,)
+        states, mask, last_logits = _after_queries(model, cache, [queries[i] for i in chunk], lengths, pad_id)
+        first = last_logits.float().log_softmax(dim=-1)[:, cont_ids[:, 0]]  # (b, L): token 0
+        rest = _continuation_log_probs(model, states, mask, lengths, cont_ids, cont_mask)  # (b, L): tokens 1..
+        scores[chunk] = (first + rest).cpu()
+    return scores
+
+
+def _after_queries(
+    model: CPTModel, cache: ContextCache, queries: list[list[int]], lengths: torch.Tensor, pad_id: int
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
+    """Runs b right-padded queries after the cached context.
+
+    Returns:
+        The per-layer (keys, values) of ``[context ; queries]``, each (b, heads, N + S, dim); the
+        (b, N + S) attention mask of those positions; the (b, V) logits at each query's last
+        token (the context's last position for an empty query).
+    """
+    device = lengths.device
+    batch_size = len(queries)
+    if max(len(query) for query in queries) == 0:
+        context_mask = _prefix_mask(model, batch_size, 0)
+        return cache.tensors, context_mask, cache.last_logits.unsqueeze(0).expand(batch_size, -1)
+    input_ids, query_mask = (t.to(device) for t in _right_pad(queries, pad_id))  # (b, S) each
+    mask = torch.cat([_prefix_mask(model, batch_size, 0), query_mask], dim=1)  # (b, N + S)
+    states = _compat.expanded_cache(cache.tensors, batch_size, model.base_model.config)  # grows
+    last = (lengths - 1).clamp(min=0)  # (b,)
+    keep = torch.unique(last)
+    output = model.base_model(
+        inputs_embeds=model._embed(input_ids),
+        attention_mask=mask,
+        logits_to_keep=keep,
+        use_cache=True,
+        **_compat.cache_kwargs(model.base_model, states),
+    )
+    logits = output.logits[torch.arange(batch_size, device=device), torch.searchsorted(keep, last)]  # (b, V)
+    empty = lengths == 0  # an empty query beside others: its first token comes from the context
+    logits = torch.where(empty.unsqueeze(1), cache.last_logits.to(logits.dtype), logits)
+    return _compat.cache_tensors(_compat.output_cache(output) or states), mask, logits
+
+
+def _continuation_log_probs(
+    model: CPTModel,
+    states: list[tuple[torch.Tensor, torch.Tensor]],
+    prefix_mask: torch.Tensor,
+    lengths: torch.Tensor,
+    cont_ids: torch.Tensor,
+    cont_mask: torch.Tensor,
+) -> torch.Tensor:
+    """(b, L) summed log-probabilities of continuation tokens 1.. after each ``[context ; query]``
+    (token 0 is scored from the query's last position by the caller). Each continuation sits
+    after its query's padding, so its positions are given explicitly: N + query length + k."""
+    num_labels, length = cont_ids.shape
+    batch_size = lengths.shape[0]
+    if length == 1:
+        return torch.zeros(batch_size, num_labels, device=cont_ids.device)
+    rows = batch_size * num_labels  # row r: text r // L, label r % L
+    prefix = [
+        (keys.repeat_interleave(num_labels, dim=0), values.repeat_interleave(num_labels, dim=0))
+        if keys.shape[0] > 1 else (keys, values)
+        for keys, values in states
+    ]
+    ids = cont_ids.repeat(batch_size, 1)  # (rows, C)
+    prefix_rows = prefix_mask.expand(batch_size, -1).repeat_interleave(num_labels, dim=0)
+    mask = torch.cat([prefix_rows, cont_mask.repeat(batch_size, 1)], dim=1)  # (rows, N + S + C)
+    starts = model.num_virtual_tokens + lengths.repeat_interleave(num_labels)  # (rows,)
+    positions = starts.unsqueeze(1) + torch.arange(length, device=ids.device)  # (rows, C)
+    kwargs = {"position_ids": positions} if _takes_position_ids(model.base_model) else {}
+    cache = _compat.expanded_cache(prefix, rows, model.base_model.config, read_only=True)
+    output = model.base_model(
+        inputs_embeds=model._embed(ids),
+        attention_mask=mask,
+        logits_to_keep=torch.arange(length - 1, device=ids.device),
+        use_cache=True,
+        **kwargs,
+        **_compat.cache_kwargs(model.base_model, cache),
+    )
+    log_probs = output.logits.float().log_softmax(dim=-1)  # (rows, C - 1, V): position k predicts k + 1
+    token_log_probs = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (rows, C - 1)
+    real = cont_mask.repeat(batch_size, 1)[:, 1:].bool()  # right padding scores nothing
+    return torch.where(real, token_log_probs, 0.0).sum(dim=-1).view(batch_size, num_labels)
+
+
+def _prefix_mask(model: CPTModel, batch_size: int, length: int) -> torch.Tensor:
+    """(b, N + length) attention mask: the context's, then ``length`` ones."""
+    context = model.context_mask.unsqueeze(0).expand(batch_size, -1)
+    return torch.cat([context, context.new_ones(batch_size, length)], dim=1)
+
+
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    """Whether the model's forward takes position ids (Bloom's ALiBi reads positions from the
+    attention mask instead, which gives the same positions here)."""
+    return _compat.forward_takes(type(model), "position_ids")
 
 
 def _continuation(

@@ -350,3 +350,19 @@ def test_cached_scoring_with_masked_context_positions(tokenizer: PreTrainedToken
     cached = classify(model, tokenizer, TEXTS, LABELS, batch_size=3)
     plain = classify(model, tokenizer, TEXTS, LABELS, use_cache=False)
     torch.testing.assert_close(cached.log_likelihoods, plain.log_likelihoods, **TOL)
+
+
+@pytest.mark.parametrize("arch", ["llama", "bloom", "opt"])
+def test_classify_runs_each_query_once_with_the_cache(monkeypatch, arch: str) -> None:
+    import cpt.infer as infer
+
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model(arch, tokenizer, SUFFIXES)
+    calls = []
+    real = infer._score_by_query
+    monkeypatch.setattr(infer, "_score_by_query", lambda *args: calls.append(1) or real(*args))
+    texts = [*TEXTS, "", "a"]  # an empty query beside others in one batch
+    cached = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=12)
+    assert calls == [1]
+    expected = brute_force_table(model, tokenizer, SUFFIXES, texts)
+    torch.testing.assert_close(cached.log_likelihoods, expected, **TOL)

@@ -379,7 +379,7 @@ def _after_queries(
     )
     logits = output.logits[torch.arange(batch_size, device=device), torch.searchsorted(keep, last)]  # (b, V)
     empty = lengths == 0  # an empty query beside others: its first token comes from the context
-    logits = torch.where(empty.unsqueeze(1), cache.last_logits.to(logits.dtype), logits)
+    logits = torch.where(empty.unsqueeze(1), cache.last_logits.float(), logits.float())  # (b, V) float32
     return _compat.cache_tensors(_compat.output_cache(output) or states), mask, logits
 
 

@@ -331,9 +331,9 @@ def _score_by_query(
     the cached context, then each one's L continuations run against ``[context ; its query]``.
     The same numbers as `_score_pairs`, for about ``(Q + L * C) / (L * (Q + C))`` of its tokens
     (queries of Q tokens, continuations of C). ``batch_size`` queries per pass, longest first;
-    their continuation pass holds ``batch_size * L`` short rows (on two CPU cores with
-    SmolLM2-135M, 8 queries a pass scored 200 reviews in 22.9 s, 4 in 27.0 s, against 30.5 s
-    for the pairs)."""
+    their continuations run ``max(1, batch_size // L)`` texts (about ``batch_size`` rows, each
+    with its own copy of the prefix's states) a pass. On two CPU cores with SmolLM2-135M, 8
+    queries a pass scored 200 reviews in 22.9 s, 4 in 27.0 s, against 30.5 s for the pairs."""
     device = model.context_ids.device
     num_labels = len(continuations)
     cont_ids, cont_mask = (t.to(device) for t in _right_pad(continuations, pad_id))  # (L, C) each
@@ -345,7 +345,11 @@ def _score_by_query(
         lengths = torch.tensor([len(queries[i]) for i in chunk], device=device)  # (b,)
         states, mask, last_logits = _after_queries(model, cache, [queries[i] for i in chunk], lengths, pad_id)
         first = last_logits.float().log_softmax(dim=-1)[:, cont_ids[:, 0]]  # (b, L): token 0
-        rest = _continuation_log_probs(model, states, mask, lengths, cont_ids, cont_mask)  # (b, L): tokens 1..
+        # tokens 1..: about batch_size rows a pass, since each row holds its own copy of the prefix
+        rest = torch.cat([
+            _continuation_log_probs(model, _rows(states, part), mask[part], lengths[part], cont_ids, cont_mask)
+            for part in torch.arange(len(chunk), device=device).split(max(1, batch_size // num_labels))
+        ])  # (b, L)
         scores[chunk] = (first + rest).cpu()
     return scores
 
@@ -381,6 +385,13 @@ def _after_queries(
     empty = lengths == 0  # an empty query beside others: its first token comes from the context
     logits = torch.where(empty.unsqueeze(1), cache.last_logits.float(), logits.float())  # (b, V) float32
     return _compat.cache_tensors(_compat.output_cache(output) or states), mask, logits
+
+
+def _rows(
+    states: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The per-layer states of some rows (all of them where the states hold one row for all)."""
+    return [(keys, values) if keys.shape[0] == 1 else (keys[rows], values[rows]) for keys, values in states]
 
 
 def _continuation_log_probs(

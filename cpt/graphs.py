@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from cpt.model import ContextCache, CPTModel, SharedLossPlan
+from cpt.model import ContextCache, CPTModel, SharedLossPlan, to_device
 
 MAX_GRAPHS = 8
 """Input shapes kept captured at once per object; the least recently used is dropped beyond it."""
@@ -74,8 +74,6 @@ class _Replayer:
     def __init__(
         self, what: str, device: torch.device, max_graphs: int, tolerance: float, capture_after: int = 1
     ) -> None:
-        if device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {device}")
         if isinstance(max_graphs, bool) or not isinstance(max_graphs, int) or max_graphs < 1:
             raise ValueError(f"max_graphs must be an integer >= 1, got {max_graphs!r}")
         if isinstance(capture_after, bool) or not isinstance(capture_after, int) or capture_after < 1:
@@ -161,10 +159,20 @@ class _Graphed:
     """What `GraphedLoss` and `GraphedLogits` share: the model check and the replayer's state."""
 
     def __init__(
-        self, what: str, model: CPTModel, max_graphs: int, autocast: bool = False, capture_after: int = 1
+        self,
+        what: str,
+        model: CPTModel,
+        max_graphs: int,
+        *,
+        shared: bool,
+        autocast: bool = False,
+        capture_after: int = 1,
     ) -> None:
         if not isinstance(model, CPTModel):
             raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
+        reason = obstacle(model, shared=shared)
+        if reason is not None:
+            raise ValueError(f"CUDA graphs cannot run: {reason}")
         tolerance = _tolerance(model, autocast)
         self._replayer = _Replayer(what, model.delta.device, max_graphs, tolerance, capture_after)
         self.model = model
@@ -204,9 +212,7 @@ class GraphedLoss(_Graphed):
     """
 
     def __init__(self, model: CPTModel, *, autocast: bool = False, max_graphs: int = MAX_GRAPHS) -> None:
-        super().__init__("loss", model, max_graphs, autocast)
-        if not model.can_share_context:
-            raise ValueError(f"CUDA graphs need the shared context, which is off: {model._sharing_obstacle()}")
+        super().__init__("loss", model, max_graphs, shared=True, autocast=autocast)
         self.autocast = autocast
 
     def __call__(
@@ -318,9 +324,7 @@ class GraphedLogits(_Graphed):
         max_graphs: int = MAX_GRAPHS,
         capture_after: int = 1,
     ) -> None:
-        super().__init__("inference", model, max_graphs, capture_after=capture_after)
-        if not model.can_cache_context:
-            raise ValueError(f"the context cannot be cached: {model._sharing_obstacle()}")
+        super().__init__("inference", model, max_graphs, shared=False, capture_after=capture_after)
         self.context_cache = context_cache
 
     @torch.no_grad()
@@ -361,6 +365,18 @@ class GraphedLogits(_Graphed):
             return {"logits": logits}
 
         return self._replayer.run(key, inputs, run, keep_alive=cache)["logits"].clone()
+
+
+def obstacle(model: CPTModel, *, shared: bool) -> str | None:
+    """Why CUDA graphs cannot replay ``model``'s passes, or None if they can: the shared-context
+    training pass (``shared``) or the passes against the context's cache."""
+    if model.delta.device.type != "cuda":
+        return f"the model is on {model.delta.device}, not a CUDA device"
+    if shared and not model.can_share_context:
+        return f"the context cannot be shared: {model._sharing_obstacle()}"
+    if not shared and not model.can_cache_context:
+        return f"the context cannot be cached: {model._sharing_obstacle()}"
+    return None
 
 
 def pad_batch(
@@ -407,12 +423,7 @@ def _load(static: Tensors, values: Tensors) -> None:
 
 
 def _to_device(values: Tensors, device: torch.device) -> Tensors:
-    out: Tensors = {}
-    for name, value in values.items():
-        if value is not None and value.device != device:
-            value = (value.pin_memory() if value.device.type == "cpu" else value).to(device, non_blocking=True)
-        out[name] = value
-    return out
+    return {name: None if value is None else to_device(value, device) for name, value in values.items()}
 
 
 def _accumulate(param: torch.nn.Parameter, grad: torch.Tensor, scale: float) -> None:

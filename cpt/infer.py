@@ -26,7 +26,7 @@ import torch
 
 from cpt import _compat
 from cpt.data import Template, render_example, render_query
-from cpt.graphs import SEQ_BUCKET, GraphedLogits
+from cpt.graphs import SEQ_BUCKET, GraphedLogits, obstacle
 from cpt.model import ContextCache, CPTModel
 
 if TYPE_CHECKING:
@@ -338,17 +338,16 @@ def _score_by_query(
     num_labels = len(continuations)
     cont_ids, cont_mask = (t.to(device) for t in _right_pad(continuations, pad_id))  # (L, C) each
     order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
-    per_batch = batch_size
     scores = torch.empty(len(queries), num_labels, dtype=torch.float32)
-    for start in range(0, len(order), per_batch):
-        chunk = order[start : start + per_batch]
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
         lengths = torch.tensor([len(queries[i]) for i in chunk], device=device)  # (b,)
         states, mask, last_logits = _after_queries(model, cache, [queries[i] for i in chunk], lengths, pad_id)
         first = last_logits.float().log_softmax(dim=-1)[:, cont_ids[:, 0]]  # (b, L): token 0
         # tokens 1..: about batch_size rows a pass, since each row holds its own copy of the prefix
         rest = torch.cat([
-            _continuation_log_probs(model, _rows(states, part), mask[part], lengths[part], cont_ids, cont_mask)
-            for part in torch.arange(len(chunk), device=device).split(max(1, batch_size // num_labels))
+            _continuation_log_probs(model, states, mask, lengths, texts, cont_ids, cont_mask)
+            for texts in torch.arange(len(chunk), device=device).split(max(1, batch_size // num_labels))
         ])  # (b, L)
         scores[chunk] = (first + rest).cpu()
     return scores
@@ -366,11 +365,11 @@ def _after_queries(
     """
     device = lengths.device
     batch_size = len(queries)
+    context_mask = model.context_mask.expand(batch_size, -1)  # (b, N)
     if max(len(query) for query in queries) == 0:
-        context_mask = _prefix_mask(model, batch_size, 0)
         return cache.tensors, context_mask, cache.last_logits.unsqueeze(0).expand(batch_size, -1)
     input_ids, query_mask = (t.to(device) for t in _right_pad(queries, pad_id))  # (b, S) each
-    mask = torch.cat([_prefix_mask(model, batch_size, 0), query_mask], dim=1)  # (b, N + S)
+    mask = torch.cat([context_mask, query_mask], dim=1)  # (b, N + S)
     states = _compat.expanded_cache(cache.tensors, batch_size, model.base_model.config)  # grows
     last = (lengths - 1).clamp(min=0)  # (b,)
     keep = torch.unique(last)
@@ -387,38 +386,31 @@ def _after_queries(
     return _compat.cache_tensors(_compat.output_cache(output) or states), mask, logits
 
 
-def _rows(
-    states: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The per-layer states of some rows (all of them where the states hold one row for all)."""
-    return [(keys, values) if keys.shape[0] == 1 else (keys[rows], values[rows]) for keys, values in states]
-
-
 def _continuation_log_probs(
     model: CPTModel,
     states: list[tuple[torch.Tensor, torch.Tensor]],
     prefix_mask: torch.Tensor,
     lengths: torch.Tensor,
+    texts: torch.Tensor,
     cont_ids: torch.Tensor,
     cont_mask: torch.Tensor,
 ) -> torch.Tensor:
-    """(b, L) summed log-probabilities of continuation tokens 1.. after each ``[context ; query]``
-    (token 0 is scored from the query's last position by the caller). Each continuation sits
-    after its query's padding, so its positions are given explicitly: N + query length + k."""
+    """(t, L) summed log-probabilities of continuation tokens 1.. after ``[context ; query]`` for
+    the ``texts`` (t indices into the rows of ``states``, ``prefix_mask`` and ``lengths``); token
+    0 is scored from the query's last position by the caller. Each continuation sits after its
+    query's padding, so its positions are given explicitly: N + query length + k."""
     num_labels, length = cont_ids.shape
-    batch_size = lengths.shape[0]
+    batch_size = texts.shape[0]
     if length == 1:
         return torch.zeros(batch_size, num_labels, device=cont_ids.device)
-    rows = batch_size * num_labels  # row r: text r // L, label r % L
-    prefix = [
-        (keys.repeat_interleave(num_labels, dim=0), values.repeat_interleave(num_labels, dim=0))
-        if keys.shape[0] > 1 else (keys, values)
-        for keys, values in states
+    rows = batch_size * num_labels
+    source = texts.repeat_interleave(num_labels)  # (rows,): row r holds text r // L, label r % L
+    prefix = [  # one copy of each row's prefix (none where one batch-1 prefix serves all)
+        (keys, values) if keys.shape[0] == 1 else (keys[source], values[source]) for keys, values in states
     ]
     ids = cont_ids.repeat(batch_size, 1)  # (rows, C)
-    prefix_rows = prefix_mask.expand(batch_size, -1).repeat_interleave(num_labels, dim=0)
-    mask = torch.cat([prefix_rows, cont_mask.repeat(batch_size, 1)], dim=1)  # (rows, N + S + C)
-    starts = model.num_virtual_tokens + lengths.repeat_interleave(num_labels)  # (rows,)
+    mask = torch.cat([prefix_mask[source], cont_mask.repeat(batch_size, 1)], dim=1)  # (rows, N + S + C)
+    starts = model.num_virtual_tokens + lengths[source]  # (rows,)
     positions = starts.unsqueeze(1) + torch.arange(length, device=ids.device)  # (rows, C)
     kwargs = {"position_ids": positions} if _takes_position_ids(model.base_model) else {}
     cache = _compat.expanded_cache(prefix, rows, model.base_model.config, read_only=True)
@@ -434,12 +426,6 @@ def _continuation_log_probs(
     token_log_probs = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (rows, C - 1)
     real = cont_mask.repeat(batch_size, 1)[:, 1:].bool()  # right padding scores nothing
     return torch.where(real, token_log_probs, 0.0).sum(dim=-1).view(batch_size, num_labels)
-
-
-def _prefix_mask(model: CPTModel, batch_size: int, length: int) -> torch.Tensor:
-    """(b, N + length) attention mask: the context's, then ``length`` ones."""
-    context = model.context_mask.unsqueeze(0).expand(batch_size, -1)
-    return torch.cat([context, context.new_ones(batch_size, length)], dim=1)
 
 
 def _takes_position_ids(model: torch.nn.Module) -> bool:
@@ -528,14 +514,10 @@ def _graphed_logits(
     """
     if cuda_graphs is False:
         return None
-    obstacle = None
-    if cache is None:
-        obstacle = "use_cache=False runs the context with every batch"
-    elif model.delta.device.type != "cuda":
-        obstacle = f"the model is on {model.delta.device}, not a CUDA device"
-    if obstacle is not None:
+    reason = "use_cache=False runs the context with every batch" if cache is None else obstacle(model, shared=False)
+    if reason is not None:
         if cuda_graphs:
-            raise ValueError(f"cuda_graphs=True but {obstacle}")
+            raise ValueError(f"cuda_graphs=True but {reason}")
         return None
     return GraphedLogits(model, capture_after=2)  # a batch shape used once is not captured
 

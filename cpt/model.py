@@ -118,7 +118,7 @@ class SharedLossPlan:
     def to(self, device: torch.device) -> SharedLossPlan:
         """The plan with its tensors on ``device`` (copied without blocking the host)."""
         moved = {
-            name: None if value is None else _to(value, device)
+            name: None if value is None else to_device(value, device)
             for name, value in vars(self).items()
             if name != "count"
         }
@@ -473,7 +473,7 @@ class CPTModel(nn.Module):
         Returns:
             0-dim float32 tensor.
         """
-        input_ids = _to(input_ids, self.delta.device)
+        input_ids = to_device(input_ids, self.delta.device)
         batch_size = input_ids.shape[0]
         # The context, once: its KV cache keeps the gradient to delta.
         embeds = self._embed(input_ids)  # (B, S, d)
@@ -712,7 +712,7 @@ def _check_type_codes(input_type_mask: torch.Tensor | None) -> None:
         raise ValueError(f"input_type_mask has a type code below 0: {int(input_type_mask.min())}")
 
 
-def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``tensor`` on ``device``; a CPU tensor goes to a GPU through pinned memory, without
     making the host wait for the work already queued there."""
     if tensor.device == device:

@@ -42,6 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
+from cpt import graphs
 from cpt._io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -49,7 +50,6 @@ from cpt._io import (
     read_json_object,
 )
 from cpt.adapter import load_adapter, save_adapter
-from cpt.graphs import GraphedLoss
 from cpt.model import CPTModel
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ def _optimizer_step(
     collator: Callable[[list[Any]], Batch],
     window: list[list[int]],
     autocast: Callable[[], Any],
-    graphed: GraphedLoss | None,
+    graphed: graphs.GraphedLoss | None,
 ) -> float:
     """One projected AdamW step over the micro-batches of ``window``; returns the step's loss.
 
@@ -369,7 +369,7 @@ def _due(step: int, every: int | None) -> bool:
     return every is not None and step % every == 0
 
 
-def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> GraphedLoss | None:
+def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graphs.GraphedLoss | None:
     """The CUDA-graphed loss `train` uses, or None for eager passes (``config.cuda_graphs``).
 
     Raises:
@@ -377,17 +377,13 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> Graph
     """
     if config.cuda_graphs == "off":
         return None
-    obstacle = None
-    if model.delta.device.type != "cuda":
-        obstacle = f"the model is on {model.delta.device}, not a CUDA device"
-    elif model.context_sharing == "never":
-        obstacle = 'the model\'s context_sharing is "never" and graphs replay the shared-context path'
-    elif not model.can_share_context:
-        obstacle = f"the context cannot be shared: {model._sharing_obstacle()}"
-    if obstacle is None:
-        return GraphedLoss(model, autocast=autocast)
+    reason = graphs.obstacle(model, shared=True)
+    if reason is None and model.context_sharing == "never":
+        reason = 'the model\'s context_sharing is "never" and graphs replay the shared-context path'
+    if reason is None:
+        return graphs.GraphedLoss(model, autocast=autocast)
     if config.cuda_graphs == "on":
-        raise ValueError(f"cuda_graphs is \"on\" but {obstacle}")
+        raise ValueError(f"cuda_graphs is \"on\" but {reason}")
     return None
 
 

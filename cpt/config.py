@@ -23,6 +23,9 @@ EPSILON_REFERENCE_DIM = 2048
 FROZEN_EPSILON = 1e-10
 """Ball radius of rows that never move (labels and separators), as in PEFT."""
 
+IGNORE_INDEX = -100
+"""Label value that marks a position as not a target (PyTorch's and Hugging Face's default)."""
+
 LOSS_TYPES = ("none", "decay")
 TASK_TYPE = "CAUSAL_LM"
 PEFT_TYPE = "CPT"

@@ -30,16 +30,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt.config import CODES_PER_EXAMPLE, CPTConfig, TokenRole
+from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SLOT = "{}"
 """The placeholder that a template's text or label replaces; exactly one per template."""
-
-IGNORE_INDEX = -100
-"""Label value that cross-entropy ignores, put on padding (PyTorch's and Hugging Face's default)."""
 
 _CONTEXT_FIELDS = ("cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask")
 

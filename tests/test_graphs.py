@@ -27,7 +27,7 @@ def _trained_model(arch: str = "llama", **kwargs) -> CPTModel:
     config = context_config(3, opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8)
     base_model = make_model(arch)
     # sdpa: transformers' eager attention makes a CPU tensor in its mask, which a capture refuses
-    base_model.config._attn_implementation = "sdpa"
+    base_model.set_attn_implementation("sdpa")
     model = CPTModel(base_model, config, **kwargs)
     torch.manual_seed(0)
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkey
 def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> None:
     from transformers import AttentionInterface
 
-    from cpt import attention
+    from cpt import _compat, attention
 
     model = _trained_model(activation_checkpointing=checkpointing)
     batch = sample_batch(4)
@@ -291,7 +291,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
         layers = model.base_model.config.num_hidden_layers
         # every layer of the context pass, and again in the backward pass where layers recompute
         assert masks == [True] * layers * (2 if checkpointing else 1)
-        assert model.base_model.config._attn_implementation == "sdpa"
+        assert _compat.attention_implementation(model.base_model) == "sdpa"
         cache = model.build_context_cache()
         assert len(masks) == layers * (3 if checkpointing else 2) and cache.num_tokens == model.num_virtual_tokens
     finally:
@@ -299,15 +299,15 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
 
 def test_models_without_sdpa_keep_their_own_context_attention() -> None:
-    from cpt import attention
+    from cpt import _compat, attention
 
     base_model = make_model("llama")  # eager attention
     with attention.causal_context(base_model):
-        assert base_model.config._attn_implementation == "eager"
-    base_model.config._attn_implementation = "sdpa"
+        assert _compat.attention_implementation(base_model) == "eager"
+    base_model.set_attn_implementation("sdpa")
     with attention.causal_context(base_model):
-        assert base_model.config._attn_implementation == attention.CAUSAL_NAME
-    assert base_model.config._attn_implementation == "sdpa"
+        assert _compat.attention_implementation(base_model) == attention.CAUSAL_NAME
+    assert _compat.attention_implementation(base_model) == "sdpa"
 
 
 @needs_cuda

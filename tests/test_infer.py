@@ -319,7 +319,7 @@ def test_classify_refuses_graphs_where_they_cannot_run(tokenizer: PreTrainedToke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_classify_with_graphs_matches_eager_on_cuda(tokenizer: PreTrainedTokenizerFast) -> None:
     model = trained_model("llama", tokenizer, SUFFIXES)
-    model.base_model.config._attn_implementation = "sdpa"  # eager attention cannot be captured
+    model.base_model.set_attn_implementation("sdpa")  # eager attention cannot be captured
     model.cuda()
     texts = TEXTS * 4  # shapes repeat, so some are captured (on their second call)
     eager = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=False)

@@ -269,12 +269,11 @@ def cpt_measurements(
         kwargs[checkpointing_argument()] = True
     if args.compile_projection is not None:
         kwargs["compile_projection"] = args.compile_projection
-    cpt_model = CPTModel(model, context.cpt_config(), **kwargs)
-    cpt_model.shared_attention = {"auto": None, "on": True, "off": False}[args.shared_attention]
+    cpt_model = CPTModel(model, context.cpt_config(), shared_attention=args.shared_attention, **kwargs)
     try:
-        batch_size, seq_len = batch["input_ids"].shape
-        shared = cpt_model._share_context(batch_size)
-        one_copy = shared and cpt_model._use_shared_attention(batch_size, seq_len)
+        with torch.enable_grad():  # the plan of a training step
+            how = cpt_model.execution_plan("loss", *batch["input_ids"].shape)
+        shared, one_copy = how.shared, how.one_copy
         out: dict[str, Any] = {"cpt_path": ("shared, 1 copy" if one_copy else "shared") if shared else "plain"}
         cpu_batch = {k: None if v is None else v.cpu() for k, v in batch.items()}  # as train() passes it
         out.update(guarded(lambda: _cpt_train(cpt_model, cpu_batch, args), "cpt_train", device))

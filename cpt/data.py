@@ -2,7 +2,7 @@
 
 Context-aware Prompt Tuning (Blau et al., "Context-aware Prompt Tuning: Advancing In-Context
 Learning with Adversarial Methods", arXiv 2410.17222) learns the embeddings of a few-shot context.
-Every token of that context carries a type code (SPEC §1) saying what it is - template, input text,
+Every token of that context carries a type code saying what it is - template, input text,
 label or separator - and so how it may be trained. This module renders labelled examples with a
 `Template` into token ids and type codes, concatenates K of them into a context (`build_context`),
 and turns further examples into right-padded training batches (`CPTDataset`, `CPTCollator`).
@@ -56,7 +56,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Template:
-    """How an example is written out as text (SPEC §1).
+    """How an example is written out as text.
 
     Args:
         input_template: the text around the input; one ``{}`` marks where the text goes.

@@ -61,8 +61,7 @@ class CPTModel(nn.Module):
             (`cpt.attention`) instead of B copies in a `transformers` cache: less memory, and
             faster at long contexts. ``"auto"`` decides by B x N (`cpt.plan.ONE_COPY_MIN_ROWS`).
 
-    Both options take ``"auto"``, ``"on"``, ``"off"`` (or ``"always"``/``"never"``,
-    True/False/None), checked when set.
+    Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
 
     Raises:
         ValueError: if the context does not fit the model (ids outside the vocabulary) or an
@@ -97,32 +96,13 @@ class CPTModel(nn.Module):
 
     # ------------------------------------------------------------------ parameters
 
-    @property
-    def config(self) -> CPTConfig:
-        return self.context.config
-
-    @property
-    def num_virtual_tokens(self) -> int:
-        return self.context.num_tokens
-
-    @property
-    def hidden_size(self) -> int:
-        return self.context.hidden_size
-
-    @property
-    def base(self) -> torch.Tensor:
-        """(N, d) float32 word embeddings of the context's ids (fixed)."""
-        return self.context.base
-
-    @property
-    def delta(self) -> nn.Parameter:
-        """(N, d) float32 trainable offsets, each row inside its ball."""
-        return self.context.delta
-
-    @property
-    def epsilon(self) -> torch.Tensor:
-        """(N,) float32 radius of each row's ball."""
-        return self.context.epsilon
+    # The context's pieces, read through the model (adapter I/O, optimizers, invariants).
+    config = property(lambda self: self.context.config, doc="The context's `CPTConfig`.")
+    num_virtual_tokens = property(lambda self: self.context.num_tokens, doc="N, the context's length.")
+    hidden_size = property(lambda self: self.context.hidden_size, doc="d, the embedding size.")
+    base = property(lambda self: self.context.base, doc="(N, d) float32 embeddings of the context's ids.")
+    delta = property(lambda self: self.context.delta, doc="(N, d) float32 trainable offsets, row i in ball i.")
+    epsilon = property(lambda self: self.context.epsilon, doc="(N,) float32 radius of each row's ball.")
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters an optimizer should update: ``[delta]``."""
@@ -169,11 +149,8 @@ class CPTModel(nn.Module):
         labels: torch.Tensor | None = None,
         input_type_mask: torch.Tensor | None = None,
     ) -> CPTOutput:
-        """Runs the model over ``[context ; sample]``: plan, passes, loss.
-
-        The batch's tensors may be on the CPU (as a collator makes them) or on the model's
-        device; on the CPU, the shared-context path reads its targets there without waiting for
-        the GPU.
+        """Runs the model over ``[context ; sample]``: plan, passes, loss. The batch may be on the
+        CPU (the shared path reads its targets there, not waiting for the GPU) or the device.
 
         Args:
             input_ids: (B, S) token ids of the samples, right-padded.
@@ -207,12 +184,8 @@ class CPTModel(nn.Module):
     # ------------------------------------------------------------------ inference
 
     def context_cache(self) -> ContextCache:
-        """The context's KV cache, built on first use and kept while the adapter is unchanged.
-
-        It is rebuilt when ``delta`` or ``base`` has changed since (an optimizer step, a
-        projection, a load) or the model moved to another device or dtype, so every
-        `cpt.infer.classify` or `cpt.infer.generate` call on a trained adapter reuses one cache.
-        """
+        """The context's KV cache, built on first use and kept while the adapter is unchanged
+        (rebuilt after a step, a projection, a load, or a move to another device or dtype)."""
         delta, base = self.delta, self.base
         dtype = passes.input_embeddings(self.base_model).weight.dtype
         key = (delta._version, delta.data_ptr(), base._version, base.data_ptr(), dtype)

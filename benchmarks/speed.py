@@ -461,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=("both", "cpt", "peft"), default="both", help="which side to measure")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
-    parser.add_argument("--queries", type=int, default=None, help="inference queries (default B, as in SPEC §5)")
+    parser.add_argument("--queries", type=int, default=None, help="inference queries (default B: one per sample)")
     parser.add_argument("--device", default=None, help="torch device (default cuda for gpu, cpu for cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 gpu, fp32 cpu)")
     parser.add_argument("--sharing", choices=("auto", "always", "never"), default="auto", help="cpt context_sharing")

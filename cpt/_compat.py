@@ -14,8 +14,9 @@ breaks one module, and `tests/test_compat.py` sees it:
   read: there is no public getter), and whether a class can switch at all from
   ``_can_set_attn_implementation`` (private read: the public setter only logs a warning);
 - checkpointable decoder layers are ``transformers.modeling_layers.GradientCheckpointingLayer``;
-  whether `transformers`' own checkpointing is on is ``is_activation_checkpointing`` (5.24) or
-  ``is_gradient_checkpointing`` (5.17).
+  `cpt.checkpointing` replaces each one's ``forward`` on the instance, because `transformers`' own
+  checkpointing turns the KV cache off; whether that one is on is ``is_activation_checkpointing``
+  (5.24) or ``is_gradient_checkpointing`` (5.17).
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-
 """How far (in norm, relative) each output of a replay may be from the eager pass it was captured
 from, by the dtype the model computes in. The two can use different attention kernels (under
 capture, `transformers` 5.17 writes the causal mask out instead of asking for a causal kernel),
-which round differently in half precision (about 1e-3 seen in bf16 on an H200); a stale or
-misplaced input is off by the order of the values themselves."""
+which round differently in half precision, by far less than the bound; a stale or misplaced
+input is off by the order of the values themselves."""
 
 SIGHTINGS_KEPT = 1024
 """Shapes counted towards ``capture_after`` at most; the count starts over beyond it."""
@@ -267,7 +267,8 @@ class GraphedLoss(_Graphed):
         input_ids, attention_mask, labels, input_type_mask = pad_batch(
             input_ids, attention_mask, labels, input_type_mask, multiple=SEQ_BUCKET
         )
-        targets = plan_targets(self.model.context, labels, input_type_mask, attention_mask, pad_targets_to=TARGET_BUCKET)
+        context = self.model.context
+        targets = plan_targets(context, labels, input_type_mask, attention_mask, pad_targets_to=TARGET_BUCKET)
         return input_ids, targets
 
     def backward(self, input_ids: torch.Tensor, targets: Targets, *, scale: float = 1.0) -> torch.Tensor:

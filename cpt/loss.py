@@ -191,7 +191,9 @@ def plan_targets(
     )
 
 
-def shared_total(model: nn.Module, context: Context, input_ids: torch.Tensor, targets: Targets, how: Plan) -> torch.Tensor:
+def shared_total(
+    model: nn.Module, context: Context, input_ids: torch.Tensor, targets: Targets, how: Plan
+) -> torch.Tensor:
     """The weighted sum of the batch's cross-entropy terms (the loss is it over
     ``targets.count``): the context runs once, the samples against its cache.
 

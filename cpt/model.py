@@ -175,7 +175,8 @@ class CPTModel(nn.Module):
             warnings.warn(f"context sharing is off: {how.why_plain.value}; using the plain path", stacklevel=2)
             self._warned_fallback = True
         if not how.shared:
-            value, count = loss.plain_loss(self.base_model, self.context, input_ids, attention_mask, labels, input_type_mask)
+            batch = (input_ids, attention_mask, labels, input_type_mask)
+            value, count = loss.plain_loss(self.base_model, self.context, *batch)
             return CPTOutput(loss=value, num_targets=count)
         targets = loss.plan_targets(self.context, labels, input_type_mask, attention_mask)
         total = loss.shared_total(self.base_model, self.context, input_ids, targets.to(self.delta.device), how)
@@ -228,8 +229,9 @@ class CPTModel(nn.Module):
             keep = positions + self.num_virtual_tokens
             return passes.plain(self.base_model, self.context, embeds, attention_mask, keep)
         how = self.execution_plan("infer", *input_ids.shape)
+        states = context_cache.tensors
         return passes.against_context(
-            self.base_model, self.context, embeds, attention_mask, context_cache.tensors, positions, one_copy=how.one_copy
+            self.base_model, self.context, embeds, attention_mask, states, positions, one_copy=how.one_copy
         )
 
     # ------------------------------------------------------------------ files

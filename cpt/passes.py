@@ -71,7 +71,9 @@ def embed(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     return input_embeddings(model)(input_ids)
 
 
-def full_mask(context: Context, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int) -> torch.Tensor | None:
+def full_mask(
+    context: Context, attention_mask: torch.Tensor | None, batch_size: int, seq_len: int
+) -> torch.Tensor | None:
     """(B, N + S) mask of ``[context ; sample]``, or None where every position is visible and the
     caller gave none (as PEFT: no mask at all)."""
     if attention_mask is None and context.fully_visible:
@@ -96,8 +98,9 @@ def context_pass(
     cache = ContextKV(None, model.config)
     mask = context.attention_mask()
     switch = attention.causal_context(model) if causal and mask is None else nullcontext()
+    embeds = context.embeddings(dtype).unsqueeze(0)  # (1, N, d)
     with switch:
-        output = _run(model, context.embeddings(dtype).unsqueeze(0), None if mask is None else mask.unsqueeze(0), keep, cache)
+        output = _run(model, embeds, None if mask is None else mask.unsqueeze(0), keep, cache)
     cache.seal()
     return output.logits[0], cache
 
@@ -160,7 +163,12 @@ def query_pass(
 
 
 def continuation_pass(
-    model: nn.Module, prefix: KV, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, keep: torch.Tensor
+    model: nn.Module,
+    prefix: KV,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    positions: torch.Tensor,
+    keep: torch.Tensor,
 ) -> torch.Tensor:
     """(R, K, V) logits at ``keep`` of R continuations (R, C) after per-row prefixes.
 
@@ -224,10 +232,11 @@ def _probe(model: nn.Module) -> bool:
         cache = ContextKV(None, model.config)
         _run(model, context, None, torch.tensor([3], device=device), cache)
         states = _compat.cache_tensors(cache)
-        own = _run(model, samples, mask, torch.arange(3, device=device), ContextKV(states, model.config, "prefix", 2))
+        keep = torch.arange(3, device=device)
+        own = _run(model, samples, mask, keep, ContextKV(states, model.config, "prefix", 2))
         try:
             with attention.shared_context(model, states, None, mask[:, 4:]) as shared:
-                fast = _run(model, samples, mask, torch.arange(3, device=device), ContextKV(states, model.config, "pass"))
+                fast = _run(model, samples, mask, keep, ContextKV(states, model.config, "pass"))
         except Exception:  # noqa: BLE001 - a model that cannot take the function is not exact with it
             return False
     if shared.calls == 0:
@@ -248,8 +257,16 @@ def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device)
 
 
-def _run(model: nn.Module, embeds: torch.Tensor, mask: torch.Tensor | None, keep: torch.Tensor, cache: Any = None, **kwargs: Any):  # type: ignore[no-untyped-def]
-    """The one call of the base model's forward."""
+def _run(  # type: ignore[no-untyped-def]
+    model: nn.Module,
+    embeds: torch.Tensor,
+    mask: torch.Tensor | None,
+    keep: torch.Tensor,
+    cache: Any = None,
+    **kwargs: Any,
+):
+    """The one call of the base model's forward: ``logits_to_keep`` always, the cache under this
+    release's name where there is one."""
     extra = {} if cache is None else _compat.cache_kwargs(model, cache)
     return model(
         inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep, use_cache=cache is not None, **extra, **kwargs

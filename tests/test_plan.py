@@ -40,7 +40,8 @@ TABLE = [
     ("loss", AUTO, HF_CKPT, 4, 9, True,
      _plan(False, why_plain=Why.HF_CHECKPOINTING, why_not_one_copy=Why.HF_CHECKPOINTING, why_no_graphs=Why.EAGER)),
     # a sliding window: the context must fit in it to be shared, context and samples for one copy
-    ("loss", Options(shared_attention="on"), WINDOW_64, 4, 24, True, _plan(True, one_copy=True, why_no_graphs=Why.EAGER)),
+    ("loss", Options(shared_attention="on"), WINDOW_64, 4, 24, True,
+     _plan(True, one_copy=True, why_no_graphs=Why.EAGER)),
     ("loss", Options(shared_attention="on"), WINDOW_64, 4, 25, True,
      _plan(True, why_not_one_copy=Why.SLIDING_WINDOW, why_no_graphs=Why.EAGER)),
     ("loss", AUTO, Facts(sliding_window=N), 4, 9, True,
@@ -66,7 +67,7 @@ TABLE = [
     ("infer", AUTO, CUDA, 8, 9, False, _plan(True, graphs=True, why_not_one_copy=Why.SMALL)),
     ("infer", Options(cuda_graphs="off"), CUDA, 8, 9, False,
      _plan(True, query_once=True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.OPTION_OFF)),
-    ("infer", AUTO, HF_CKPT, 8, 9, False, _plan(True, graphs=True, why_not_one_copy=Why.SMALL)),  # no grad: no matter
+    ("infer", AUTO, HF_CKPT, 8, 9, False, _plan(True, graphs=True, why_not_one_copy=Why.SMALL)),  # no gradients
     ("infer", Options(context_cache="off"), CUDA, 8, 9, False,
      _plan(False, why_plain=Why.OPTION_OFF, why_not_one_copy=Why.OPTION_OFF, why_no_graphs=Why.PLAIN)),
     ("infer", AUTO, Facts(sliding_window=N, device_type="cuda"), 8, 9, False,
@@ -79,7 +80,7 @@ TABLE = [
 
 
 @pytest.mark.parametrize(("purpose", "options", "facts", "batch_size", "seq_len", "grad", "expected"), TABLE)
-def test_the_plan_table(purpose, options, facts, batch_size, seq_len, grad, expected) -> None:  # type: ignore[no-untyped-def]
+def test_the_plan_table(purpose, options, facts, batch_size, seq_len, grad, expected):  # type: ignore[no-untyped-def]
     plan = resolve(purpose, options, facts, num_context=N, batch_size=batch_size, seq_len=seq_len, grad=grad)
     assert plan == Plan(**{**vars(expected), "causal_context": facts.one_copy_exact})
 
@@ -92,10 +93,11 @@ def test_the_plan_table(purpose, options, facts, batch_size, seq_len, grad, expe
          "cuda_graphs is on but the context is neither shared nor cached"),
         ("infer", Options(cuda_graphs="on", context_cache="off"), CPU,
          "cuda_graphs is on but the context is neither shared nor cached"),
-        ("infer", Options(context_cache="on"), Facts(sliding_window=N), "the context cannot be cached: the context outruns"),
+        ("infer", Options(context_cache="on"), Facts(sliding_window=N),
+         "the context cannot be cached: the context outruns"),
     ],
 )
-def test_an_option_that_is_on_and_cannot_be_honoured_is_refused(purpose, options, facts, message) -> None:  # type: ignore[no-untyped-def]
+def test_an_option_that_is_on_and_cannot_be_honoured_is_refused(purpose, options, facts, message):  # type: ignore
     with pytest.raises(ValueError, match=message):
         resolve(purpose, options, facts, num_context=N, batch_size=4, seq_len=9, grad=True)
 

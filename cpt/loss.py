@@ -6,7 +6,7 @@ distinct label codes of a row are ranked from the end: the sample's label weighs
 context example gamma, the one before gamma**2, ... The loss is the mean over all target
 positions of ``weight * cross_entropy``: not divided by the sum of weights (PEFT's reduction).
 
-Two exact formulations compute it (`cpt.plan` picks one): `plain_loss` runs ``[context ;
+Two exact formulations compute it (`cpt.plan` picks one): `plain_total` runs ``[context ;
 sample]`` for each of the B samples, as PEFT does; `shared_total` runs the context once and the B
 samples against its cache (causal attention: the context's states do not depend on the sample),
 computing the context's own terms once, weighted by B. For the shared one, everything that
@@ -229,7 +229,7 @@ def shared_total(
     )
 
 
-def plain_loss(
+def plain_total(
     model: nn.Module,
     context: Context,
     input_ids: torch.Tensor,
@@ -237,7 +237,8 @@ def plain_loss(
     labels: torch.Tensor,
     input_type_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, int]:
-    """The loss by the plain path, and the number of target positions it averages over.
+    """The weighted sum of the batch's cross-entropy terms by the plain path (0-dim float32), and
+    how many target positions there are (the loss is the one over the other).
 
     Raises:
         ValueError: on a negative type code or a batch without any label token.
@@ -256,7 +257,7 @@ def plain_loss(
     logits = passes.plain(model, context, passes.embed(model, input_ids), attention_mask, keep)
     logits = logits[rows, torch.searchsorted(keep, positions - 1)]  # (M, V)
     weights = label_weights(full_codes, context.config)[rows, positions]  # (M,)
-    return weighted_cross_entropy(logits, full_labels[rows, positions], weights) / rows.numel(), rows.numel()
+    return weighted_cross_entropy(logits, full_labels[rows, positions], weights), rows.numel()
 
 
 def require_targets(count: int) -> None:

@@ -174,13 +174,14 @@ class CPTModel(nn.Module):
         if how.why_plain in (plan.Why.HF_CHECKPOINTING, plan.Why.SLIDING_WINDOW) and not self._warned_fallback:
             warnings.warn(f"context sharing is off: {how.why_plain.value}; using the plain path", stacklevel=2)
             self._warned_fallback = True
-        if not how.shared:
+        if how.shared:
+            targets = loss.plan_targets(self.context, labels, input_type_mask, attention_mask)
+            total = loss.shared_total(self.base_model, self.context, input_ids, targets.to(self.delta.device), how)
+            count = targets.count
+        else:
             batch = (input_ids, attention_mask, labels, input_type_mask)
-            value, count = loss.plain_loss(self.base_model, self.context, *batch)
-            return CPTOutput(loss=value, num_targets=count)
-        targets = loss.plan_targets(self.context, labels, input_type_mask, attention_mask)
-        total = loss.shared_total(self.base_model, self.context, input_ids, targets.to(self.delta.device), how)
-        return CPTOutput(loss=total / targets.count, num_targets=targets.count)
+            total, count = loss.plain_total(self.base_model, self.context, *batch)
+        return CPTOutput(loss=total / count, num_targets=count)
 
     # ------------------------------------------------------------------ inference
 

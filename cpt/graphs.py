@@ -177,17 +177,22 @@ class _Graphed:
             raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
         self.purpose = purpose
         self.model = model
+        self._plans: dict[Hashable, Plan] = {}
         self.plan(1, 1)  # raises where graphs cannot run
         tolerance = _tolerance(model, autocast)
         self._replayer = _Replayer(what, model.delta.device, max_graphs, tolerance, capture_after)
 
     def plan(self, batch_size: int, seq_len: int) -> Plan:
-        """The model's plan for a call of this shape, with graphs (`cpt.plan.resolve`).
+        """The model's plan for a call of this shape, with graphs (`cpt.plan.resolve`); kept per
+        shape and options, so a replay does not pay for reading the model's facts again.
 
         Raises:
             ValueError: where graphs cannot run.
         """
-        return self.model.execution_plan(self.purpose, batch_size, seq_len, cuda_graphs="on")
+        key = (batch_size, seq_len, torch.is_grad_enabled(), self.model.options)
+        if key not in self._plans:
+            self._plans[key] = self.model.execution_plan(self.purpose, batch_size, seq_len, cuda_graphs="on")
+        return self._plans[key]
 
     @property
     def enabled(self) -> bool:

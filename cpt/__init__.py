@@ -25,7 +25,7 @@ from cpt.data import (
 )
 from cpt.infer import Classification, classify, generate
 from cpt.model import ContextCache, CPTModel, CPTOutput
-from cpt.train import CPTProjectionCallback, TrainConfig, TrainResult, load_checkpoint, save_checkpoint
+from cpt.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint
 from cpt.workflow import fit
 
 __all__ = [
@@ -59,3 +59,13 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The Trainer callback imports transformers' trainer utilities (and accelerate/peft with
+    # them); it loads on first use so that ``import cpt`` stays light.
+    if name == "CPTProjectionCallback":
+        from cpt.callback import CPTProjectionCallback
+
+        return CPTProjectionCallback
+    raise AttributeError(f"module 'cpt' has no attribute {name!r}")

@@ -283,7 +283,7 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from cpt.models import load_model_and_tokenizer
+    from cpt.loading import load_model_and_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)

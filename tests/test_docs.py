@@ -3,7 +3,7 @@
 The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
 in a temporary working folder, with a tiny random Llama and an offline BPE tokenizer standing in
 for the real model: the namespace starts with ``base_model`` and ``tokenizer``, and
-`cpt.models.load_model_and_tokenizer` returns those two, so a page can show the real call and
+`cpt.loading.load_model_and_tokenizer` returns those two, so a page can show the real call and
 still run in milliseconds. A block preceded by the line ``<!-- no-test -->`` is not run (kept for
 the few that need a GPU or a real download); a block that imports ``peft`` is skipped when PEFT
 is not installed.
@@ -20,7 +20,7 @@ import torch
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer
 
-import cpt.models
+import cpt.loading
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NO_TEST = "<!-- no-test -->"
@@ -85,7 +85,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
     # The toy tokenizer spells real reviews byte by byte: give contexts of real text room.
     base_model.config.max_position_embeddings = TINY_MAX_POSITIONS
     monkeypatch.setenv("TQDM_DISABLE", "1")  # no progress bars in the test log
-    monkeypatch.setattr(cpt.models, "load_model_and_tokenizer", lambda *a, **k: (base_model, tokenizer))
+    monkeypatch.setattr(cpt.loading, "load_model_and_tokenizer", lambda *a, **k: (base_model, tokenizer))
     monkeypatch.chdir(tmp_path)  # adapters and checkpoints written by the snippets land here
     return {"base_model": base_model, "tokenizer": tokenizer}
 

@@ -29,16 +29,18 @@ import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpt import loss
 from cpt.config import IGNORE_INDEX
 from cpt.loss import Targets, plan_targets
-from cpt.model import CPTModel
 from cpt.passes import ContextCache, input_embeddings, to_device
 from cpt.plan import Plan, Purpose
+
+if TYPE_CHECKING:
+    from cpt.model import CPTModel
 
 MAX_GRAPHS = 8
 """Input shapes kept captured at once per object; the least recently used is dropped beyond it."""
@@ -173,7 +175,7 @@ class _Graphed:
         autocast: bool = False,
         capture_after: int = 1,
     ) -> None:
-        if not isinstance(model, CPTModel):
+        if not callable(getattr(model, "execution_plan", None)):  # a CPTModel, without importing it
             raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
         self.purpose = purpose
         self.model = model

@@ -25,12 +25,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt import passes
-from cpt.data import Template, render_example, render_query
+from cpt.data import Template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
-from cpt.model import CPTModel
 from cpt.passes import ContextCache
 
 if TYPE_CHECKING:
+    from cpt.model import CPTModel
     from transformers import PreTrainedTokenizerBase
 
 
@@ -108,7 +108,7 @@ def classify(
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
     """
-    texts = _strings("texts", texts)
+    texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
     seen: dict[str, int] = {}
     for j, label in enumerate(labels):

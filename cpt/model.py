@@ -247,11 +247,49 @@ class CPTModel(nn.Module):
         return save_adapter(self, path, format=format)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path: str | Path, **kwargs) -> CPTModel:
-        """Loads an adapter folder in either layout (detected) onto ``base_model``."""
-        from cpt.adapter import load_adapter
+    def from_pretrained(
+        cls, base_model: nn.Module, path: str | Path, *, revision: str | None = None, **kwargs
+    ) -> CPTModel:
+        """Loads an adapter in either layout (detected) onto ``base_model``.
 
-        return load_adapter(base_model, path, **kwargs)
+        ``path`` is an adapter folder or a hub name (``org/name``, at ``revision``), resolved
+        by `cpt.hub.resolve_adapter`: from the local Hugging Face cache, else downloaded."""
+        from cpt.adapter import load_adapter
+        from cpt.hub import resolve_adapter
+
+        return load_adapter(base_model, resolve_adapter(path, revision=revision), **kwargs)
+
+    # ------------------------------------------------------------------ conveniences (as in PEFT)
+
+    device = property(lambda self: passes.input_embeddings(self.base_model).weight.device, doc="Where inputs go.")
+    dtype = property(lambda self: passes.input_embeddings(self.base_model).weight.dtype,
+                     doc="The base model's parameter dtype; ``base`` and ``delta`` stay float32.")
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (frozen) base model."""
+        return self.base_model
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable (``delta``) and total parameter counts, as PEFT models do."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
+        """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
+        from cpt.data import Template
+        from cpt.infer import generate
+
+        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
+        kwargs.setdefault("template", template)
+        return generate(self, tokenizer, texts, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        """Uploads the adapter and a model card to ``repo_id`` (`cpt.hub.push_to_hub`); returns the URL."""
+        from cpt.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def _check_batch(

@@ -643,7 +643,7 @@ class CPTModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
         """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
-        ball); see `cpt.adapter`."""
+        ball), replacing any adapter there as a whole; see `cpt.adapter`."""
         from cpt.adapter import save_adapter
 
         if not self.is_projected():  # projecting a projected delta again moves rows by an ulp
@@ -652,10 +652,20 @@ class CPTModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, path: str | Path, **kwargs) -> CPTModel:
-        """Loads an adapter folder in either layout (detected) onto ``base_model``."""
-        from cpt.adapter import load_adapter
+        """Loads an adapter folder in either layout (detected) onto ``base_model``, after checking
+        every file against it (`cpt.adapter.read_adapter`)."""
+        from cpt.adapter import read_adapter
 
-        return load_adapter(base_model, path, **kwargs)
+        weights = _input_embeddings(base_model).weight
+        files = read_adapter(
+            path, hidden_size=int(weights.shape[1]), vocab_size=int(weights.shape[0]), embeddings=weights
+        )
+        model = cls(base_model, files.config, **kwargs)
+        model.task = files.task
+        with torch.no_grad():
+            model.base.copy_(files.base)
+            model.delta.copy_(files.delta)
+        return model
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:

@@ -80,8 +80,10 @@ def test_mismatched_model_is_named(trained: CPTModel, tmp_path) -> None:
             CPTModel.from_pretrained(other, tmp_path / fmt)
     small = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
-    with pytest.raises(ValueError, match="outside the model's vocabulary of 20"):
+    with pytest.raises(ValueError, match="field 'vocab_size' is 96: the adapter is for vocabulary size 96, but the model's is 20"):
         CPTModel.from_pretrained(small, tmp_path / "cpt")
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 20"):
+        CPTModel.from_pretrained(small, tmp_path / "peft")
 
 
 def test_files_from_two_saves_are_detected(trained: CPTModel, tmp_path) -> None:
@@ -123,7 +125,7 @@ def test_damaged_peft_folders_are_named(trained: CPTModel, tmp_path) -> None:
     config = json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())
     config["peft_type"] = "LORA"
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="peft_type 'LORA'"):
+    with pytest.raises(ValueError, match="field 'peft_type' must be \"CPT\", got 'LORA'"):
         CPTModel.from_pretrained(make_model("llama"), tmp_path)
 
 

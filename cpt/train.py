@@ -39,6 +39,7 @@ from transformers import TrainerCallback
 
 from cpt import graphs
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
+from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
 
@@ -193,8 +194,10 @@ def train(
         A `TrainResult` over the whole run.
 
     Raises:
-        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, or a
-            checkpoint that does not match the model, the dataset or the config.
+        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a context
+            that cannot be trained (`cpt.config.check_trainable`), or a checkpoint that does not
+            match the model, the dataset or the config.
+        cpt.numerics.NonFiniteError: at the first step whose loss or gradient is NaN or infinite.
     """
     start_time = time.perf_counter()
     if not isinstance(config, TrainConfig):
@@ -204,6 +207,7 @@ def train(
     num_samples = len(dataset)
     if num_samples == 0:
         raise ValueError("dataset is empty: nothing to train on")
+    check_trainable(model.config)  # a row to train, and labels the loss can target
 
     model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
     optimizer = make_optimizer(model, config)

@@ -26,7 +26,6 @@ import os
 import shutil
 import stat
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -69,32 +68,7 @@ def folder_mode() -> int:
     return 0o777 & ~_umask()
 
 
-# ---------------------------------------------------------------------- single files
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Writes ``data`` to the file ``path`` atomically; creates the parent folder if needed.
-
-    A crash (or a full disk) while writing leaves the previous file, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, file_mode())  # mkstemp makes it private; a shared file is read by others
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_folder(path.parent)
-    return path
+# ---------------------------------------------------------------------- files
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -110,11 +84,6 @@ def write_json(path: str | Path, data: Any) -> None:
 def json_bytes(data: Any) -> bytes:
     """``data`` as the JSON text cpt writes (sorted keys, indented, no NaN)."""
     return (json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
-
-
-def atomic_write_json(path: str | Path, data: Any) -> Path:
-    """Writes ``data`` as JSON to the file ``path`` atomically (`atomic_write_bytes`)."""
-    return atomic_write_bytes(path, json_bytes(data))
 
 
 def fsync_folder(path: str | Path) -> None:
@@ -385,28 +354,34 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
     """Runs ``read`` on the folder ``path``, seeing a single save of it.
 
     If ``read`` fails (ValueError, OSError) and the folder was swapped meanwhile, it is run
-    again on the new folder; a fallback swap caught between its renames is waited for.
+    again on the new folder. A fallback swap caught between its two renames is waited for; if
+    it stays there (its writer died), the complete old folder it moved aside is read.
 
     Raises:
         ValueError: ``no <what> folder at <path>``, or what ``read`` raised on an unchanged
             folder (an OSError turned into ``cannot read <what> <path>: ...``).
     """
     path = Path(path)
+    source = path
     for attempt in range(READ_ATTEMPTS):
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
         except (FileNotFoundError, NotADirectoryError):
-            if sibling_names(path, OLD_TAG) and attempt + 1 < READ_ATTEMPTS:
+            aside = sibling_names(path, OLD_TAG)
+            if not aside or source != path:
+                raise ValueError(f"no {what} folder at {path}") from None
+            if attempt < 3:
                 time.sleep(0.01 * 2**attempt)  # a fallback swap between its two renames
-                continue
-            raise ValueError(f"no {what} folder at {path}") from None
+            else:  # its writer died there: the folder moved aside is the complete old one
+                source = max(aside, key=lambda p: p.stat().st_mtime)
+            continue
         except OSError as error:
             raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
         folder = Folder(path, fd)
         try:
             return read(folder)
         except (ValueError, OSError) as error:
-            if _same_folder(path, fd) or attempt + 1 == READ_ATTEMPTS:
+            if _same_folder(source, fd) or attempt + 1 == READ_ATTEMPTS:
                 if isinstance(error, ValueError):
                     raise
                 raise ValueError(f"cannot read {what} {path}: {error}") from None
@@ -424,28 +399,3 @@ def _same_folder(path: Path, fd: int) -> bool:
         return False
     held = os.fstat(fd)
     return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
-
-
-# ---------------------------------------------------------------------- older helpers
-
-
-def read_json_object(path: str | Path, what: str) -> dict[str, Any]:
-    """Reads a JSON object from the file ``path``.
-
-    Raises:
-        ValueError: ``cannot read <what> <path>: ...`` or ``<what> <path> does not hold a JSON
-            object``.
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as error:
-        raise ValueError(f"cannot read {what} {path}: {error}") from None
-    return parse_json_object(raw, Path(path), what)
-
-
-def read_file_bytes(path: str | Path, what: str) -> bytes:
-    """The bytes of ``path``; ``ValueError: <what> missing: <path>`` if it is not a file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{what} missing: {path}")
-    return path.read_bytes()

@@ -32,6 +32,7 @@ from transformers.utils import ModelOutput
 
 from cpt import _compat, attention, checkpointing
 from cpt.config import CPTConfig, is_label, is_trainable
+from cpt.inputs import check_token_ids
 from cpt.loss import LossTerms, label_weights, weighted_cross_entropy
 from cpt.projection import epsilons, project_
 
@@ -284,10 +285,11 @@ class CPTModel(nn.Module):
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, negative type codes, or a
-                batch without any label token.
+            ValueError: on shapes that differ from ``input_ids``, float ids, ids or labels
+                outside the vocabulary, negative type codes, or a batch without any label token.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
         if self._share_context(input_ids.shape[0]):

@@ -23,6 +23,7 @@ model only through the facts it is given (hidden size, vocabulary size, input em
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
@@ -181,7 +182,7 @@ def read_adapter(
     *,
     hidden_size: int,
     vocab_size: int,
-    embeddings: torch.Tensor | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> AdapterFiles:
     """Reads and checks an adapter folder of either layout, from a single save.
 
@@ -189,8 +190,9 @@ def read_adapter(
         path: the folder.
         hidden_size: the model's embedding size d.
         vocab_size: rows of the model's input embeddings.
-        embeddings: the model's (V, d) input embedding matrix; if given, the saved base rows
-            must be (close to) its rows for the context's token ids.
+        embed: the model's input embedding (ids (N,) -> (N, d), e.g. its embedding module, which
+            may scale); if given, the saved base rows must be (close to) its embeddings of the
+            context's token ids.
 
     Returns:
         The checked `AdapterFiles`.
@@ -199,12 +201,15 @@ def read_adapter(
         ValueError: one problem, naming the file, the field and the value.
     """
     return _io.open_folder(
-        path, lambda folder: read_adapter_folder(folder, hidden_size, vocab_size, embeddings), "adapter"
+        path, lambda folder: read_adapter_folder(folder, hidden_size, vocab_size, embed), "adapter"
     )
 
 
 def read_adapter_folder(
-    folder: _io.Folder, hidden_size: int, vocab_size: int, embeddings: torch.Tensor | None
+    folder: _io.Folder,
+    hidden_size: int,
+    vocab_size: int,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None,
 ) -> AdapterFiles:
     """`read_adapter` on an open folder (a checkpoint reads its ``adapter/`` this way)."""
     fmt = _format_of(folder)
@@ -212,7 +217,7 @@ def read_adapter_folder(
         files = _read_cpt(folder, hidden_size, vocab_size)
     else:
         files = _read_peft(folder, hidden_size)
-    _check_fit(folder.path, files, vocab_size, embeddings)
+    _check_fit(folder.path, files, vocab_size, embed)
     return files
 
 
@@ -376,7 +381,9 @@ def _tensors(path: Path, raw: bytes, names: set[str], rows: int, hidden_size: in
     return tensors
 
 
-def _check_fit(path: Path, files: AdapterFiles, vocab_size: int, embeddings: torch.Tensor | None) -> None:
+def _check_fit(
+    path: Path, files: AdapterFiles, vocab_size: int, embed: Callable[[torch.Tensor], torch.Tensor] | None
+) -> None:
     ids = files.config.cpt_token_ids
     too_big = [i for i in ids if i >= vocab_size]
     if too_big:
@@ -384,10 +391,10 @@ def _check_fit(path: Path, files: AdapterFiles, vocab_size: int, embeddings: tor
             f"{path}: config field 'cpt_token_ids' holds id {too_big[0]}, outside the model's "
             f"vocabulary of {vocab_size}"
         )
-    if embeddings is None:
+    if embed is None:
         return
     with torch.no_grad():
-        expected = embeddings.detach()[torch.tensor(ids, device=embeddings.device)].to("cpu", torch.float64)
+        expected = embed(torch.tensor(ids)).detach().to("cpu", torch.float64)
     saved = files.base.double()
     if files.format == "peft":  # the trained rows: within their balls of the model's embeddings
         slack = epsilons(files.config, files.base.shape[1]).double() * (1 + BALL_TOLERANCE)

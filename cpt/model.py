@@ -658,10 +658,13 @@ class CPTModel(nn.Module):
         every file against it (`cpt.adapter.read_adapter`)."""
         from cpt.adapter import read_adapter
 
-        weights = _input_embeddings(base_model).weight
-        files = read_adapter(
-            path, hidden_size=int(weights.shape[1]), vocab_size=int(weights.shape[0]), embeddings=weights
-        )
+        embeddings = _input_embeddings(base_model)
+        vocab_size, hidden_size = embeddings.weight.shape
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            return embeddings(ids.to(embeddings.weight.device))  # as the context's base is made
+
+        files = read_adapter(path, hidden_size=int(hidden_size), vocab_size=int(vocab_size), embed=embed)
         model = cls(base_model, files.config, **kwargs)
         model.task = files.task
         with torch.no_grad():

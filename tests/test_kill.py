@@ -55,7 +55,7 @@ def _save_adapter(model: CPTModel, path: Path, version: int, series: str = "v") 
 
 def _adapter_version(model: CPTModel, path: Path) -> tuple[str, int]:
     """Loads the adapter and checks it is one whole save: (series, version)."""
-    files = read_adapter(path, hidden_size=32, vocab_size=96, embeddings=model.base_model.get_input_embeddings().weight)
+    files = read_adapter(path, hidden_size=32, vocab_size=96, embed=model.base_model.get_input_embeddings())
     label = files.task["labels"][0]
     series, version = label[0], int(label[1:])
     assert torch.equal(files.delta, _delta(model, version)), f"weights of one save, label of another ({label})"

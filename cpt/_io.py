@@ -28,6 +28,7 @@ import stat
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -118,7 +119,10 @@ def locked(folder: Path) -> Iterator[None]:
     """Holds an exclusive ``flock`` on ``folder`` (which must exist) for the block."""
     fd = os.open(folder, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. a network file system without locks
+            warnings.warn(f"cannot lock {folder} ({error.strerror}); writing without the lock", stacklevel=3)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -129,6 +133,7 @@ def write_folder(
     fill: Callable[[Path], None],
     *,
     keep: Callable[[str], bool] | None = None,
+    if_missing: bool = False,
 ) -> Path:
     """Creates or replaces the folder ``target`` as a whole with what ``fill`` writes.
 
@@ -138,6 +143,8 @@ def write_folder(
             writes: flushing, modes and the swap are done here).
         keep: if given, the names of entries of the old folder to carry over into the new one
             (hard links where possible), e.g. files of other tools kept beside an adapter.
+        if_missing: leave an existing ``target`` as it is and write nothing (``fill`` is not
+            called), e.g. a cache another process has just built; decided under the lock.
 
     Returns:
         ``target``.
@@ -156,6 +163,8 @@ def write_folder(
         recover(target)
         for stale in sibling_names(target, TMP_TAG) + sibling_names(target, OLD_TAG):
             _remove(stale)  # a writer that died: no live writer holds the lock we hold
+        if if_missing and os.path.lexists(target):
+            return target
         tmp = target.parent / f".{target.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         os.mkdir(tmp)
         try:

@@ -39,6 +39,14 @@ def test_keep_carries_other_files_over(tmp_path: Path) -> None:
     assert _io.open_folder(target, _read_all, "thing") == {"mine": "2", "README.md": "notes"}
 
 
+def test_if_missing_keeps_an_existing_folder(tmp_path: Path) -> None:
+    target = tmp_path / "cache"
+    _io.write_folder(target, _fill({"a": "first"}), if_missing=True)
+    _io.write_folder(target, lambda folder: pytest.fail("not called"), if_missing=True)
+    assert _io.open_folder(target, _read_all, "thing") == {"a": "first"}
+    assert sorted(os.listdir(tmp_path)) == ["cache"]
+
+
 def test_modes_follow_the_umask(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

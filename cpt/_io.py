@@ -150,7 +150,8 @@ def write_folder(
         ``target``.
 
     Raises:
-        ValueError: if ``target`` exists and is not a folder.
+        ValueError: if ``target`` exists and is not a folder, or a file stands where a parent
+            folder should be.
         OSError: if writing fails; ``target`` is then as it was and no temporary folder is left.
     """
     target = Path(target)
@@ -193,8 +194,13 @@ def recover(target: Path) -> None:
 
 
 def _make_parents(folder: Path) -> None:
-    if not folder.is_dir():
-        folder.mkdir(parents=True, exist_ok=True)
+    """Creates ``folder`` and its missing parents; a file in the way is a ValueError."""
+    if folder.is_dir():
+        return
+    for ancestor in (folder, *folder.parents):
+        if os.path.lexists(ancestor) and not ancestor.is_dir():
+            raise ValueError(f"cannot create the folder {folder}: {ancestor} is a file")
+    folder.mkdir(parents=True, exist_ok=True)
 
 
 def _remove(path: Path) -> None:

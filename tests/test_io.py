@@ -114,6 +114,8 @@ def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("mine")
     with pytest.raises(ValueError, match="exists and is not a folder"):
         _io.write_folder(tmp_path / "out", _fill({"a": "1"}))
+    with pytest.raises(ValueError, match=r"cannot create the folder .*/out/deeper: .*/out is a file"):
+        _io.write_folder(tmp_path / "out" / "deeper" / "x", _fill({"a": "1"}))
     assert (tmp_path / "out").read_text() == "mine"
 
 

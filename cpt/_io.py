@@ -175,6 +175,9 @@ def write_folder(
             _seal(tmp)
             _swap_in(tmp, target)
             fsync_folder(target.parent)
+        except OSError as error:  # a full disk, a read-only folder: say where
+            message = f"cannot write {target}: {error.strerror or error}"
+            raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
         finally:
             _remove(tmp)  # the unfinished new folder, or after the swap the old one
     return target

@@ -154,3 +154,15 @@ def test_writers_take_turns_under_the_lock(tmp_path: Path) -> None:
         thread.join()
     assert max(overlap) == 1  # never two writers filling at once
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_write_error_names_the_folder(tmp_path: Path) -> None:
+    def full(folder: Path) -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match=r"cannot write .*/out: No space left on device") as error:
+        _io.write_folder(tmp_path / "out", full)
+    assert error.value.errno == 28
+    with pytest.raises(PermissionError, match="cannot write"):
+        _io.write_folder(tmp_path / "out", lambda folder: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    assert sorted(os.listdir(tmp_path)) == []

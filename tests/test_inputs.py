@@ -1,61 +1,87 @@
-"""Bad API input: one ValueError naming the problem, before any kernel or training runs."""
+"""`fit` and `classify` take examples as users hold them: pairs, `Example`s, `datasets` rows with
+string labels or with integer labels and the label names (a ``ClassLabel``)."""
 
+from __future__ import annotations
+
+import numpy as np
 import pytest
 import torch
-from contexts import context_config, sample_batch
 from tiny_models import make_model
-from tokenizers_util import make_wordlevel_tokenizer
+from tokenizers_util import make_bpe_tokenizer
 
-from cpt import CPTModel, TrainConfig, fit, generate
-from cpt.data import Example, build_context
+from cpt import Example, TrainConfig, classify, fit
 
-EXAMPLES = [("good movie", "positive"), ("bad film", "negative")]
+NAMES = ["negative", "positive"]
+PAIRS = [("a fine story", "positive"), ("an awful film", "negative"), ("the actors were good", "positive")]
+CONFIG = TrainConfig(epochs=2, learning_rate=1e-2, progress=False)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        (lambda b: {**b, "input_ids": b["input_ids"].float()}, "input_ids must hold integer token ids, got torch.float32"),
-        (lambda b: {**b, "input_ids": b["input_ids"].bool()}, "input_ids must hold integer token ids, got torch.bool"),
-        (lambda b: {**b, "input_ids": b["input_ids"] + 1000}, r"input_ids holds \d+, outside the model's vocabulary of 96"),
-        (lambda b: {**b, "input_ids": b["input_ids"] - 1000}, r"input_ids holds -\d+, outside the model's vocabulary"),
-        (lambda b: {**b, "labels": torch.where(b["labels"] >= 0, b["labels"] + 96, b["labels"])}, r"labels holds \d+, outside .* or -100"),
-        (lambda b: {**b, "labels": b["labels"].float()}, "labels must hold integer token ids"),
-    ],
-)
-def test_bad_token_tensors(arch: str, change, message: str) -> None:
-    model = CPTModel(make_model(arch), context_config())
-    batch = change(sample_batch(2))
+class Rows:
+    """What a ``datasets.Dataset`` looks like to `fit`: a sized iterable of dict rows."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self.rows)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():  # type: ignore[no-untyped-def]
+    return make_bpe_tokenizer()
+
+
+def _fit(tokenizer, examples, **kwargs):  # type: ignore[no-untyped-def]
+    return fit(make_model("llama", vocab_size=len(tokenizer)), tokenizer, examples, train_config=CONFIG, **kwargs)
+
+
+@pytest.mark.parametrize("form", ["examples", "string rows", "ClassLabel rows", "numpy labels"])
+def test_every_form_trains_the_same_context(tokenizer, form: str) -> None:
+    reference, _ = _fit(tokenizer, PAIRS, labels=NAMES)
+    if form == "examples":
+        examples, names = [Example(t, l) for t, l in PAIRS], NAMES
+    elif form == "string rows":
+        examples, names = Rows([{"text": t, "label": l, "idx": i} for i, (t, l) in enumerate(PAIRS)]), NAMES
+    elif form == "ClassLabel rows":
+        examples, names = Rows([{"text": t, "label": NAMES.index(l)} for t, l in PAIRS]), NAMES
+    else:
+        examples, names = [(t, np.int64(NAMES.index(l))) for t, l in PAIRS], tuple(NAMES)
+    model, _ = _fit(tokenizer, examples, labels=names)
+    assert model.task == reference.task
+    assert torch.equal(model.delta, reference.delta)
+
+
+def test_classify_takes_rows(tokenizer) -> None:
+    model, _ = _fit(tokenizer, PAIRS, labels=NAMES)
+    texts = ["a fine story", "boring and too long"]
+    plain = classify(model, tokenizer, texts, NAMES)
+    rows = classify(model, tokenizer, [{"text": texts[0], "label": 1}, Example(texts[1], "negative")], NAMES)
+    assert rows.predictions == plain.predictions
+    assert torch.equal(rows.log_likelihoods, plain.log_likelihoods)
+
+
+@pytest.mark.parametrize("examples, labels, message", [
+    ([{"text": "a"}], NAMES, r"example at index 0 needs the keys 'text' and 'label', lacks \['label'\]"),
+    ([{"label": "positive"}], None, r"example at index 0 needs the keys 'text' and 'label', lacks \['text'\]"),
+    ([("a", 1)], None, r"example at index 0 has the integer label 1: pass the label names"),
+    ([("a", 0), ("b", 2)], NAMES, r"example at index 1 has label index 2, outside the 2 label names"),
+    ([("a", -1)], NAMES, r"example at index 0 has label index -1"),
+    ([("a", True)], NAMES, r"example at index 0 must have string text and label"),
+    ([{"text": 3, "label": "positive"}], None, r"example at index 0 must have string text and label"),
+    (["just text"], None, r"example at index 0 must be an Example, a \(text, label\) pair or a mapping"),
+])
+def test_malformed_rows_are_named(tokenizer, examples, labels, message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        model(**batch)
-    if message.startswith("input_ids"):  # the logits path checks the same
-        with pytest.raises(ValueError, match=message):
-            model(batch["input_ids"], batch["attention_mask"])
+        _fit(tokenizer, examples, labels=labels)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_generation_past_the_models_positions(arch: str) -> None:
-    tokenizer = make_wordlevel_tokenizer()
-    config = build_context(tokenizer, [Example(t, label) for t, label in EXAMPLES])
-    model = CPTModel(make_model(arch), config)
-    with pytest.raises(ValueError, match=r"text 0: .* generation may reach \d+, more than the model's 512; lower max_new_tokens"):
-        generate(model, tokenizer, ["good"], max_new_tokens=600, do_sample=False)
-    with pytest.raises(ValueError, match=r"generation may reach 600, more than the model's 512"):
-        generate(model, tokenizer, ["good"], max_length=600, do_sample=False)
-    assert len(generate(model, tokenizer, ["good"], max_new_tokens=2, do_sample=False)) == 1
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "message"),
-    [
-        (dict(opt_bogus=1), r"unknown CPTConfig option 'opt_bogus'; the options are \["),
-        (dict(labels=["positive", "negative", "positive"]), r"labels holds 'positive' twice \(at 0 and 2\)"),
-        (dict(labels="np"), "labels must be a list of strings, got 'np'"),
-        (dict(labels=["positive", ""]), r"labels\[1\] must be a non-empty string"),
-        (dict(labels=[]), "labels is empty"),
-    ],
-)
-def test_fit_refuses_bad_options_before_training(kwargs: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        fit(make_model(), make_wordlevel_tokenizer(), EXAMPLES, train_config=TrainConfig(max_steps=1, progress=False), **kwargs)
+def test_train_examples_take_the_same_forms(tokenizer) -> None:
+    reference, _ = _fit(tokenizer, PAIRS[:2], train_examples=PAIRS, labels=NAMES)
+    rows = [{"text": t, "label": NAMES.index(l)} for t, l in PAIRS]
+    model, _ = _fit(tokenizer, rows[:2], train_examples=rows, labels=NAMES)
+    assert torch.equal(model.delta, reference.delta)
+    with pytest.raises(ValueError, match="example at index 2 has label index 7"):
+        _fit(tokenizer, PAIRS, train_examples=[*rows[:2], {"text": "x", "label": 7}], labels=NAMES)

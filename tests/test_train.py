@@ -16,13 +16,12 @@ import transformers
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
-import cpt.train as train_module
+from cpt.callback import CPTProjectionCallback
+from cpt.checkpoint import ADAPTER_DIR, LAST_CHECKPOINT_NAME, STATE_JSON_NAME, STATE_TENSORS_NAME
 from cpt.config import CPTConfig, is_trainable
 from cpt.data import CPTCollator, CPTDataset, Example, build_context
 from cpt.model import CPTModel
-from cpt.checkpoint import ADAPTER_DIR, LAST_CHECKPOINT_NAME, STATE_JSON_NAME, STATE_TENSORS_NAME
 from cpt.train import (
-    CPTProjectionCallback,
     TrainConfig,
     TrainResult,
     TrainState,

@@ -2,36 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_model
-from tokenizers_util import make_bpe_tokenizer
+from test_cli import data_file, model_dir  # noqa: F401 - the tiny model folder and data file
 
 import cpt.workflow
 from cpt import _io
 from cpt.cli import main
-
-TEXTS = {"positive": ["the movie was great", "a fine story"], "negative": ["an awful film", "too long"]}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = make_bpe_tokenizer()
-    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("data") / "reviews.jsonl"
-    lines = [json.dumps({"text": f"{t} {i}", "label": label}) for label, ts in TEXTS.items() for t in ts for i in range(4)]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 @pytest.fixture

@@ -28,6 +28,9 @@ MAX_EPSILON = 1e6
 """Largest accepted ``opt_projection_epsilon`` / ``opt_projection_format_epsilon``: far beyond any
 embedding's norm (so no real bound), and its scaled radius stays finite in float32."""
 
+IGNORE_INDEX = -100
+"""Label value that marks a position as not a target (PyTorch's and Hugging Face's default)."""
+
 LOSS_TYPES = ("none", "decay")
 TASK_TYPE = "CAUSAL_LM"
 PEFT_TYPE = "CPT"

@@ -1,6 +1,6 @@
 """Adapter files: cpt's own layout and PEFT's, both safetensors (no pickle anywhere).
 
-PEFT's layout (SPEC §6), read and written so adapters move both ways::
+PEFT's layout, read and written so adapters move both ways::
 
     adapter_config.json         the config fields, peft_type "CPT", token_dim, ...
     adapter_model.safetensors   prompt_embeddings: (N, d) float32 = base + projected delta
@@ -10,27 +10,33 @@ balls (PEFT's layout cannot: loading it makes the trained point the new centre):
 
     cpt_config.json             {"format": "cpt", "format_version": 1, "config": {...},
                                  "hidden_size": d, "vocab_size": V, "weights_sha256": ...,
+                                 "base_model_name_or_path": str or null,
                                  "task": {"template": {...}, "labels": [...]} or null}
     cpt_adapter.safetensors     base: (N, d) float32, delta: (N, d) float32
 
-Each file is written atomically, weights first; the config records the weights' checksum, so a
-folder whose files do not belong together is reported instead of loaded.
+The folder is written as a whole (`cpt._io.write_folder`): a reader or a crash sees the old
+adapter or the new one, and saving one layout removes the other's files. `read_adapter` checks
+every field, tensor and the fit to the model before anything is built. This module knows the
+model only through the facts it is given (hidden size, vocabulary size, input embeddings).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
-from torch import nn
+from safetensors.torch import save as safetensors_bytes
 
-from cpt._io import atomic_save_tensors, atomic_write_json, read_file_bytes, read_json_object
+from cpt import _io
+from cpt._fields import check_header, is_int, show
 from cpt.config import CPTConfig
-from cpt.model import CPTModel
+from cpt.projection import epsilons
 
 CPT_CONFIG_NAME = "cpt_config.json"
 CPT_WEIGHTS_NAME = "cpt_adapter.safetensors"
@@ -38,50 +44,128 @@ PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_WEIGHTS_KEY = "prompt_embeddings"
 FORMAT_VERSION = 1
+ADAPTER_FILES = (CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
+"""Files of either layout: a save writes its layout's two and drops the others."""
+
+BALL_TOLERANCE = 1e-4
+"""Relative slack of the check that a saved delta lies in its balls (float rounding)."""
+
+BASE_TOLERANCE = 2e-2
+"""Largest relative distance of a saved base row from the model's embedding of its token: wide
+enough for a model loaded in bfloat16 or float16, far below a different model's embeddings."""
+
+MAX_CONFIG_BYTES = 64 * 2**20
 
 AdapterFormat = Literal["cpt", "peft"]
 
 
-def save_adapter(model: CPTModel, path: str | Path, format: AdapterFormat = "cpt") -> Path:
-    """Writes ``model``'s adapter into the folder ``path`` (created if needed).
+@dataclass
+class AdapterFiles:
+    """What an adapter folder holds, checked (`read_adapter`).
+
+    Attributes:
+        format: the layout it was read from.
+        config: the context's config.
+        base: (N, d) float32, the context's original embeddings (PEFT's layout: the trained ones).
+        delta: (N, d) float32, the trained offsets (PEFT's layout: zeros).
+        task: ``{"template": {...}, "labels": [...]}`` or None.
+    """
+
+    format: AdapterFormat
+    config: CPTConfig
+    base: torch.Tensor
+    delta: torch.Tensor
+    task: dict[str, Any] | None
+
+
+def write_adapter(
+    path: str | Path,
+    config: CPTConfig,
+    base: torch.Tensor,
+    delta: torch.Tensor,
+    *,
+    vocab_size: int,
+    task: dict[str, Any] | None = None,
+    base_model_name_or_path: str | None = None,
+    format: AdapterFormat = "cpt",
+) -> Path:
+    """Writes an adapter folder, replacing whatever adapter was there as a whole.
+
+    Files of other tools in the folder (anything but the two layouts' files) are kept.
 
     Args:
-        model: the trained model; saved as it is (call ``project_`` first, as
-            `CPTModel.save_pretrained` does).
-        path: the folder. Other files in it are left alone.
+        path: the folder.
+        config: the context's config.
+        base: (N, d) the context's original embeddings.
+        delta: (N, d) the trained offsets, projected.
+        vocab_size: rows of the model's input embeddings (recorded, checked on load).
+        task: the template and label set, or None.
+        base_model_name_or_path: recorded for information (and for PEFT's loaders).
+        format: ``"cpt"`` (base and delta apart) or ``"peft"`` (PEFT's layout).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ValueError: on an unknown format, weights that are not finite, or a path that is a file.
+    """
+    if format not in ("cpt", "peft"):
+        raise ValueError(f"format must be 'cpt' or 'peft', got {format!r}")
+    base = base.detach().to("cpu", torch.float32).contiguous()
+    delta = delta.detach().to("cpu", torch.float32).contiguous()
+    if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(delta).all())):
+        raise ValueError("cannot save the adapter: its weights hold NaN or inf")
+    if task is not None:
+        _check_task(task, Path(path) / CPT_CONFIG_NAME)
+    hidden_size = int(base.shape[1])
+
+    def fill(folder: Path) -> None:
+        if format == "peft":
+            weights = safetensors_bytes({PEFT_WEIGHTS_KEY: base + delta}, metadata={"format": "pt"})
+            _io.write_bytes(folder / PEFT_WEIGHTS_NAME, weights)
+            _io.write_json(folder / PEFT_CONFIG_NAME, config.to_peft_dict(hidden_size, base_model_name_or_path))
+            return
+        weights = safetensors_bytes({"base": base, "delta": delta}, metadata={"format": "cpt"})
+        _io.write_bytes(folder / CPT_WEIGHTS_NAME, weights)
+        _io.write_json(
+            folder / CPT_CONFIG_NAME,
+            {
+                "format": "cpt",
+                "format_version": FORMAT_VERSION,
+                "config": config.to_dict(),
+                "hidden_size": hidden_size,
+                "vocab_size": int(vocab_size),
+                "base_model_name_or_path": base_model_name_or_path,
+                "weights_sha256": hashlib.sha256(weights).hexdigest(),
+                "task": task,
+            },
+        )
+
+    return _io.write_folder(path, fill, keep=lambda name: name not in ADAPTER_FILES)
+
+
+def save_adapter(model: Any, path: str | Path, format: AdapterFormat = "cpt") -> Path:
+    """Writes ``model``'s adapter into the folder ``path`` (created if needed), as it is.
+
+    Args:
+        model: a `CPTModel`; saved without projecting (`CPTModel.save_pretrained` projects first).
+        path: the folder; an adapter already there is replaced as a whole, other files kept.
         format: ``"cpt"`` (base and delta apart) or ``"peft"`` (PEFT's layout).
 
     Returns:
         The folder.
     """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"cannot save adapter: {path} exists and is not a folder")
     state = model.adapter_state_dict()
-    name_or_path = getattr(model.base_model.config, "_name_or_path", None) or None
-    if format == "peft":
-        atomic_save_tensors(
-            path / PEFT_WEIGHTS_NAME,
-            {PEFT_WEIGHTS_KEY: (state["base"] + state["delta"]).float()},
-            metadata={"format": "pt"},
-        )
-        atomic_write_json(path / PEFT_CONFIG_NAME, model.config.to_peft_dict(model.hidden_size, name_or_path))
-        return path
-    if format != "cpt":
-        raise ValueError(f"format must be 'cpt' or 'peft', got {format!r}")
-    data = atomic_save_tensors(path / CPT_WEIGHTS_NAME, state, metadata={"format": "cpt"})
-    meta = {
-        "format": "cpt",
-        "format_version": FORMAT_VERSION,
-        "config": model.config.to_dict(),
-        "hidden_size": model.hidden_size,
-        "vocab_size": int(model.base_model.get_input_embeddings().weight.shape[0]),
-        "base_model_name_or_path": name_or_path,
-        "weights_sha256": hashlib.sha256(data).hexdigest(),
-        "task": model.task,
-    }
-    atomic_write_json(path / CPT_CONFIG_NAME, meta)
-    return path
+    return write_adapter(
+        path,
+        model.config,
+        state["base"],
+        state["delta"],
+        vocab_size=int(model.base_model.get_input_embeddings().weight.shape[0]),
+        task=model.task,
+        base_model_name_or_path=getattr(model.base_model.config, "_name_or_path", None) or None,
+        format=format,
+    )
 
 
 def adapter_format(path: str | Path) -> AdapterFormat:
@@ -90,21 +174,59 @@ def adapter_format(path: str | Path) -> AdapterFormat:
     Raises:
         ValueError: if it is missing or holds neither layout.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"no adapter folder at {path}")
-    if (path / CPT_CONFIG_NAME).is_file():
-        return "cpt"
-    if (path / PEFT_CONFIG_NAME).is_file():
-        return "peft"
-    raise ValueError(f"{path} holds no adapter: neither {CPT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} is there")
+    return _io.open_folder(path, _format_of, "adapter")
 
 
-def load_adapter(base_model: nn.Module, path: str | Path, **model_kwargs: Any) -> CPTModel:
-    """Loads an adapter folder of either layout onto ``base_model``.
+def read_adapter(
+    path: str | Path,
+    *,
+    hidden_size: int,
+    vocab_size: int,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> AdapterFiles:
+    """Reads and checks an adapter folder of either layout, from a single save.
 
     Args:
-        base_model: the causal LM the adapter was trained on (same hidden size and vocabulary).
+        path: the folder.
+        hidden_size: the model's embedding size d.
+        vocab_size: rows of the model's input embeddings.
+        embed: the model's input embedding (ids (N,) -> (N, d), e.g. its embedding module, which
+            may scale); if given, the saved base rows must be (close to) its embeddings of the
+            context's token ids.
+
+    Returns:
+        The checked `AdapterFiles`.
+
+    Raises:
+        ValueError: one problem, naming the file, the field and the value.
+    """
+    return _io.open_folder(
+        path, lambda folder: read_adapter_folder(folder, hidden_size, vocab_size, embed), "adapter"
+    )
+
+
+def read_adapter_folder(
+    folder: _io.Folder,
+    hidden_size: int,
+    vocab_size: int,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> AdapterFiles:
+    """`read_adapter` on an open folder (a checkpoint reads its ``adapter/`` this way)."""
+    fmt = _format_of(folder)
+    if fmt == "cpt":
+        files = _read_cpt(folder, hidden_size, vocab_size)
+    else:
+        files = _read_peft(folder, hidden_size)
+    _check_fit(folder.path, files, vocab_size, embed)
+    return files
+
+
+def load_adapter(base_model: Any, path: str | Path, **model_kwargs: Any) -> Any:
+    """Loads an adapter folder of either layout onto ``base_model``: `CPTModel.from_pretrained`.
+
+    Args:
+        base_model: the causal LM the adapter was trained on (same hidden size, vocabulary and
+            embeddings).
         path: the folder.
         **model_kwargs: passed to `CPTModel` (``context_sharing``, ``compile_projection``).
 
@@ -114,75 +236,178 @@ def load_adapter(base_model: nn.Module, path: str | Path, **model_kwargs: Any) -
     Raises:
         ValueError: naming what is missing, malformed, or does not match the model.
     """
-    path = Path(path)
-    fmt = adapter_format(path)
-    hidden_size = int(base_model.get_input_embeddings().weight.shape[1])
-    if fmt == "cpt":
-        meta = _read_json(path / CPT_CONFIG_NAME)
-        if meta.get("format") != "cpt" or not isinstance(meta.get("config"), dict):
-            raise ValueError(f"{path / CPT_CONFIG_NAME} is not a cpt adapter config")
-        if meta.get("format_version", 0) > FORMAT_VERSION:
-            raise ValueError(
-                f"{path} was written by a newer cpt (format version {meta['format_version']}); upgrade cpt"
-            )
-        config = CPTConfig.from_dict(meta["config"])
-        _check_hidden_size(path, meta.get("hidden_size"), hidden_size)
-        raw = _read_bytes(path / CPT_WEIGHTS_NAME)
-        expected = meta.get("weights_sha256")
-        if expected is not None and hashlib.sha256(raw).hexdigest() != expected:
-            raise ValueError(
-                f"{path / CPT_WEIGHTS_NAME} does not match {CPT_CONFIG_NAME} (checksum differs): "
-                "the folder holds files from two different saves"
-            )
-        tensors = _parse_tensors(path / CPT_WEIGHTS_NAME, raw)
-        base, delta = (_tensor(tensors, key, path / CPT_WEIGHTS_NAME, config, hidden_size) for key in ("base", "delta"))
-    else:
-        data = _read_json(path / PEFT_CONFIG_NAME)
-        config = CPTConfig.from_dict(data)
-        _check_hidden_size(path, data.get("token_dim"), hidden_size)
-        weights_path = path / PEFT_WEIGHTS_NAME
-        tensors = _parse_tensors(weights_path, _read_bytes(weights_path))
-        # PEFT keeps only base + delta: the saved point becomes the new centre.
-        base = _tensor(tensors, PEFT_WEIGHTS_KEY, weights_path, config, hidden_size)
-        delta = torch.zeros_like(base)
-    model = CPTModel(base_model, config, **model_kwargs)
-    if fmt == "cpt" and isinstance(meta.get("task"), dict):
-        model.task = meta["task"]
-    with torch.no_grad():
-        model.base.copy_(base)
-        model.delta.copy_(delta)
-    return model
+    from cpt.model import CPTModel  # at call time: the model module imports this one
+
+    return CPTModel.from_pretrained(base_model, path, **model_kwargs)
 
 
-def _check_hidden_size(path: Path, saved: Any, hidden_size: int) -> None:
-    if saved is not None and int(saved) != hidden_size:
-        raise ValueError(f"adapter at {path} is for hidden size {saved}, but the model's is {hidden_size}")
+# ---------------------------------------------------------------------- reading
 
 
-def _read_bytes(path: Path) -> bytes:
-    return read_file_bytes(path, "adapter weights")
+def _format_of(folder: _io.Folder) -> AdapterFormat:
+    if folder.is_file(CPT_CONFIG_NAME):
+        return "cpt"
+    if folder.is_file(PEFT_CONFIG_NAME):
+        return "peft"
+    raise ValueError(f"{folder.path} holds no adapter: neither {CPT_CONFIG_NAME} nor {PEFT_CONFIG_NAME} is there")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    return read_json_object(path, "adapter config")
+def _read_cpt(folder: _io.Folder, hidden_size: int, vocab_size: int) -> AdapterFiles:
+    where = folder.path / CPT_CONFIG_NAME
+    meta = folder.read_json(CPT_CONFIG_NAME, "adapter config", MAX_CONFIG_BYTES)
+    check_header(meta, where, "cpt", FORMAT_VERSION)
+    config = _config(meta.get("config"), where, "config")
+    _check_size(where, "hidden_size", meta.get("hidden_size"), hidden_size, "hidden size")
+    _check_size(where, "vocab_size", meta.get("vocab_size"), vocab_size, "vocabulary size")
+    name = meta.get("base_model_name_or_path")
+    if name is not None and not isinstance(name, str):
+        raise ValueError(f"{where}: field 'base_model_name_or_path' must be a string or null, got {show(name)}")
+    expected = meta.get("weights_sha256")
+    if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
+        raise ValueError(f"{where}: field 'weights_sha256' must be 64 hex digits, got {show(expected)}")
+    task = meta.get("task")
+    if task is not None:
+        _check_task(task, where)
+    raw = folder.read_bytes(CPT_WEIGHTS_NAME, "adapter weights")
+    if hashlib.sha256(raw).hexdigest() != expected:
+        raise ValueError(
+            f"{folder.path / CPT_WEIGHTS_NAME} does not match {CPT_CONFIG_NAME} (checksum differs): "
+            "the folder holds files from two different saves, or a damaged file"
+        )
+    tensors = _tensors(folder.path / CPT_WEIGHTS_NAME, raw, {"base", "delta"}, config.num_virtual_tokens, hidden_size)
+    base, delta = tensors["base"], tensors["delta"]
+    radius = epsilons(config, hidden_size)
+    norms = torch.linalg.vector_norm(delta.double(), dim=1)
+    outside = (norms > radius.double() * (1 + BALL_TOLERANCE) + 1e-30).nonzero().flatten()
+    if len(outside):
+        row = int(outside[0])
+        raise ValueError(
+            f"{folder.path / CPT_WEIGHTS_NAME}: tensor 'delta' row {row} has norm {float(norms[row]):.6g}, "
+            f"outside its ball of radius {float(radius[row]):.6g}"
+        )
+    return AdapterFiles("cpt", config, base, delta, task)
 
 
-def _parse_tensors(path: Path, raw: bytes) -> dict[str, torch.Tensor]:
+def _read_peft(folder: _io.Folder, hidden_size: int) -> AdapterFiles:
+    where = folder.path / PEFT_CONFIG_NAME
+    data = folder.read_json(PEFT_CONFIG_NAME, "adapter config", MAX_CONFIG_BYTES)
+    if data.get("peft_type") != "CPT":
+        raise ValueError(f"{where}: field 'peft_type' must be \"CPT\", got {show(data.get('peft_type'))}")
+    config = _config(data, where, None)
+    _check_size(where, "token_dim", data.get("token_dim"), hidden_size, "hidden size")
+    raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights")
+    weights_path = folder.path / PEFT_WEIGHTS_NAME
+    tensors = _tensors(weights_path, raw, {PEFT_WEIGHTS_KEY}, config.num_virtual_tokens, hidden_size)
+    # PEFT keeps only base + delta: the saved point becomes the new centre.
+    base = tensors[PEFT_WEIGHTS_KEY]
+    return AdapterFiles("peft", config, base, torch.zeros_like(base), None)
+
+
+def _config(data: Any, where: Path, field: str | None) -> CPTConfig:
+    label = f"field {field!r}" if field else "the config"
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: {label} must be a JSON object, got {show(data)}")
     try:
-        return safetensors_load(raw)
-    except (SafetensorError, ValueError, RuntimeError) as error:
+        return CPTConfig.from_dict(data)
+    except ValueError as error:
+        raise ValueError(f"{where}: {label}: {error}") from None
+
+
+def _check_size(where: Path, name: str, saved: Any, actual: int, what: str) -> None:
+    if not is_int(saved) or saved < 1:
+        raise ValueError(f"{where}: field {name!r} must be an integer >= 1, got {show(saved)}")
+    if saved != actual:
+        raise ValueError(
+            f"{where}: field {name!r} is {saved}: the adapter is for {what} {saved}, but the model's is {actual}"
+        )
+
+
+def _check_task(task: Any, where: Path) -> None:
+    if not isinstance(task, dict):
+        raise ValueError(f"{where}: field 'task' must be an object or null, got {show(task)}")
+    unknown = sorted(set(task) - {"template", "labels"})
+    if unknown:
+        raise ValueError(f"{where}: field 'task' has unknown keys {unknown}")
+    labels = task.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
+            raise ValueError(
+                f"{where}: field 'task.labels' must be a non-empty list of non-empty strings, got {show(labels)}"
+            )
+        if len(set(labels)) != len(labels):
+            twice = next(x for x in labels if labels.count(x) > 1)
+            raise ValueError(f"{where}: field 'task.labels' holds {twice!r} twice")
+    template = task.get("template")
+    if template is not None:
+        from cpt.data import Template  # the data module is light; imported here to keep this one lean
+
+        if not isinstance(template, dict):
+            raise ValueError(f"{where}: field 'task.template' must be an object, got {show(template)}")
+        names = {f.name for f in fields(Template)}
+        unknown = sorted(set(template) - names)
+        if unknown:
+            raise ValueError(f"{where}: field 'task.template' has unknown keys {unknown}")
+        try:
+            Template(**template)
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{where}: field 'task.template': {error}") from None
+
+
+def _tensors(path: Path, raw: bytes, names: set[str], rows: int, hidden_size: int) -> dict[str, torch.Tensor]:
+    try:
+        tensors = safetensors_load(raw)
+    except (SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError) as error:
         raise ValueError(f"{path} is not a valid safetensors file: {error}") from None
+    for name in sorted(names):
+        if name not in tensors:
+            raise ValueError(f"{path} has no tensor {name!r} (it has {sorted(tensors)})")
+    extra = sorted(set(tensors) - names)
+    if extra:
+        raise ValueError(f"{path} has unexpected tensors {extra} (expected {sorted(names)})")
+    for name in sorted(names):
+        tensor = tensors[name]
+        if tuple(tensor.shape) != (rows, hidden_size):
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {(rows, hidden_size)}"
+            )
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected float32")
+        bad = (~torch.isfinite(tensor)).nonzero()
+        if len(bad):
+            row, column = (int(x) for x in bad[0])
+            raise ValueError(
+                f"{path}: tensor {name!r} holds {float(tensor[row, column])} at row {row}, column {column}"
+            )
+    return tensors
 
 
-def _tensor(
-    tensors: dict[str, torch.Tensor], key: str, path: Path, config: CPTConfig, hidden_size: int
-) -> torch.Tensor:
-    if key not in tensors:
-        raise ValueError(f"{path} has no tensor {key!r} (it has {sorted(tensors)})")
-    tensor = tensors[key]
-    expected = (config.num_virtual_tokens, hidden_size)
-    if tuple(tensor.shape) != expected:
-        raise ValueError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
-    if not torch.is_floating_point(tensor):
-        raise ValueError(f"{path}: tensor {key!r} has dtype {tensor.dtype}, expected float32")
-    return tensor.float()
+def _check_fit(
+    path: Path, files: AdapterFiles, vocab_size: int, embed: Callable[[torch.Tensor], torch.Tensor] | None
+) -> None:
+    ids = files.config.cpt_token_ids
+    too_big = [i for i in ids if i >= vocab_size]
+    if too_big:
+        raise ValueError(
+            f"{path}: config field 'cpt_token_ids' holds id {too_big[0]}, outside the model's "
+            f"vocabulary of {vocab_size}"
+        )
+    if embed is None:
+        return
+    with torch.no_grad():
+        expected = embed(torch.tensor(ids)).detach().to("cpu", torch.float64)
+    saved = files.base.double()
+    if files.format == "peft":  # the trained rows: within their balls of the model's embeddings
+        slack = epsilons(files.config, files.base.shape[1]).double() * (1 + BALL_TOLERANCE)
+    else:
+        slack = torch.zeros(len(ids), dtype=torch.float64)
+    distance = torch.linalg.vector_norm(saved - expected, dim=1)
+    scale = torch.linalg.vector_norm(expected, dim=1).clamp_min(1e-6)
+    far = (distance > slack + BASE_TOLERANCE * scale).nonzero().flatten()
+    if len(far):
+        row = int(far[0])
+        raise ValueError(
+            f"{path}: the adapter's context embeddings do not match the model's: row {row} (token id "
+            f"{ids[row]}) is {float(distance[row]):.4g} away from the model's embedding of norm "
+            f"{float(scale[row]):.4g}: an adapter for another model?"
+        )
+

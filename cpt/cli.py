@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # stderr is for our own one-line errors and progress
     try:
         return args.run(args)
-    except (CLIError, ValueError, ImportError, FileNotFoundError) as error:
+    except (CLIError, ValueError, ImportError, OSError) as error:  # OSError: read-only folder, full disk
         message = " ".join(str(error).split()) or type(error).__name__  # always one line
         print(f"cpt {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
@@ -271,6 +271,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cpt.model import CPTModel
     from cpt.workflow import CONTEXT_DEFAULTS, fit
 
+    _preflight(args)  # before the data and the model load
     started = time.perf_counter()
     data = _load_data(args.data, args.label_names)
     model, tokenizer, device = _load_model(args)
@@ -316,6 +317,7 @@ def _run_train(args: argparse.Namespace) -> int:
     from cpt.train import LAST_CHECKPOINT_NAME
     from cpt.workflow import fit
 
+    _preflight(args)  # before the data and the model load
     if (args.resume or args.checkpoint_every) and args.checkpoint_dir is None:
         option = "--resume" if args.resume else "--checkpoint-every"
         raise CLIError(f"{option} needs --checkpoint-dir")
@@ -449,12 +451,77 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
     return LabelledData(data.name, examples, list(label_names))
 
 
+def _preflight(args: argparse.Namespace) -> None:
+    """What `demo` and `train` check before any data, model or training: the output folder, the
+    device and the learning rate (AdamW steps in float32, so it must fit one).
+
+    Raises:
+        CLIError: naming the option and the value.
+    """
+    import torch
+
+    _check_output(args.output)
+    _device(args.device)
+    largest = float(torch.finfo(torch.float32).max)
+    if not 0.0 < args.lr <= largest:  # NaN fails this too
+        raise CLIError(f"--lr must be a number in (0, {largest:.4g}], got {args.lr}")
+
+
+def _device(name: str | None) -> str:
+    """The device to run on: ``name``, checked, or cuda when there is one, else cpu.
+
+    Raises:
+        CLIError: for a name torch does not know, the meta device (it holds no weights), or a
+            device this machine does not have.
+    """
+    import torch
+
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {name!r} is not a device name such as cpu, cuda or cuda:1") from None
+    if device.type == "cpu":
+        return name
+    if device.type == "meta":
+        raise CLIError(f"--device {name!r} holds no weights and cannot run a model; use cpu or cuda")
+    backend = getattr(torch, device.type, None)
+    available = getattr(backend, "is_available", lambda: False)
+    if backend is None or not available():
+        raise CLIError(f"--device {name!r}: this machine has no {device.type} device (use cpu)")
+    count = getattr(backend, "device_count", lambda: 1)()
+    if device.index is not None and device.index >= count:
+        raise CLIError(f"--device {name!r}: there are {count} {device.type} device(s), numbered from 0")
+    return name
+
+
+def _check_output(path: Path) -> None:
+    """Refuses, before any training, an output folder that cannot be written.
+
+    Raises:
+        CLIError: if ``path`` is a file, a file stands where one of its parents should be, or the
+            nearest existing folder is not writable.
+    """
+    if path.exists() and not path.is_dir():
+        raise CLIError(f"--output {path} is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        if existing.is_symlink():
+            raise CLIError(f"--output {path}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"--output {path}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise CLIError(f"--output {path}: {existing} is not writable")
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     import torch
 
     from cpt.loading import load_model_and_tokenizer
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device(args.device)
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype)
     return model, tokenizer, device
 

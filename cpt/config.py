@@ -1,7 +1,8 @@
 """Configuration of a CPT context, with PEFT's field names and defaults.
 
-A context is N token ids, an attention mask over them and a type code per token. The
-type code of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separators.
+A context is N token ids, an attention mask over them and a type code per token. The type code
+of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separators
+(`check_type_codes`); `check_trainable` says whether a context can be trained.
 """
 
 from __future__ import annotations
@@ -18,10 +19,14 @@ CODES_PER_EXAMPLE = 4
 """Each example of the context uses four type codes: 4k+1 .. 4k+4."""
 
 EPSILON_REFERENCE_DIM = 2048
-"""Epsilons are given for a hidden size of 2048 and scaled by sqrt(d / 2048)."""
+"""Epsilons are given for a hidden size of 2048 and scaled by sqrt(d / 2048) (see docs/method.md)."""
 
 FROZEN_EPSILON = 1e-10
 """Ball radius of rows that never move (labels and separators), as in PEFT."""
+
+MAX_EPSILON = 1e6
+"""Largest accepted ``opt_projection_epsilon`` / ``opt_projection_format_epsilon``: far beyond any
+embedding's norm (so no real bound), and its scaled radius stays finite in float32."""
 
 IGNORE_INDEX = -100
 """Label value that marks a position as not a target (PyTorch's and Hugging Face's default)."""
@@ -77,7 +82,8 @@ class CPTConfig:
     Args:
         cpt_token_ids: token ids of the context, length N. PEFT fills a missing list with ``[0]``.
         cpt_mask: attention mask of the context (0 or 1 per token), length N; all ones by default.
-        cpt_tokens_type_mask: type code per context token, length N; all ones by default.
+        cpt_tokens_type_mask: type code per context token (see docs/method.md), length N; all
+            ones by default.
         opt_weighted_loss_type: ``"none"`` (every label weighs 1) or ``"decay"`` (older examples
             weigh ``opt_loss_decay_factor ** age``).
         opt_loss_decay_factor: gamma of the decay, in (0, 1].
@@ -102,7 +108,7 @@ class CPTConfig:
     num_virtual_tokens: int = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.task_type != TASK_TYPE:
+        if not isinstance(self.task_type, str) or self.task_type != TASK_TYPE:
             raise ValueError(f"task_type must be {TASK_TYPE!r}, got {self.task_type!r}")
         if self.cpt_token_ids is None:
             self.cpt_token_ids = [0]  # what PEFT does with a missing context
@@ -128,23 +134,22 @@ class CPTConfig:
             raise ValueError(f"cpt_mask must hold only 0 and 1, found {bad}")
         if 1 not in self.cpt_mask:
             raise ValueError("cpt_mask is all zeros: no context token would be attended to")
-        if min(self.cpt_tokens_type_mask) < 0:
-            position = min(range(n), key=lambda i: self.cpt_tokens_type_mask[i])
-            raise ValueError(
-                "cpt_tokens_type_mask has a type code below 0: "
-                f"{self.cpt_tokens_type_mask[position]} at position {position}"
-            )
-        if self.opt_weighted_loss_type not in LOSS_TYPES:
+        check_type_codes(self.cpt_tokens_type_mask)
+        if not isinstance(self.opt_weighted_loss_type, str) or self.opt_weighted_loss_type not in LOSS_TYPES:
             raise ValueError(
                 f"opt_weighted_loss_type must be one of {LOSS_TYPES}, got {self.opt_weighted_loss_type!r}"
             )
         decay = self.opt_loss_decay_factor
-        if not (isinstance(decay, (int, float)) and math.isfinite(decay) and 0.0 < decay <= 1.0):
+        if not (_is_number(decay) and math.isfinite(decay) and 0.0 < decay <= 1.0):
             raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {decay!r}")
         for name in ("opt_projection_epsilon", "opt_projection_format_epsilon"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0.0):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            if not (_is_number(value) and math.isfinite(value) and 0.0 <= value <= MAX_EPSILON):
+                raise ValueError(f"{name} must be a number in [0, {MAX_EPSILON:g}], got {value!r}")
+        if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
+            raise ValueError(
+                f"tokenizer_name_or_path must be a string or None, got {self.tokenizer_name_or_path!r}"
+            )
         self.opt_loss_decay_factor = float(decay)
         self.opt_projection_epsilon = float(self.opt_projection_epsilon)
         self.opt_projection_format_epsilon = float(self.opt_projection_format_epsilon)
@@ -164,15 +169,20 @@ class CPTConfig:
         """Builds a config from a dict, ignoring keys that are not fields (e.g. PEFT-only keys).
 
         Raises:
-            ValueError: if ``peft_type`` is present and is not ``"CPT"``, or a field is bad.
+            ValueError: if ``data`` is not a dict, ``peft_type`` is present and is not ``"CPT"``,
+                or a field is bad.
         """
+        if not isinstance(data, dict):
+            raise ValueError(f"a CPTConfig is read from a JSON object, got {type(data).__name__}")
         peft_type = data.get("peft_type")
         if peft_type is not None and str(peft_type) != PEFT_TYPE:
             raise ValueError(f"adapter config has peft_type {peft_type!r}, expected {PEFT_TYPE!r}")
         names = {f.name for f in fields(cls) if f.init}
         config = cls(**{k: v for k, v in data.items() if k in names})
         declared = data.get("num_virtual_tokens")
-        if declared is not None and declared != config.num_virtual_tokens:
+        if declared is not None and (
+            isinstance(declared, bool) or not isinstance(declared, int) or declared != config.num_virtual_tokens
+        ):
             raise ValueError(
                 f"num_virtual_tokens is {declared} but cpt_token_ids has {config.num_virtual_tokens} ids"
             )
@@ -183,7 +193,16 @@ class CPTConfig:
 
     @classmethod
     def from_json(cls, text: str) -> CPTConfig:
-        return cls.from_dict(json.loads(text))
+        """Builds a config from JSON text (`from_dict`).
+
+        Raises:
+            ValueError: if the text is not a JSON object, or a field is bad.
+        """
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as error:
+            raise ValueError(f"not a CPTConfig JSON text: {error}") from None
+        return cls.from_dict(data)
 
     def to_peft_dict(self, token_dim: int, base_model_name_or_path: str | None = None) -> dict[str, Any]:
         """The ``adapter_config.json`` content that PEFT's ``CPTConfig`` accepts.
@@ -208,6 +227,86 @@ class CPTConfig:
         return data
 
 
+def check_type_codes(codes: list[int]) -> None:
+    """Checks that a context's type codes follow the four-codes-per-example scheme.
+
+    Example k (0-based) uses codes ``4k+1 .. 4k+4`` (roles 1..4), separators 0. The examples
+    present must be 0, 1, ... without a gap, each one's tokens must come before the next one's,
+    and a label (role 4) must come after its example's input (role 2). Whether the context can be
+    trained is a separate question (`check_trainable`).
+
+    Raises:
+        ValueError: naming the position and code that break the scheme.
+    """
+    for position, code in enumerate(codes):
+        if code < 0:
+            raise ValueError(f"cpt_tokens_type_mask has a type code below 0: {code} at position {position}")
+    examples = sorted({(c - 1) // CODES_PER_EXAMPLE for c in codes if c > 0})
+    for expected, example in enumerate(examples):
+        if example != expected:
+            raise ValueError(
+                f"cpt_tokens_type_mask skips example {expected}: it has codes of example {example} "
+                f"({4 * example + 1}..{4 * example + 4}) but none of {4 * expected + 1}..{4 * expected + 4}"
+            )
+    current = -1
+    last_input: dict[int, int] = {}
+    first_label: dict[int, int] = {}
+    for position, code in enumerate(codes):
+        if code == 0:
+            continue
+        example, role = (code - 1) // CODES_PER_EXAMPLE, (code - 1) % CODES_PER_EXAMPLE + 1
+        if example < current:
+            raise ValueError(
+                f"cpt_tokens_type_mask: code {code} at position {position} belongs to example {example}, "
+                f"but example {current} has already begun: each example's codes must be consecutive"
+            )
+        current = example
+        if role == TokenRole.INPUT:
+            last_input[example] = position
+        elif role == TokenRole.LABEL:
+            first_label.setdefault(example, position)
+    for example, position in first_label.items():
+        if last_input.get(example, -1) > position:
+            raise ValueError(
+                f"cpt_tokens_type_mask: the label of example {example} (code {4 * example + 4}) at position "
+                f"{position} comes before its input (code {4 * example + 2}) at position {last_input[example]}"
+            )
+
+
+def check_trainable(config: CPTConfig) -> None:
+    """Checks that training ``config``'s context can work: a row to train, and label targets.
+
+    The samples' type codes are shifted by the context's highest code (as PEFT does), so that a
+    sample counts as the example after the context's last one. That shift keeps a sample's
+    labels on multiples of 4 only if the highest code is one; otherwise the loss would target
+    template tokens.
+
+    Raises:
+        ValueError: if no row is trainable (codes 4k+1..4k+3), or the highest code is not a
+            multiple of 4 (the shift is explained).
+    """
+    codes = config.cpt_tokens_type_mask
+    if not any(c > 0 and c % CODES_PER_EXAMPLE for c in codes):
+        raise ValueError(
+            "the context has no trainable row: no type code is a template or input code (4k+1..4k+3), "
+            "so training would change nothing"
+        )
+    highest = max(codes)
+    if highest % CODES_PER_EXAMPLE:
+        raise ValueError(
+            f"the context's highest type code is {highest}, not a multiple of 4 (its last example has no "
+            f"label): each sample's codes are shifted by {highest} to follow the context, so a sample's "
+            f"label (code 4) would become {4 + highest} and its template codes 1..3 would become "
+            f"{1 + highest}..{3 + highest}, some of them multiples of 4: the loss would target template "
+            "tokens instead of the label. End the context with a labelled example (its codes 4k+1..4k+4, "
+            "the label 4k+4), as build_context does"
+        )
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _int_list(name: str, values: Any) -> list[int]:
     if isinstance(values, torch.Tensor):
         values = values.tolist()
@@ -215,12 +314,16 @@ def _int_list(name: str, values: Any) -> list[int]:
         raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
     out = []
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, bool):
+            raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
+        if not isinstance(v, int):
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
             elif hasattr(v, "__index__"):
                 v = int(v.__index__())
             else:
                 raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"{name}[{i}] is out of range: {v}")
         out.append(int(v))
     return out

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import operator
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -292,8 +292,12 @@ def build_context(
 
     Raises:
         ValueError: if there are no examples, an example cannot be rendered, ``config_kwargs``
-            sets a context field, or a config field is bad.
+            sets a context field or one that `CPTConfig` does not have, or a config field is bad.
     """
+    known = {f.name for f in fields(CPTConfig) if f.init}
+    unknown = sorted(set(config_kwargs) - known)
+    if unknown:
+        raise ValueError(f"unknown CPTConfig option {unknown[0]!r}; the options are {sorted(known - set(_CONTEXT_FIELDS))}")
     clashing = [name for name in _CONTEXT_FIELDS if name in config_kwargs]
     if clashing:
         raise ValueError(

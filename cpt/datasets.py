@@ -39,6 +39,10 @@ JSONL_SUFFIXES = (".jsonl",)
 CSV_SUFFIXES = (".csv",)
 TEXT_KEY = "text"
 LABEL_KEY = "label"
+MAX_FILE_BYTES = 1 << 30
+"""Largest data file read (1 GiB): few-shot data is small; a bigger file is a mistake."""
+MAX_FIELD_CHARS = 1 << 20
+"""Longest CSV field (characters): Python's csv module allows 128 Ki by default."""
 
 
 @dataclass(frozen=True)
@@ -164,17 +168,19 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
 
     Args:
         name_or_path: one of `BUILTIN_DATASETS`, or the path of a JSON Lines file (one
-            ``{"text": str, "label": ...}`` object per line; blank lines are skipped) or of a CSV
-            file (a header with ``text`` and ``label`` columns; other columns are ignored).
+            ``{"text": str, "label": ...}`` object per line, lines ending at ``\\n`` only; blank
+            lines are skipped) or of a CSV file (a header with ``text`` and ``label`` columns;
+            other columns are ignored; every row as many fields as the header).
 
     Returns:
         The data; its label set is the built-in set's, in its index order, or for a file the
         distinct labels sorted (numbers by value, before other labels).
 
     Raises:
-        ValueError: on an unknown name (listing the known ones), a missing file, a malformed
-            JSONL line or CSV row (with its 1-based line number), missing columns or keys, an
-            empty data set, or a cached file that holds anything but ``([text], index)`` pairs
+        ValueError: on an unknown name (listing the known ones), a missing, unreadable or
+            over-large (1 GiB) file, a malformed JSONL line or CSV row (with its 1-based line
+            number: bad JSON, JSON nested too deeply, a CSV row with more or fewer fields than the
+            header), missing columns or keys, a header naming a column twice, an empty data set, or a cached file that holds anything but ``([text], index)`` pairs
             (a pickled global included).
         ImportError: for a built-in set when ``StaICC`` is not installed, giving the pip command.
     """
@@ -191,9 +197,14 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
     if not path.is_file():
         raise ValueError(f"dataset file {name!r} does not exist")
     try:
-        content = path.read_text(encoding="utf-8-sig")  # -sig: drops the BOM spreadsheets write
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValueError(f"{name}: the file has {size} bytes, more than the {MAX_FILE_BYTES} accepted")
+        content = path.read_bytes().decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
     except UnicodeDecodeError as err:
         raise ValueError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    except OSError as err:
+        raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
         pairs = _parse_jsonl(content, name)
     else:
@@ -404,16 +415,22 @@ def _label_string(value: Any, where: str) -> str:
 
 
 def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses JSON Lines into ``(text, label)`` pairs; blank lines are skipped."""
+    """Parses JSON Lines into ``(text, label)`` pairs; blank lines are skipped.
+
+    Lines end at ``"\\n"`` only (JSON Lines' rule): U+2028, U+0085 and the like may stand raw in a
+    string; a ``"\\r"`` before the ``"\\n"`` is JSON whitespace.
+    """
     pairs: list[tuple[str, str]] = []
-    for number, line in enumerate(content.splitlines(), start=1):
-        if not line.strip():
+    for number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip(" \t\r"):
             continue
         where = f"{name}, line {number}"
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise ValueError(f"{where}: the JSON is nested too deeply") from None
         if not isinstance(record, dict):
             raise ValueError(
                 f'{where}: expected an object with "{TEXT_KEY}" and "{LABEL_KEY}", '
@@ -430,12 +447,26 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
 
 
 def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses CSV with a header row into ``(text, label)`` pairs; blank rows are skipped."""
-    reader = csv.DictReader(io.StringIO(content, newline=""))
+    """Parses CSV with a header row into ``(text, label)`` pairs; blank rows are skipped.
+
+    Every row must have as many fields as the header, and the header must name ``text`` and
+    ``label`` once each; other columns are ignored.
+    """
+    reader = csv.reader(io.StringIO(content, newline=""))
+    limit = csv.field_size_limit()
+    csv.field_size_limit(MAX_FIELD_CHARS)
     try:
-        header = reader.fieldnames
+        return _csv_pairs(reader, name)
     except csv.Error as err:
-        raise ValueError(f"{name}, line 1: malformed CSV ({err})") from None
+        raise ValueError(f"{name}, line {reader.line_num}: malformed CSV ({err})") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
+    header = next(reader, None)
+    while header == []:  # blank lines before the header
+        header = next(reader, None)
     if header is None:
         raise ValueError(f"{name}: the dataset is empty (no header row)")
     missing = [key for key in (TEXT_KEY, LABEL_KEY) if key not in header]
@@ -444,16 +475,25 @@ def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
             f"{name}: the CSV header needs columns {TEXT_KEY!r} and {LABEL_KEY!r}; "
             f"missing {missing}, found {header}"
         )
+    repeated = sorted({column for column in header if header.count(column) > 1})
+    if repeated:
+        raise ValueError(
+            f"{name}, line {reader.line_num}: the CSV header names {repeated} more than once: {header}"
+        )
+    text_at, label_at = header.index(TEXT_KEY), header.index(LABEL_KEY)
     pairs: list[tuple[str, str]] = []
-    try:
-        for row in reader:
-            where = f"{name}, line {reader.line_num}"
-            text, label = row[TEXT_KEY], row[LABEL_KEY]
-            if text is None or label is None:
-                raise ValueError(f"{where}: the row has fewer fields than the header")
-            pairs.append((text, _label_string(label, where)))
-    except csv.Error as err:
-        raise ValueError(f"{name}, line {reader.line_num}: malformed CSV ({err})") from None
+    for row in reader:
+        if not row:
+            continue
+        where = f"{name}, line {reader.line_num}"
+        if len(row) != len(header):
+            if len(row) < len(header):
+                raise ValueError(f"{where}: the row has fewer fields than the header ({len(row)}, not {len(header)})")
+            raise ValueError(
+                f"{where}: the row has more fields than the header ({len(row)}, not {len(header)}): "
+                "quote a field that holds a comma"
+            )
+        pairs.append((row[text_at], _label_string(row[label_at], where)))
     return pairs
 
 

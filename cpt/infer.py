@@ -180,8 +180,8 @@ def generate(
     Raises:
         ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
             replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
-            has the wrong length, a text's prompt does not fit the model's maximum number of
-            positions (naming the text), or a text renders to no query tokens while the
+            has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
+            ``max_length``), do not fit the model's maximum number of positions (naming the text), or a text renders to no query tokens while the
             context's last token carries a trained embedding.
     """
     texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
@@ -209,6 +209,7 @@ def generate(
     for i, text in enumerate(texts):
         query = render_query(tokenizer, template, text).input_ids
         _check_fits(model, len(query), f"text {i} (query of {len(query)} tokens)")
+        _check_generation_fits(model, len(query), generation_kwargs, i)
         cached = n
         if not query:
             # generate needs one uncached token: feed the context's last token again, which is
@@ -458,6 +459,19 @@ def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
         raise ValueError(
             f"{what} after the context of {model.num_virtual_tokens} tokens needs {total} "
             f"positions, more than the model's {limit}"
+        )
+
+
+def _check_generation_fits(model: CPTModel, query_tokens: int, kwargs: dict[str, Any], index: int) -> None:
+    """Refuses a generation whose new tokens would pass the model's maximum number of positions."""
+    limit = _max_positions(model)
+    prompt = model.num_virtual_tokens + query_tokens
+    new = kwargs.get("max_new_tokens")
+    total = prompt + new if isinstance(new, int) else kwargs.get("max_length")
+    if limit is not None and isinstance(total, int) and total > limit:
+        raise ValueError(
+            f"text {index}: the prompt (context and query) takes {prompt} positions and generation may "
+            f"reach {total}, more than the model's {limit}; lower max_new_tokens to at most {max(limit - prompt, 0)}"
         )
 
 

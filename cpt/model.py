@@ -21,6 +21,7 @@ from transformers.utils import ModelOutput
 from cpt import checkpointing, loss, passes, plan
 from cpt.config import CPTConfig
 from cpt.context import Context
+from cpt.inputs import check_token_ids
 from cpt.passes import ContextCache
 
 __all__ = ["CPTModel", "CPTOutput", "ContextCache"]
@@ -164,10 +165,11 @@ class CPTModel(nn.Module):
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, negative type codes, or a
-                batch without any label token.
+            ValueError: on shapes that differ from ``input_ids``, float ids, ids or labels
+                outside the vocabulary, negative type codes, or a batch without any label token.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
         how = self.execution_plan("loss", *input_ids.shape)
@@ -239,7 +241,7 @@ class CPTModel(nn.Module):
 
     def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
         """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
-        ball); see `cpt.adapter`."""
+        ball), replacing any adapter there as a whole; see `cpt.adapter`."""
         from cpt.adapter import save_adapter
 
         if not self.is_projected():  # projecting a projected delta again moves rows by an ulp
@@ -250,14 +252,32 @@ class CPTModel(nn.Module):
     def from_pretrained(
         cls, base_model: nn.Module, path: str | Path, *, revision: str | None = None, **kwargs
     ) -> CPTModel:
-        """Loads an adapter in either layout (detected) onto ``base_model``.
+        """Loads an adapter in either layout (detected) onto ``base_model``, after checking every
+        file against it (`cpt.adapter.read_adapter`).
 
         ``path`` is an adapter folder or a hub name (``org/name``, at ``revision``), resolved
         by `cpt.hub.resolve_adapter`: from the local Hugging Face cache, else downloaded."""
-        from cpt.adapter import load_adapter
+        from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
-        return load_adapter(base_model, resolve_adapter(path, revision=revision), **kwargs)
+        embeddings = passes.input_embeddings(base_model)
+        vocab_size, hidden_size = embeddings.weight.shape
+
+        def embed(ids: torch.Tensor) -> torch.Tensor:
+            return embeddings(ids.to(embeddings.weight.device))  # as the context's base is made
+
+        files = read_adapter(
+            resolve_adapter(path, revision=revision),
+            hidden_size=int(hidden_size),
+            vocab_size=int(vocab_size),
+            embed=embed,
+        )
+        model = cls(base_model, files.config, **kwargs)
+        model.task = files.task
+        with torch.no_grad():
+            model.base.copy_(files.base)
+            model.delta.copy_(files.delta)
+        return model
 
     # ------------------------------------------------------------------ conveniences (as in PEFT)
 

@@ -36,6 +36,8 @@ def epsilons(config: CPTConfig, hidden_size: int) -> torch.Tensor:
     format_rows = (roles == TokenRole.INPUT_TEMPLATE) | (roles == TokenRole.OUTPUT_TEMPLATE)
     eps[format_rows] = (config.opt_projection_format_epsilon * scale_t).item()
     eps[roles == TokenRole.INPUT] = (config.opt_projection_epsilon * scale_t).item()
+    if not bool(torch.isfinite(eps).all()):  # CPTConfig bounds the epsilons; a huge d could not
+        raise ValueError(f"the projection radii are not finite for hidden size {hidden_size}")
     return eps
 
 
@@ -43,18 +45,30 @@ def project(delta: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
     """Projects each row of ``delta`` onto the L2 ball of its radius.
 
     Rows already inside their ball are returned unchanged (bit for bit); the others are scaled by
-    ``eps_i / ||delta_i||``.
+    ``eps_i / ||delta_i||``. Rows that arithmetic would spoil land on their sphere all the same:
+    a row whose norm overflows float32 (it is scaled by its largest entry before the norm is
+    taken), a row holding +-inf (it points along its infinite entries), and a row so long that
+    ``eps_i / ||delta_i||`` underflows to zero. A row holding NaN stays NaN.
 
     Args:
         delta: (N, d) float32 offsets.
-        eps: (N,) float32 radii, >= 0.
+        eps: (N,) float32 radii, >= 0 and finite.
 
     Returns:
         (N, d) projected offsets.
     """
     norm = torch.linalg.vector_norm(delta, dim=1)  # (N,)
     scale = torch.where(norm > eps, eps / norm, torch.ones_like(norm))  # (N,)
-    return delta * scale.unsqueeze(1)
+    projected = delta * scale.unsqueeze(1)
+    # Rows the plain formula spoils: norm inf (overflow, or an inf entry), or a scale below the
+    # smallest normal float (the row would come out zero or denormal instead of on its sphere).
+    spoiled = ~torch.isfinite(norm) | ((norm > eps) & (scale < torch.finfo(delta.dtype).tiny) & (eps > 0))
+    infinite = torch.isinf(delta)
+    has_inf = infinite.any(dim=1, keepdim=True)  # (N, 1)
+    largest = delta.abs().amax(dim=1, keepdim=True)  # (N, 1)
+    direction = torch.where(has_inf, torch.where(infinite, torch.sign(delta), 0.0), delta / largest)
+    unit = direction / torch.linalg.vector_norm(direction, dim=1, keepdim=True)
+    return torch.where(spoiled.unsqueeze(1), unit * eps.unsqueeze(1), projected)
 
 
 _compiled_project: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None

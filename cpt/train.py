@@ -6,8 +6,8 @@ context by projected gradient descent: an AdamW step on the offset ``delta``, th
 
 - `train` runs it, with gradient accumulation, optional bf16 autocast, gradient clipping,
   periodic evaluation, a tqdm bar showing the running loss, and checkpoints;
-- `save_checkpoint` / `load_checkpoint` write and read a resumable training state with no pickle
-  (safetensors for tensors, JSON for the rest), atomically as a whole folder;
+- checkpoints (`cpt.checkpoint`: `save_checkpoint` / `load_checkpoint`) every few steps and at
+  the end, each replacing the previous one as a whole;
 - `CPTProjectionCallback` gives users of `transformers.Trainer` the same projection step.
 
 Gradient accumulation matches one big batch: each micro-batch's loss is weighted by its number of
@@ -24,11 +24,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,19 +33,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as safetensors_load
 from torch import nn
 from tqdm.auto import tqdm
 
 from cpt import graphs
-from cpt._io import (
-    atomic_save_tensors,
-    atomic_write_json,
-    read_file_bytes,
-    read_json_object,
-)
-from cpt.adapter import load_adapter, save_adapter
+from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
+from cpt.config import check_trainable
+from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
 from cpt.plan import Choice, choice
 
@@ -57,16 +48,6 @@ logger = logging.getLogger(__name__)
 MixedPrecision = Literal["auto", "bf16", "no"]
 MIXED_PRECISION_MODES = ("auto", "bf16", "no")
 CudaGraphs = Choice
-
-STATE_FORMAT = "cpt-trainer-state"
-CHECKPOINT_FORMAT_VERSION = 1
-ADAPTER_DIR = "adapter"  # the adapter, in cpt's layout (base and delta apart)
-STATE_TENSORS_NAME = "trainer_state.safetensors"  # optimizer moments, RNG states
-STATE_JSON_NAME = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-LAST_CHECKPOINT_NAME = "last"  # `train` keeps one rolling checkpoint, checkpoint_dir / "last"
-
-_ORDER_FIELDS = ("seed", "batch_size", "gradient_accumulation_steps")
-"""TrainConfig fields that decide which samples each step sees: a resume must keep them."""
 
 Batch = dict[str, torch.Tensor]
 EvalFn = Callable[[CPTModel], Mapping[str, float]]
@@ -172,25 +153,6 @@ class TrainResult:
     epoch: float = 0.0
 
 
-@dataclass
-class TrainState:
-    """Where a run stands between two optimizer steps: everything a resume needs but tensors.
-
-    Attributes:
-        step: optimizer steps done.
-        epoch: the epoch the next batch belongs to.
-        position: batches of that epoch already consumed.
-        losses: per-step losses so far.
-        eval_history: evaluations so far.
-    """
-
-    step: int = 0
-    epoch: int = 0
-    position: int = 0
-    losses: list[float] = field(default_factory=list)
-    eval_history: list[dict[str, float]] = field(default_factory=list)
-
-
 # ---------------------------------------------------------------------- training
 
 
@@ -230,8 +192,10 @@ def train(
         A `TrainResult` over the whole run.
 
     Raises:
-        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, or a
-            checkpoint that does not match the model, the dataset or the config.
+        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a context
+            that cannot be trained (`cpt.config.check_trainable`), or a checkpoint that does not
+            match the model, the dataset or the config.
+        cpt.numerics.NonFiniteError: at the first step whose loss or gradient is NaN or infinite.
     """
     start_time = time.perf_counter()
     if not isinstance(config, TrainConfig):
@@ -241,6 +205,7 @@ def train(
     num_samples = len(dataset)
     if num_samples == 0:
         raise ValueError("dataset is empty: nothing to train on")
+    check_trainable(model.config)  # a row to train, and labels the loss can target
 
     model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
     optimizer = make_optimizer(model, config)
@@ -268,7 +233,9 @@ def train(
             batches = [order[i : i + size] for i in range(0, num_samples, size)]
             while state.position < len(batches) and state.step < total_steps:
                 window = batches[state.position : state.position + accumulation]
-                loss = _optimizer_step(model, optimizer, config, dataset, collator, window, autocast, graphed)
+                loss = _optimizer_step(
+                    model, optimizer, config, dataset, collator, window, autocast, graphed, step=state.step + 1
+                )
                 state.position += len(window)
                 state.step += 1
                 state.losses.append(loss)
@@ -323,11 +290,15 @@ def _optimizer_step(
     window: list[list[int]],
     autocast: Callable[[], Any],
     graphed: graphs.GraphedLoss | None,
+    step: int = 0,
 ) -> float:
     """One projected AdamW step over the micro-batches of ``window``; returns the step's loss.
 
     Batches stay on the CPU where the collator makes them: the model reads the loss's targets
     there and copies the rest to its device without making the host wait.
+
+    Raises:
+        cpt.numerics.NonFiniteError: before the update, if the loss or the gradient is NaN or infinite.
     """
     params = model.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
@@ -355,6 +326,7 @@ def _optimizer_step(
         for param in params:
             if param.grad is not None:
                 param.grad.div_(total_weight)
+    check_finite_step(weighted_loss, params, step)  # before the update: delta stays as it was
     if config.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
@@ -410,306 +382,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # seeds CUDA too
 
 
-# ---------------------------------------------------------------------- checkpoints
-
-
-def save_checkpoint(
-    folder: str | Path,
-    model: CPTModel,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    config: TrainConfig,
-    *,
-    num_samples: int,
-) -> Path:
-    """Writes a resumable training state into ``folder``, atomically as a whole.
-
-    The folder is built under a temporary sibling name (``.<name>.tmp-<id>``) and renamed into
-    place only when complete; a previous checkpoint at ``folder`` is moved aside and deleted only
-    after that. A crash while building leaves the previous checkpoint untouched; the loader reads
-    ``folder`` alone, never a temporary sibling. Layout::
-
-        adapter/                    the adapter in cpt's layout (`cpt.adapter.save_adapter`)
-        trainer_state.safetensors   optimizer tensors (``optimizer.<param>.<name>``) and RNG
-                                    states (``rng.torch``, ``rng.cuda.<i>``)
-        trainer_state.json          step, epoch, position, config, losses, evaluations,
-                                    optimizer param groups and scalars, Python RNG state,
-                                    the tensors file's checksum
-
-    Args:
-        folder: the checkpoint folder to create or replace.
-        model: the model being trained.
-        optimizer: its optimizer (`make_optimizer`).
-        state: where the run stands.
-        config: the run's config (recorded, and checked on resume).
-        num_samples: the dataset's length (checked on resume).
-
-    Returns:
-        The folder.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"cannot save checkpoint: {folder} exists and is not a folder")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(folder)
-    for stale in _siblings(folder, "tmp") + _siblings(folder, "old"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a save that crashed
-    tmp = folder.parent / f".{folder.name}.tmp-{uuid.uuid4().hex}"
-    old = folder.parent / f".{folder.name}.old-{uuid.uuid4().hex}"
-    moved_aside = False
-    try:
-        # save_adapter, not save_pretrained: delta is already projected after every step, and
-        # projecting again is not bit-for-bit idempotent (a row scaled onto its sphere can come out
-        # an ulp outside it), so a save must not touch the model it saves.
-        save_adapter(model, tmp / ADAPTER_DIR)
-        tensors, optimizer_json = _optimizer_to_tensors(optimizer)
-        tensors.update(_rng_tensors())
-        data = atomic_save_tensors(tmp / STATE_TENSORS_NAME, tensors, metadata={"format": STATE_FORMAT})
-        atomic_write_json(
-            tmp / STATE_JSON_NAME,
-            {
-                "format": STATE_FORMAT,
-                "format_version": CHECKPOINT_FORMAT_VERSION,
-                "step": state.step,
-                "epoch": state.epoch,
-                "position": state.position,
-                "num_samples": num_samples,
-                "config": config.to_dict(),
-                "losses": state.losses,
-                "eval_history": state.eval_history,
-                "optimizer": optimizer_json,
-                "python_rng": _python_rng_to_json(random.getstate()),
-                "tensors_sha256": hashlib.sha256(data).hexdigest(),
-            },
-        )
-        _fsync_dir(tmp)
-        _fsync_dir(tmp / ADAPTER_DIR)
-        if folder.exists():
-            os.replace(folder, old)  # a directory cannot be renamed over a non-empty one
-            moved_aside = True
-        os.replace(tmp, folder)
-        _fsync_dir(folder.parent)
-    except BaseException:
-        if moved_aside and not folder.exists():
-            os.replace(old, folder)  # put the previous checkpoint back
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-    return folder
-
-
-def load_checkpoint(
-    folder: str | Path,
-    model: CPTModel,
-    optimizer: torch.optim.Optimizer,
-    *,
-    config: TrainConfig | None = None,
-    num_samples: int | None = None,
-) -> TrainState:
-    """Restores a checkpoint into ``model`` and ``optimizer`` and the global RNGs.
-
-    The optimizer's moments and step counts come from the checkpoint; its hyper-parameters
-    (learning rate, weight decay) stay those it was built with, i.e. the current config's.
-
-    Args:
-        folder: a folder written by `save_checkpoint`.
-        model: a model with the same context and base model as the one saved.
-        optimizer: a fresh optimizer over ``model.trainable_parameters()`` (`make_optimizer`).
-        config: if given, its ``seed``, ``batch_size`` and ``gradient_accumulation_steps`` must
-            equal the saved ones (they decide the sample order).
-        num_samples: if given, must equal the saved dataset length.
-
-    Returns:
-        The `TrainState` to continue from.
-
-    Raises:
-        ValueError: if the folder is not a complete checkpoint, its files do not belong together,
-            or it does not match the model (context, base embeddings, hidden size), the config or
-            the dataset.
-    """
-    folder = Path(folder)
-    _recover_interrupted_swap(folder)
-    meta = _read_state_json(folder / STATE_JSON_NAME)
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{folder / STATE_JSON_NAME} is not a cpt trainer state")
-    if meta.get("format_version", 0) > CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f"{folder} was written by a newer cpt (format {meta['format_version']})")
-    if config is not None:
-        saved = meta.get("config", {})
-        for name in _ORDER_FIELDS:
-            if saved.get(name) != getattr(config, name):
-                raise ValueError(
-                    f"cannot resume from {folder}: it was trained with {name}={saved.get(name)!r}, "
-                    f"the config has {name}={getattr(config, name)!r} (the sample order would differ)"
-                )
-    if num_samples is not None and meta.get("num_samples") != num_samples:
-        raise ValueError(
-            f"cannot resume from {folder}: it was trained on {meta.get('num_samples')} samples, "
-            f"the dataset has {num_samples}"
-        )
-
-    tensors_path = folder / STATE_TENSORS_NAME
-    raw = _read_bytes(tensors_path)
-    if hashlib.sha256(raw).hexdigest() != meta.get("tensors_sha256"):
-        raise ValueError(f"{tensors_path} does not match {STATE_JSON_NAME} (checksum differs)")
-    try:
-        tensors = safetensors_load(raw)
-    except (SafetensorError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{tensors_path} is not a valid safetensors file: {error}") from None
-
-    delta = _matching_delta(folder / ADAPTER_DIR, model)
-    optimizer_state = _optimizer_from_tensors(meta["optimizer"], tensors)
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise ValueError(f"cannot load the optimizer state of {folder}: {error}") from None
-    for group, values in zip(optimizer.param_groups, hyper):
-        group.update(values)  # the current config's hyper-parameters
-    with torch.no_grad():
-        model.delta.copy_(delta)
-    _restore_rng(tensors, meta["python_rng"])
-    return TrainState(
-        step=int(meta["step"]),
-        epoch=int(meta["epoch"]),
-        position=int(meta["position"]),
-        losses=[float(x) for x in meta["losses"]],
-        eval_history=[dict(e) for e in meta["eval_history"]],
-    )
-
-
-def _matching_delta(adapter_dir: Path, model: CPTModel) -> torch.Tensor:
-    """The saved delta, after checking the adapter was trained on this model's context."""
-    if not adapter_dir.is_dir():
-        raise ValueError(f"checkpoint has no adapter folder {adapter_dir}")
-    saved = load_adapter(model.base_model, adapter_dir, compile_projection=False)
-    ignore = {"tokenizer_name_or_path"}
-    mine = {k: v for k, v in model.config.to_dict().items() if k not in ignore}
-    theirs = {k: v for k, v in saved.config.to_dict().items() if k not in ignore}
-    if mine != theirs:
-        differing = sorted(k for k in mine if mine[k] != theirs.get(k))
-        raise ValueError(
-            f"checkpoint adapter {adapter_dir} does not match the model: its config differs in "
-            f"{differing}"
-        )
-    if not torch.equal(saved.base.to(model.base.device), model.base):
-        raise ValueError(
-            f"checkpoint adapter {adapter_dir} does not match the model: the context's base embeddings "
-            "differ (a different base model?)"
-        )
-    return saved.delta.detach()
-
-
-def _optimizer_to_tensors(
-    optimizer: torch.optim.Optimizer,
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Splits ``optimizer.state_dict()`` into safetensors tensors and a JSON description."""
-    state_dict = optimizer.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    state_json: dict[str, dict[str, Any]] = {}
-    for param_id, param_state in state_dict["state"].items():
-        entry: dict[str, Any] = {}
-        for name, value in param_state.items():
-            if isinstance(value, torch.Tensor):
-                key = f"optimizer.{param_id}.{name}"
-                tensors[key] = value
-                entry[name] = {"tensor": key}
-            else:
-                entry[name] = {"value": value}
-        state_json[str(param_id)] = entry
-    return tensors, {"state": state_json, "param_groups": state_dict["param_groups"]}
-
-
-def _optimizer_from_tensors(
-    description: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> dict[str, Any]:
-    """Rebuilds an ``optimizer.state_dict()`` from `_optimizer_to_tensors`' two parts."""
-    state: dict[int, dict[str, Any]] = {}
-    for param_id, entry in description["state"].items():
-        values: dict[str, Any] = {}
-        for name, item in entry.items():
-            if "tensor" in item:
-                if item["tensor"] not in tensors:
-                    raise ValueError(f"checkpoint tensors lack {item['tensor']!r}")
-                values[name] = tensors[item["tensor"]]
-            else:
-                values[name] = item["value"]
-        state[int(param_id)] = values
-    groups = []
-    for group in description["param_groups"]:
-        group = dict(group)
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    tensors = {"rng.torch": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, rng in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"rng.cuda.{i}"] = rng
-    return tensors
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], python_rng: Any) -> None:
-    torch.set_rng_state(tensors["rng.torch"])
-    num_cuda = sum(1 for k in tensors if k.startswith("rng.cuda."))
-    if num_cuda and torch.cuda.is_available():
-        cuda = [tensors[f"rng.cuda.{i}"] for i in range(min(num_cuda, torch.cuda.device_count()))]
-        torch.cuda.set_rng_state_all(cuda)
-    random.setstate(_python_rng_from_json(python_rng))
-
-
-def _python_rng_to_json(rng_state: tuple) -> list[Any]:
-    version, internal, gauss_next = rng_state
-    return [version, list(internal), gauss_next]
-
-
-def _python_rng_from_json(data: list[Any]) -> tuple:
-    version, internal, gauss_next = data
-    return (version, tuple(internal), gauss_next)
-
-
-def _siblings(folder: Path, kind: str) -> list[Path]:
-    """The ``.<name>.<kind>-<id>`` folders next to ``folder`` (``kind``: "tmp" or "old")."""
-    return [p for p in folder.parent.glob(f".{folder.name}.{kind}-*") if p.is_dir()]
-
-
-def _recover_interrupted_swap(folder: Path) -> None:
-    """Puts the previous checkpoint back if a save died between its two renames.
-
-    Only then is ``folder`` missing while a complete ``.old-`` sibling exists. Temporary
-    ``.tmp-`` folders are never used: they may be incomplete.
-    """
-    if folder.exists():
-        return
-    complete = [p for p in _siblings(folder, "old") if (p / STATE_JSON_NAME).is_file()]
-    if complete:
-        os.replace(max(complete, key=lambda p: p.stat().st_mtime), folder)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # e.g. platforms without directory handles
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _read_state_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ValueError(f"no complete checkpoint at {path.parent}: {path.name} is missing")
-    return read_json_object(path, "checkpoint state")
-
-
-def _read_bytes(path: Path) -> bytes:
-    return read_file_bytes(path, "checkpoint file")
 
 
 # ---------------------------------------------------------------------- validation

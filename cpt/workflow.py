@@ -96,17 +96,18 @@ def fit(
 
     Raises:
         ValueError: on empty examples, a malformed example (naming its index), an integer label
-            without ``labels``, a label outside ``labels``, or any bad option.
+            without ``labels``, a label outside ``labels``, ``labels`` that is not a list of
+            distinct non-empty strings, or any bad option.
     """
     template = template or Template()
-    names = None if labels is None else list(labels)
+    names = None if labels is None else _label_set(labels)
     context = [as_example(item, i, names) for i, item in enumerate(examples)]
     if not context:
         raise ValueError("examples is empty: the context needs at least one labelled example")
     training = (
         context if train_examples is None else [as_example(e, i, names) for i, e in enumerate(train_examples)]
     )
-    label_set = list(dict.fromkeys(e.label for e in context)) if labels is None else list(labels)
+    label_set = list(dict.fromkeys(e.label for e in context)) if names is None else names
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
             if example.label not in label_set:
@@ -125,3 +126,18 @@ def fit(
         resume_from=resume_from,
     )
     return model, result
+
+
+def _label_set(labels: Sequence[str]) -> list[str]:
+    """``labels`` as a list, checked: distinct non-empty strings (a saved adapter needs them so)."""
+    if isinstance(labels, str) or not isinstance(labels, Sequence):
+        raise ValueError(f"labels must be a list of strings, got {labels!r}")
+    label_set = list(labels)
+    for i, label in enumerate(label_set):
+        if not isinstance(label, str) or not label:
+            raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
+        if label in label_set[:i]:
+            raise ValueError(f"labels holds {label!r} twice (at {label_set.index(label)} and {i})")
+    if not label_set:
+        raise ValueError("labels is empty")
+    return label_set

@@ -1,4 +1,7 @@
+import hashlib
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -7,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
 from cpt import CPTModel, adapter_format
-from cpt.adapter import CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
+from cpt.adapter import CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, save_adapter
 
 
 @pytest.fixture
@@ -80,8 +83,10 @@ def test_mismatched_model_is_named(trained: CPTModel, tmp_path) -> None:
             CPTModel.from_pretrained(other, tmp_path / fmt)
     small = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=20, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
-    with pytest.raises(ValueError, match="outside the model's vocabulary of 20"):
+    with pytest.raises(ValueError, match="field 'vocab_size' is 96: the adapter is for vocabulary size 96, but the model's is 20"):
         CPTModel.from_pretrained(small, tmp_path / "cpt")
+    with pytest.raises(ValueError, match="outside the model's vocabulary of 20"):
+        CPTModel.from_pretrained(small, tmp_path / "peft")
 
 
 def test_files_from_two_saves_are_detected(trained: CPTModel, tmp_path) -> None:
@@ -123,7 +128,7 @@ def test_damaged_peft_folders_are_named(trained: CPTModel, tmp_path) -> None:
     config = json.loads((tmp_path / PEFT_CONFIG_NAME).read_text())
     config["peft_type"] = "LORA"
     (tmp_path / PEFT_CONFIG_NAME).write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="peft_type 'LORA'"):
+    with pytest.raises(ValueError, match="field 'peft_type' must be \"CPT\", got 'LORA'"):
         CPTModel.from_pretrained(make_model("llama"), tmp_path)
 
 
@@ -151,3 +156,119 @@ def test_saving_onto_a_file_is_refused(trained: CPTModel, tmp_path) -> None:
     with pytest.raises(ValueError, match="exists and is not a folder"):
         trained.save_pretrained(target)
     assert target.read_text() == "mine"
+
+
+# ---------------------------------------------------------------------- one writer, one reader
+
+
+def _edit_json(name: str, change):
+    def damage(folder):
+        data = json.loads((folder / name).read_text())
+        change(data)
+        (folder / name).write_text(json.dumps(data))
+
+    return damage
+
+
+def _edit_weights(name: str, change):
+    def damage(folder):
+        save_file(change(load_file(folder / name)), folder / name)
+        if name == CPT_WEIGHTS_NAME:  # a forger who also fixes the checksum
+            _edit_json(CPT_CONFIG_NAME, lambda c: c.update(
+                weights_sha256=hashlib.sha256((folder / name).read_bytes()).hexdigest()))(folder)
+
+    return damage
+
+
+def _set(tensors: dict, key: str, row: int, value: float) -> dict:
+    tensors[key][row, 0] = value
+    return tensors
+
+
+@pytest.mark.parametrize(
+    ("layout", "damage", "message"),
+    [
+        ("cpt", _edit_weights(CPT_WEIGHTS_NAME, lambda t: _set(t, "base", 0, float("nan"))), r"tensor 'base' holds nan at row 0, column 0"),
+        ("cpt", _edit_weights(CPT_WEIGHTS_NAME, lambda t: _set(t, "delta", 3, float("inf"))), r"tensor 'delta' holds inf at row 3"),
+        ("peft", _edit_weights(PEFT_WEIGHTS_NAME, lambda t: _set(t, "prompt_embeddings", 1, float("-inf"))), r"holds -inf at row 1"),
+        ("cpt", _edit_weights(CPT_WEIGHTS_NAME, lambda t: {k: v.half() for k, v in t.items()}), r"has dtype torch.float16, expected float32"),
+        ("peft", _edit_weights(PEFT_WEIGHTS_NAME, lambda t: {k: v.double() for k, v in t.items()}), r"has dtype torch.float64, expected float32"),
+        ("cpt", _edit_weights(CPT_WEIGHTS_NAME, lambda t: {**t, "extra": torch.zeros(1)}), r"has unexpected tensors \['extra'\]"),
+        ("cpt", _edit_weights(CPT_WEIGHTS_NAME, lambda t: {**t, "delta": t["delta"] * 100}), r"tensor 'delta' row \d+ has norm .* outside its ball"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(task={"labels": "np"})), r"field 'task.labels' must be a non-empty list of non-empty strings, got 'np'"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(task={"labels": ["a", "a"]})), r"field 'task.labels' holds 'a' twice"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(task={"template": {"input_template": "no slot"}})), r"field 'task.template'"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(format_version="1")), r"field 'format_version' must be an integer >= 1, got '1'"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(format_version=2)), r"written by a newer cpt \(format version 2\)"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(hidden_size=[32])), r"field 'hidden_size' must be an integer >= 1, got \[32\]"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(weights_sha256=None)), r"field 'weights_sha256' must be 64 hex digits, got None"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c["config"].update(opt_projection_epsilon="x")), r"field 'config': opt_projection_epsilon must be"),
+        ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(config=[1])), r"field 'config' must be a JSON object, got \[1\]"),
+        ("peft", _edit_json(PEFT_CONFIG_NAME, lambda c: c.update(token_dim="32")), r"field 'token_dim' must be an integer >= 1, got '32'"),
+        ("peft", _edit_json(PEFT_CONFIG_NAME, lambda c: c.pop("peft_type")), r"field 'peft_type' must be \"CPT\", got None"),
+        ("cpt", lambda d: (d / CPT_CONFIG_NAME).write_text('{"format": NaN}'), r"NaN is not JSON"),
+    ],
+)
+def test_hostile_adapter_folders_get_one_value_error(trained: CPTModel, tmp_path, layout, damage, message) -> None:
+    trained.save_pretrained(tmp_path, format=layout)
+    damage(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        CPTModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["cpt", "peft"])
+def test_another_model_of_the_same_shape_is_refused(trained: CPTModel, tmp_path, layout: str) -> None:
+    trained.save_pretrained(tmp_path, format=layout)
+    with pytest.raises(ValueError, match=r"context embeddings do not match the model's: row 0 .* another model"):
+        CPTModel.from_pretrained(make_model("llama", seed=1), tmp_path)  # same width and vocabulary
+    # cpt's layout records the vocabulary size; PEFT's does not, its rows are compared instead
+    with pytest.raises(ValueError, match="vocabulary size 96, but the model's is 128" if layout == "cpt" else "another model"):
+        CPTModel.from_pretrained(make_model("llama", vocab_size=128), tmp_path)
+    loaded = CPTModel.from_pretrained(make_model("llama").to(torch.bfloat16), tmp_path)  # same model, rounded
+    assert torch.equal(loaded.context_embeddings(), trained.context_embeddings())
+
+
+def test_saving_one_layout_removes_the_other(trained: CPTModel, tmp_path) -> None:
+    (tmp_path / "README.md").write_text("notes")  # another tool's file stays
+    trained.save_pretrained(tmp_path)
+    with torch.no_grad():
+        trained.delta.mul_(0.5)
+    trained.save_pretrained(tmp_path, format="peft")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME])
+    loaded = CPTModel.from_pretrained(make_model("llama"), tmp_path)
+    assert torch.equal(loaded.context_embeddings(), trained.context_embeddings())  # the newest, not a stale one
+    trained.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", CPT_CONFIG_NAME, CPT_WEIGHTS_NAME])
+
+
+def test_modes_and_no_leftovers(trained: CPTModel, tmp_path) -> None:
+    old = os.umask(0o022)
+    try:
+        trained.save_pretrained(tmp_path / "a")
+        trained.save_pretrained(tmp_path / "a")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a").iterdir()} == {0o644}
+    assert sorted(os.listdir(tmp_path)) == ["a"]
+
+
+def test_weights_that_are_not_finite_are_not_saved(trained: CPTModel, tmp_path) -> None:
+    with torch.no_grad():
+        trained.delta[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        save_adapter(trained, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_adapter_module_imports_no_model() -> None:
+    import ast
+    import inspect
+
+    import cpt.adapter
+
+    tree = ast.parse(inspect.getsource(cpt.adapter))
+    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+    imported = {n.module for n in top if isinstance(n, ast.ImportFrom)}
+    imported |= {f"{n.module}.{a.name}" for n in top if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert "cpt.model" not in imported and "cpt.CPTModel" not in imported

@@ -265,6 +265,25 @@ def test_jsonl_errors(tmp_path: Path, lines: list[str], match: str) -> None:
         load_dataset(str(path))
 
 
+def test_jsonl_lines_end_at_newline_only(tmp_path: Path) -> None:
+    # U+2028, U+2029, U+0085, U+000B and U+000C are line breaks to str.splitlines, not to JSON Lines
+    odd = "\u2028\u2029\u0085\u000b\u000c\u001c"
+    path = tmp_path / "d.jsonl"
+    path.write_text(
+        json.dumps({"text": f"a{odd}b", "label": "x"}, ensure_ascii=False) + "\r\n"
+        + json.dumps({"text": "c", "label": f"y{odd}"}, ensure_ascii=False) + "\n",
+        encoding="utf-8",
+    )
+    data = load_dataset(path)
+    assert [(e.text, e.label) for e in data.examples] == [(f"a{odd}b", "x"), ("c", f"y{odd}")]
+
+
+def test_jsonl_nested_too_deeply_names_the_line(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n' + "[" * 200_000 + "]" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r", line 2: the JSON is nested too deeply"):
+        load_dataset(path)
+
+
 def test_csv(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_bytes(
@@ -290,6 +309,11 @@ def test_csv(tmp_path: Path) -> None:
         ("text,label\n", r": the dataset is empty$"),
         ("text,label\na,x\nb\n", r", line 3: the row has fewer fields than the header"),
         ("text,label\na,\n", r", line 2: label is empty"),
+        ("text,label\ngreat, fun movie,positive\n", r", line 2: the row has more fields than the header \(3, not 2\)"),
+        ("text,label,text\na,pos,b\n", r", line 1: the CSV header names \['text'\] more than once"),
+        ("label,text,label\npos,a,neg\n", r", line 1: the CSV header names \['label'\] more than once"),
+        ("text,label\nok,pos\n\"unclosed,pos\n", r", line 3: malformed CSV|, line \d+: the row has"),
+        ("text,label\n" + "x" * (2 << 20) + ",pos\n", r", line 2: malformed CSV \(field larger than field limit"),
     ],
 )
 def test_csv_errors(tmp_path: Path, content: str, match: str) -> None:

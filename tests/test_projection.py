@@ -50,3 +50,40 @@ def test_compiled_projection_has_no_graph_break_and_matches_eager() -> None:
     assert explanation.graph_count == 1
     compiled = project_fn(compile=True)
     torch.testing.assert_close(compiled(delta, eps), project(delta, eps), rtol=1e-6, atol=1e-7)
+
+
+def test_rows_that_arithmetic_would_spoil_land_on_their_sphere() -> None:
+    inf = float("inf")
+    delta = torch.tensor([
+        [1e30, 1e30, 0.0],  # the norm overflows float32
+        [3e38, 1.0, -3e38],  # so does this one
+        [inf, 1.0, 0.0],  # an infinite entry: points along it
+        [-inf, inf, 5.0],
+        [1e38, 0.0, 0.0],  # eps / norm underflows to zero
+        [0.3, 0.4, 0.0],  # ordinary rows: the plain formula, bit for bit
+        [3.0, 4.0, 0.0],
+        [0.0, 0.0, 0.0],
+    ])
+    eps = torch.tensor([1.0, 2.0, 1.0, 2.0, 1e-10, 1.0, 1.0, 1.0])
+    out = project(delta, eps)
+    assert bool(torch.isfinite(out).all())
+    norms = torch.linalg.vector_norm(out.double(), dim=1)
+    torch.testing.assert_close(norms[:5], eps[:5].double(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(out[0], torch.tensor([0.70710677, 0.70710677, 0.0]))
+    torch.testing.assert_close(out[2], torch.tensor([1.0, 0.0, 0.0]))
+    torch.testing.assert_close(out[3], torch.tensor([-2**0.5, 2**0.5, 0.0]))
+    assert torch.equal(out[5], delta[5])  # inside: unchanged
+    plain = delta[6] * (eps[6] / torch.linalg.vector_norm(delta[6]))
+    assert torch.equal(out[6], plain) and torch.equal(out[7], delta[7])
+
+
+def test_a_nan_row_is_not_hidden() -> None:
+    out = project(torch.tensor([[float("nan"), 1.0], [3.0, 4.0]]), torch.tensor([1.0, 1.0]))
+    assert bool(torch.isnan(out[0]).all()) and bool(torch.isfinite(out[1]).all())
+
+
+def test_compiled_projection_handles_the_extremes_like_eager() -> None:
+    torch._dynamo.reset()
+    delta = torch.tensor([[1e30, 1e30], [float("inf"), 1.0], [0.3, 0.4], [1e38, 0.0]])
+    eps = torch.tensor([1.0, 1.0, 1.0, 1e-10])
+    torch.testing.assert_close(project_fn(compile=True)(delta, eps), project(delta, eps), rtol=1e-6, atol=0)

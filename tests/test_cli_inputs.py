@@ -1,0 +1,92 @@
+"""Bad command lines: one line on stderr, exit status 2, and no training started."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_cli import data_file, model_dir  # noqa: F401 - the tiny model folder and data file
+
+import cpt.workflow
+from cpt import _io
+from cpt.cli import main
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(cpt.workflow, "fit", fail)
+
+
+def _train(model_dir: Path, data_file: Path, output: Path, *extra: str) -> list[str]:
+    return ["train", "--model", str(model_dir), "--data", str(data_file), "--per-class", "1", "--epochs", "1",
+            "--no-progress", "--test", "2", "--output", str(output), *extra]
+
+
+def _one_line(argv: list[str], capsys) -> str:
+    status = main(argv)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("foo", "--device 'foo' is not a device name"),
+        ("meta", "--device 'meta' holds no weights"),
+        ("cuda:5", "--device 'cuda:5': "),
+        ("cuda", None),
+    ],
+)
+def test_bad_devices(model_dir, data_file, tmp_path, capsys, no_training, device: str, message: str | None) -> None:
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", device), capsys)
+    assert (message or f"--device '{device}': this machine has no cuda device") in line
+
+
+def test_output_that_is_a_file_or_under_one(model_dir, data_file, tmp_path, capsys, no_training) -> None:
+    (tmp_path / "file").write_text("mine")
+    line = _one_line(_train(model_dir, data_file, tmp_path / "file", "--device", "cpu"), capsys)
+    assert line.endswith("file is a file, not a folder")
+    line = _one_line(_train(model_dir, data_file, tmp_path / "file" / "adapter", "--device", "cpu"), capsys)
+    assert "file is a file, not a folder" in line
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_output_folder_not_writable(model_dir, data_file, tmp_path, capsys, no_training, monkeypatch) -> None:
+    monkeypatch.setattr("os.access", lambda path, mode: False)  # root may write anywhere: pretend
+    line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu"), capsys)
+    assert "is not writable" in line
+
+
+@pytest.mark.parametrize("lr", ["1e39", "nan", "0", "-1"])
+def test_learning_rates_float32_cannot_hold(model_dir, data_file, tmp_path, capsys, no_training, lr: str) -> None:
+    line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu", "--lr", lr), capsys)
+    assert "--lr must be a number in (0, 3.403e+38]" in line
+
+
+def test_unreadable_data(model_dir, tmp_path, capsys, no_training, monkeypatch) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "b"}\n')
+    real = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied"))
+                        if self == path else real(self))
+    line = _one_line(_train(model_dir, path, tmp_path / "o", "--device", "cpu"), capsys)
+    assert line.endswith("d.jsonl: cannot read the file (Permission denied)")
+
+
+@pytest.mark.parametrize("errno, text", [(28, "No space left on device"), (13, "Permission denied")])
+def test_a_failed_save_is_one_line(model_dir, data_file, tmp_path, capsys, monkeypatch, errno: int, text: str) -> None:
+    def fail(path, data):
+        raise OSError(errno, text)
+
+    monkeypatch.setattr(_io, "write_bytes", fail)
+    line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu"), capsys)
+    assert f"cannot write {tmp_path / 'o'}: {text}" in line
+    assert not (tmp_path / "o").exists()

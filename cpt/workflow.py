@@ -8,8 +8,10 @@ the template and label set so the adapter can classify after it is saved and loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import asdict
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,8 @@ from cpt.train import EvalFn, TrainConfig, TrainResult, train
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 CONTEXT_DEFAULTS: dict[str, Any] = dict(
     opt_weighted_loss_type="decay",  # recent examples weigh more, as in the paper's experiments
     opt_loss_decay_factor=0.95,
@@ -29,6 +33,13 @@ CONTEXT_DEFAULTS: dict[str, Any] = dict(
     opt_projection_format_epsilon=0.1,
 )
 """The CPT options `fit` uses unless told otherwise (those of PEFT's CPT example)."""
+
+SELECTIONS = ("leave-one-out",)
+DEFAULT_SELECTION: str | None = None
+"""How `fit` chooses which trained context to return: ``"leave-one-out"`` scores the context
+(`cpt.selection.leave_one_out`) before training and at `SELECTION_POINTS` evenly spaced steps
+(or every ``eval_every`` steps when the config sets it) and keeps the best; None returns the last."""
+SELECTION_POINTS = 4
 
 
 def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
@@ -66,6 +77,7 @@ def fit(
     eval_fn: EvalFn | None = None,
     checkpoint_dir: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
+    selection: str | None = DEFAULT_SELECTION,
     **context_options: Any,
 ) -> tuple[CPTModel, TrainResult]:
     """Builds a CPT context from labelled examples and trains it.
@@ -83,6 +95,12 @@ def fit(
         eval_fn: called as ``eval_fn(model)`` every ``train_config.eval_every`` steps.
         checkpoint_dir: where training checkpoints go (see `cpt.train.train`).
         model_kwargs: passed to `CPTModel` (``context_sharing``, ``activation_checkpointing``...).
+        selection: ``"leave-one-out"``: score the context by leave-one-out over ``examples``
+            (each example classified with the others as the context) before training and at
+            `SELECTION_POINTS` steps, and return the best of those contexts, the untrained one
+            included; it uses no data beyond ``examples``, and needs at least 2 of them (with
+            fewer, the last context is returned). None: return the last context. The scores
+            are in ``result.eval_history`` (``loo_log_prob``, ``loo_accuracy``; step 0 first).
         **context_options: `CPTConfig` options (``opt_projection_epsilon``, ...), over
             `CONTEXT_DEFAULTS`.
 
@@ -91,8 +109,11 @@ def fit(
         and the `TrainResult`.
 
     Raises:
-        ValueError: on empty examples, a label outside ``labels``, or any bad option.
+        ValueError: on empty examples, a label outside ``labels``, an unknown ``selection``, or
+            any bad option.
     """
+    if selection is not None and selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS} or None, got {selection!r}")
     template = template or Template()
     context = [as_example(item, i) for i, item in enumerate(examples)]
     if not context:
@@ -107,12 +128,45 @@ def fit(
     model = CPTModel(base_model, config, **(model_kwargs or {}))
     model.task = task_of(template, label_set)
     dataset = CPTDataset(tokenizer, training, template)
+    config = train_config or TrainConfig()
+    selector = None
+    if selection == "leave-one-out" and len(context) >= 2:
+        from cpt.selection import LeaveOneOut  # imports cpt.infer, which `import cpt` keeps lazy
+
+        selector = LeaveOneOut(tokenizer, context, label_set, template)
+        first = {"step": 0, **selector(model)}
+        if config.eval_every is None:
+            config = replace(config, eval_every=max(1, math.ceil(_total_steps(config, len(dataset)) / SELECTION_POINTS)))
+        eval_fn = _both(selector, eval_fn)
     result = train(
         model,
         dataset,
-        train_config or TrainConfig(),
+        config,
         collator=CPTCollator(tokenizer.pad_token_id),
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
     )
+    if selector is not None:
+        selector.restore(model)
+        result.eval_history.insert(0, first)
+        logger.info("leave-one-out kept the context of step %d", result.eval_history[selector.best_call]["step"])
     return model, result
+
+
+def _total_steps(config: TrainConfig, num_samples: int) -> int:
+    """The optimizer steps `train` will take with ``config`` over ``num_samples`` samples."""
+    if config.max_steps is not None:
+        return config.max_steps
+    batches = math.ceil(num_samples / config.batch_size)
+    return config.epochs * math.ceil(batches / config.gradient_accumulation_steps)
+
+
+def _both(selector: EvalFn, eval_fn: EvalFn | None) -> EvalFn:
+    """One eval_fn that runs the selection's, then the user's, and merges their metrics."""
+    if eval_fn is None:
+        return selector
+
+    def both(model: CPTModel) -> Mapping[str, float]:
+        return {**selector(model), **eval_fn(model)}
+
+    return both

@@ -54,6 +54,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    if args.summary:
+        records = [json.loads(line) for line in Path(args.out).read_text().splitlines() if line.startswith("{")]
+        records = [r for r in records if r["setting"] in args.settings]
+        print(summary(records))
+        return
     torch.set_num_threads(args.threads)
     from cpt.datasets import load_dataset, split_examples
     from cpt.models import load_model_and_tokenizer
@@ -115,9 +120,54 @@ def _run(base_model, tokenizer, template, labels, context, val, seed, setting) -
             "context_tokens": model.num_virtual_tokens}
 
 
+def summary(records: list[dict[str, Any]]) -> str:
+    """Validation accuracy (%) per setting and way of choosing the step, mean ± std over cells.
+
+    Ways: ``ICL`` (step 0), ``step s`` (the context after s steps), ``last``, and ``LOO`` (the
+    step with the best leave-one-out log-probability, step 0 included, as `fit` does). Each with
+    plain and calibrated scoring. Only (data set, K, seed) cells that every listed setting ran
+    are counted, so the rows compare like with like.
+    """
+    import statistics
+
+    settings = list(dict.fromkeys(r["setting"] for r in records))
+    cells = [set((r["dataset"], r["K"], r["seed"]) for r in records if r["setting"] == s) for s in settings]
+    common = set.intersection(*cells) if cells else set()
+    lines = [f"{len(common)} cells: " + ", ".join(sorted({f"{d} K={k}" for d, k, _ in common})), "",
+             "| setting | choice | val acc | val acc, calibrated | val macro-F1 | mean step chosen |",
+             "|---|---|---|---|---|---|"]
+
+    def fmt(values: list[float]) -> str:
+        if len(values) < 2:
+            return f"{100 * values[0]:.1f}" if values else "-"
+        return f"{100 * statistics.fmean(values):.1f} ± {100 * statistics.stdev(values):.1f}"
+
+    for setting in settings:
+        runs = [r for r in records if r["setting"] == setting and (r["dataset"], r["K"], r["seed"]) in common]
+        if not runs:
+            continue
+        choices: dict[str, list[dict[str, float]]] = {"ICL (step 0)": [r["trajectory"][0] for r in runs]}
+        steps = sorted({p["step"] for r in runs for p in r["trajectory"] if p["step"]})
+        if len(steps) <= 6:
+            for step in steps:
+                points = [next((p for p in r["trajectory"] if p["step"] == step), None) for r in runs]
+                if all(points):
+                    choices[f"step {step}"] = points  # type: ignore[assignment]
+        choices["last"] = [r["trajectory"][-1] for r in runs]
+        choices["LOO"] = [max(r["trajectory"], key=lambda p: (p["loo_log_prob"], -p["step"])) for r in runs]
+        for name, points in choices.items():
+            lines.append(
+                f"| {setting} | {name} | {fmt([p['val_accuracy'] for p in points])} | "
+                f"{fmt([p['val_cal_accuracy'] for p in points])} | {fmt([p['val_macro_f1'] for p in points])} | "
+                f"{statistics.fmean(p['step'] for p in points):.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.recipe")
-    parser.add_argument("--datasets", nargs="+", required=True)
+    parser.add_argument("--datasets", nargs="+", default=[])
+    parser.add_argument("--summary", action="store_true", help="print the summary of --out's runs of --settings")
     parser.add_argument("--k", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--val", type=int, default=100)

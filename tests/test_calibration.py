@@ -194,6 +194,14 @@ def test_fit_without_selection_returns_the_last_context(base_model, tokenizer) -
         fit(base_model, tokenizer, EXAMPLES, labels=LABELS, train_config=config, selection="best")
 
 
+def test_fit_skips_selection_when_a_label_has_one_example(base_model, tokenizer) -> None:
+    # Leaving out the only "negative" example would score it against a context without its label.
+    config = TrainConfig(learning_rate=3e-2, max_steps=4, progress=False)
+    examples = [EXAMPLES[0], EXAMPLES[1], EXAMPLES[2]]
+    _, result = fit(base_model, tokenizer, examples, labels=LABELS, train_config=config, selection="leave-one-out")
+    assert result.eval_history == []
+
+
 def test_fit_selection_runs_beside_the_users_eval_fn(base_model, tokenizer) -> None:
     config = TrainConfig(learning_rate=1e-2, max_steps=4, eval_every=2, progress=False)
     _, result = fit(base_model, tokenizer, EXAMPLES, labels=LABELS, train_config=config,

@@ -334,6 +334,7 @@ class _Run:
                         labels=self.data.labels,
                         train_config=replace(self.train_config, learning_rate=lr, epochs=epochs),
                         opt_projection_epsilon=eps, opt_projection_format_epsilon=format_eps,
+                        **self.fit_options,
                     )
                     accuracy, counts, _ = self._score(model, self.val)
                     record(**common, method="cpt", lr=lr, epochs=epochs, epsilon=eps,
@@ -614,8 +615,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sweep-epochs", type=int, nargs="+", default=SWEEP_EPOCHS, help="--sweep: epochs")
     parser.add_argument("--sweep-epsilon", type=_epsilons, nargs="+", default=[_epsilons(e) for e in SWEEP_EPSILON],
                         help="--sweep: INPUT/FORMAT epsilon pairs (at d = 2048), e.g. 0.2/0.1")
-    parser.add_argument("--cpt-lr", type=float, default=None, help="CPT and PEFT learning rate (None: TrainConfig's 1e-4)")
-    parser.add_argument("--cpt-epochs", type=int, default=None, help="CPT and PEFT epochs (None: TrainConfig's 5)")
+    parser.add_argument("--cpt-lr", type=float, default=None, help="CPT and PEFT learning rate (None: TrainConfig's)")
+    parser.add_argument("--cpt-epochs", type=int, default=None, help="CPT and PEFT epochs (None: TrainConfig's)")
     parser.add_argument("--cpt-epsilon", type=_epsilons, default=None, metavar="INPUT/FORMAT",
                         help="CPT and PEFT epsilons at d = 2048 (None: fit's)")
     parser.add_argument("--cpt-select", choices=["leave-one-out", "none"], default=None,

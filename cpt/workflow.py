@@ -29,13 +29,16 @@ logger = logging.getLogger(__name__)
 CONTEXT_DEFAULTS: dict[str, Any] = dict(
     opt_weighted_loss_type="decay",  # recent examples weigh more, as in the paper's experiments
     opt_loss_decay_factor=0.95,
-    opt_projection_epsilon=0.2,  # input rows may move further than template rows
-    opt_projection_format_epsilon=0.1,
+    # Radii at hidden size 2048 (scaled by sqrt(d / 2048)); input rows may move further than
+    # template rows. PEFT's example has 0.2 / 0.1, which held the context back at lr 1e-3.
+    opt_projection_epsilon=1.0,
+    opt_projection_format_epsilon=0.5,
 )
-"""The CPT options `fit` uses unless told otherwise (those of PEFT's CPT example)."""
+"""The CPT options `fit` uses unless told otherwise (cpt's recipe, docs/tuning.md; PEFT's CPT
+example has epsilons 0.2 / 0.1)."""
 
 SELECTIONS = ("leave-one-out",)
-DEFAULT_SELECTION: str | None = None
+DEFAULT_SELECTION: str | None = "leave-one-out"
 """How `fit` chooses which trained context to return: ``"leave-one-out"`` scores the context
 (`cpt.selection.leave_one_out`) before training and at `SELECTION_POINTS` evenly spaced steps
 (or every ``eval_every`` steps when the config sets it) and keeps the best; None returns the last."""

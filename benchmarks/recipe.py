@@ -155,12 +155,31 @@ def summary(records: list[dict[str, Any]]) -> str:
                     choices[f"step {step}"] = points  # type: ignore[assignment]
         choices["last"] = [r["trajectory"][-1] for r in runs]
         choices["LOO"] = [max(r["trajectory"], key=lambda p: (p["loo_log_prob"], -p["step"])) for r in runs]
+        # fit's rule: leave-one-out only with 2 or more examples of every label, else the last
+        choices["LOO if K >= 2, else last"] = [
+            max(r["trajectory"], key=lambda p: (p["loo_log_prob"], -p["step"])) if r["K"] >= 2 else r["trajectory"][-1]
+            for r in runs
+        ]
         for name, points in choices.items():
             lines.append(
                 f"| {setting} | {name} | {fmt([p['val_accuracy'] for p in points])} | "
                 f"{fmt([p['val_cal_accuracy'] for p in points])} | {fmt([p['val_macro_f1'] for p in points])} | "
                 f"{statistics.fmean(p['step'] for p in points):.0f} |"
             )
+    lines += ["", "Per cell (val accuracy %, plain): ICL, then each setting's last step and fit's rule.", "",
+              "| data set | K | seed | ICL | " + " | ".join(f"{x} last | {x} rule" for x in settings) + " |",
+              "|---|---|---|---|" + "---|---|" * len(settings)]
+    for cell in sorted(common):
+        runs = {r["setting"]: r for r in records if (r["dataset"], r["K"], r["seed"]) == cell}
+        first = next(iter(runs.values()))
+        cells = []
+        for setting in settings:
+            r = runs[setting]
+            rule = max(r["trajectory"], key=lambda p: (p["loo_log_prob"], -p["step"])) if r["K"] >= 2 else r["trajectory"][-1]
+            cells += [f"{100 * r['trajectory'][-1]['val_accuracy']:.0f} ({r['trajectory'][-1]['step']})",
+                      f"{100 * rule['val_accuracy']:.0f} ({rule['step']})"]
+        lines.append(f"| {cell[0]} | {cell[1]} | {cell[2]} | {100 * first['trajectory'][0]['val_accuracy']:.0f} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -19,7 +19,7 @@ import torch
 
 USAGE_ERROR = 2
 
-TRAIN_DEFAULTS = {"epochs": 5, "learning_rate": 1e-4}
+TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
 """The command line's training defaults (those of `cpt.train.TrainConfig`)."""
 
 
@@ -92,8 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
     train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
     train.add_argument("--separator", default=" ", help="between input and output parts")
-    train.add_argument("--epsilon", type=float, default=0.2, help="L2 radius of input rows (d = 2048)")
-    train.add_argument("--format-epsilon", type=float, default=0.1, help="L2 radius of template rows")
+    train.add_argument("--epsilon", type=float, default=1.0, help="L2 radius of input rows (d = 2048)")
+    train.add_argument("--format-epsilon", type=float, default=0.5, help="L2 radius of template rows")
     train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
     train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
     _train_args(train)
@@ -110,6 +110,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", type=Path, required=True, help="adapter folder (from cpt train)")
     evaluate.add_argument("--test", type=int, default=200, help="examples to score (default 200)")
     evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    _calibrate_arg(evaluate)
     evaluate.set_defaults(run=_run_eval)
 
     predict = commands.add_parser(
@@ -120,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     _model_args(predict)
     predict.add_argument("--adapter", type=Path, required=True, help="adapter folder")
     predict.add_argument("texts", nargs="+", help="texts to classify")
+    _calibrate_arg(predict)
     predict.set_defaults(run=_run_predict)
     return parser
 
@@ -134,6 +136,13 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="built-in dataset name or a .jsonl/.csv file")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
+
+
+def _calibrate_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibrate", action="store_true",
+        help='divide label probabilities by those of content-free inputs ("N/A", "", "[MASK]") first',
+    )
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
@@ -246,6 +255,7 @@ def _run_train(args: argparse.Namespace) -> int:
 def _run_eval(args: argparse.Namespace) -> int:
     from cpt.datasets import load_dataset, split_examples
     from cpt.infer import classify
+    from cpt.metrics import macro_f1
     from cpt.workflow import labels_of, template_of
 
     data = load_dataset(args.data)
@@ -259,9 +269,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, texts, labels)
     started = time.perf_counter()
-    result = classify(cpt_model, tokenizer, texts, labels, template=template, batch_size=args.batch_size)
-    accuracy = _accuracy(result.predictions, [e.label for e in test])
-    print(json.dumps({"accuracy": accuracy, "examples": len(test), "seconds": round(time.perf_counter() - started, 1)}))
+    result = classify(
+        cpt_model, tokenizer, texts, labels, template=template, batch_size=args.batch_size, calibrate=args.calibrate
+    )
+    gold = [e.label for e in test]
+    print(json.dumps({
+        "accuracy": _accuracy(result.predictions, gold),
+        "macro_f1": macro_f1(result.predictions, gold, labels),
+        "calibrated": args.calibrate,
+        "examples": len(test),
+        "seconds": round(time.perf_counter() - started, 1),
+    }))
     return 0
 
 
@@ -273,7 +291,7 @@ def _run_predict(args: argparse.Namespace) -> int:
     labels = labels_of(cpt_model)
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, args.texts, labels)
-    result = classify(cpt_model, tokenizer, args.texts, labels, template=template)
+    result = classify(cpt_model, tokenizer, args.texts, labels, template=template, calibrate=args.calibrate)
     for text, label, probabilities in zip(args.texts, result.predictions, result.probabilities.tolist()):
         print(json.dumps({"text": text, "label": label, "probabilities": dict(zip(labels, probabilities))}))
     return 0

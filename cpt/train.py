@@ -40,7 +40,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
 
 from cpt import graphs
 from cpt._io import (
@@ -722,43 +721,6 @@ def _read_state_json(path: Path) -> dict[str, Any]:
 
 def _read_bytes(path: Path) -> bytes:
     return read_file_bytes(path, "checkpoint file")
-
-
-# ---------------------------------------------------------------------- transformers.Trainer
-
-
-class CPTProjectionCallback(TrainerCallback):
-    """Makes `transformers.Trainer` do CPT's projected gradient descent.
-
-    ``Trainer`` calls ``on_step_end`` after ``optimizer.step()``, the scheduler step and
-    ``zero_grad``, and before it logs, evaluates or saves, so every update is projected before
-    anything uses or stores it. Usage::
-
-        trainer = Trainer(model=cpt_model, args=args, train_dataset=dataset,
-                          data_collator=collator, callbacks=[CPTProjectionCallback()])
-
-    Raises:
-        ValueError: at the first step, if the trained model is not (a wrapper of) a `CPTModel`.
-    """
-
-    def on_step_end(
-        self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any
-    ) -> None:
-        find_cpt_model(model).project_()
-
-
-def find_cpt_model(model: nn.Module | None) -> CPTModel:
-    """The `CPTModel` inside ``model``, unwrapping DDP (``.module``) and compile (``._orig_mod``).
-
-    Raises:
-        ValueError: if there is none.
-    """
-    seen = model
-    while seen is not None and not isinstance(seen, CPTModel):
-        seen = getattr(seen, "module", None) or getattr(seen, "_orig_mod", None)
-    if seen is None:
-        raise ValueError(f"CPTProjectionCallback needs a CPTModel, got {type(model).__name__}")
-    return seen
 
 
 # ---------------------------------------------------------------------- validation

@@ -17,6 +17,7 @@ from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
 import cpt.train as train_module
+from cpt.callback import CPTProjectionCallback
 from cpt.config import CPTConfig, is_trainable
 from cpt.data import CPTCollator, CPTDataset, Example, build_context
 from cpt.model import CPTModel
@@ -25,7 +26,6 @@ from cpt.train import (
     LAST_CHECKPOINT_NAME,
     STATE_JSON_NAME,
     STATE_TENSORS_NAME,
-    CPTProjectionCallback,
     TrainConfig,
     TrainResult,
     TrainState,

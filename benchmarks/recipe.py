@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     torch.set_num_threads(args.threads)
     from cpt.datasets import load_dataset, split_examples
-    from cpt.models import load_model_and_tokenizer
+    from cpt.loading import load_model_and_tokenizer
 
     base_model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     out = Path(args.out)

@@ -228,8 +228,8 @@ def test_help_shows_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 0.2)",
-                  "(default: 0.0001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
+    for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 1.0)",
+                  "(default: 0.001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
                   "(default: float32)", "(default: cpt)", "(default: one space)"):
         assert shown in text, shown
     for command, shown in (("eval", "(default: 8)"), ("predict", "(default: 8)"), ("generate", "(default: 20)"),

@@ -1,4 +1,4 @@
-"""How accurate is a CPT context, against zero-shot, in-context learning and PEFT's CPT?
+"""How accurate is a CPT context, against zero-shot and in-context learning, calibrated or not?
 
 The paper's few-shot setting (Blau et al., "Context-aware Prompt Tuning", arXiv 2410.17222): K
 labelled examples of each class form the context; CPT trains that context on those same
@@ -11,34 +11,44 @@ template and scoring (`cpt.infer.classify`: summed log-likelihood of each label'
   scoring are exactly ICL's. This does not depend on K: it is run once per (data set, seed) and
   reported with ``K = 0``.
 - **ICL**: the K examples per class as the context, no training (a `CPTModel` with delta = 0).
+- **ICL + calibration** (``icl-cal``): the same scores, each text's label probabilities divided
+  by those of content-free inputs ("N/A", "", "[MASK]", averaged; Zhao et al. 2021,
+  `cpt.calibration`). Computed from the same `classify` call as ICL.
 - **CPT**: ``cpt.fit`` on the context's own examples with the library's defaults
-  (``cpt.workflow.CONTEXT_DEFAULTS`` and ``TrainConfig()``; only ``seed`` follows the run's seed),
-  unless ``--cpt-lr``, ``--cpt-epochs`` or ``--cpt-epsilon`` say otherwise (recorded as ``hyper``).
-- **PEFT**: PEFT's ``CPTConfig`` / ``get_peft_model`` on a copy of the same base model, trained on
-  exactly the same samples with the same hyper-parameters: the same learning rate, epochs, batch
-  size, per-epoch sample order (`cpt.train.epoch_order`), AdamW, gradient clipping, constant
-  learning rate; the projection is PEFT's own (lazy, at each forward). Its adapter is saved with
-  PEFT's ``save_pretrained``, loaded with ``CPTModel.from_pretrained`` and scored with the same
-  ``classify``. ``context_rel_diff`` records how far PEFT's trained context is from cpt's.
+  (``cpt.workflow.CONTEXT_DEFAULTS``, ``TrainConfig()`` and fit's leave-one-out selection; only
+  ``seed`` follows the run's seed), unless ``--cpt-lr``, ``--cpt-epochs``, ``--cpt-epsilon`` or
+  ``--cpt-select`` say otherwise (recorded as ``hyper``).
+- **CPT + calibration** (``cpt-cal``): CPT's scores calibrated as above.
+- **PEFT** (only when asked for): PEFT's ``CPTConfig`` / ``get_peft_model`` on a copy of the
+  same base model, trained on exactly the same samples with the same hyper-parameters and no
+  selection, scored with the same ``classify``; ``context_rel_diff`` records how far PEFT's
+  trained context is from cpt's trained the same way.
 
-Each seed draws its own test set, then its own context (`cpt.datasets.split_examples`: the test
-set first, so K = 2 and K = 4 are scored on the same test examples). Nothing is tuned on test
-examples. ``--sweep`` is the one place where hyper-parameters vary: it scores CPT on a
-*validation* set drawn from the examples left after the test set and the context.
+Every run records accuracy and macro-F1 (`cpt.metrics`). Each seed draws its own test set, then
+its own context (`cpt.datasets.split_examples`: the test set first, so every K is scored on the
+same test examples). Nothing is tuned on test examples.
+
+**Two halves, fixed before any run.** `DEV_SETS` is where defaults are chosen (they include the
+four sets earlier sessions already looked at); `REPORT_SETS` is only measured, with the defaults
+chosen on the development half. ``--half`` picks one (default: the report half).
+
+``--sweep`` is the one place where hyper-parameters vary: it scores CPT on a *validation* set
+drawn from the examples left after the test set and the context (`benchmarks/recipe.py` is the
+development half's study of the recipe).
 
 Output (under ``--output-dir``, default ``docs/``): ``<name>_runs.jsonl`` (one JSON line per run,
-written as runs finish; ``--resume`` skips the runs already there), ``<name>_table.md`` (mean ±
-sample standard deviation over seeds) and ``<name>.png`` (if matplotlib is importable). The JSON
-lines and the table are printed too.
+appended as runs finish; runs already there are skipped, so an interrupted run resumes and a
+later one adds seeds or sets; ``--fresh`` starts over), ``<name>_table.md`` (mean ± sample
+standard deviation over seeds, accuracy and macro-F1, and the issue's targets) and
+``<name>.png`` (one panel per K, if matplotlib is importable). The JSON lines and the table are
+printed too.
 
 Examples::
 
-    python -m benchmarks.accuracy --quick                  # ~5 minutes on 2 CPU cores
-    python -m benchmarks.accuracy                          # the full grid (hours on a CPU)
-    python -m benchmarks.accuracy --test 100 --peft-seeds 0 --peft-skip agnews:4 trec:4  # docs/
+    python -m benchmarks.accuracy --quick --model TINY_MODEL_DIR   # smoke test: seconds
+    python -m benchmarks.accuracy --half dev --name accuracy_dev    # the development half
+    python -m benchmarks.accuracy --half report --name accuracy_report   # the report half
     python -m benchmarks.accuracy --datasets sst2_sentences --k 2 --test 100 --sweep --val 100
-    python -m benchmarks.accuracy --datasets sst2_sentences --k 2 --test 100 --methods icl cpt
-        --cpt-lr 1e-3 --cpt-epsilon 1/0.5 --name accuracy_sst2_lr1e-3_eps1  # one command
 """
 
 from __future__ import annotations
@@ -65,15 +75,23 @@ if __package__ in (None, ""):  # run as a file: make `cpt` importable from the c
 
 from cpt import CPTConfig, CPTModel, Template, TrainConfig, build_context, classify, fit  # noqa: E402
 from cpt.data import CPTCollator, CPTDataset, Example  # noqa: E402
+from cpt.metrics import accuracy, macro_f1  # noqa: E402
 from cpt.train import epoch_order  # noqa: E402
 from cpt.workflow import CONTEXT_DEFAULTS  # noqa: E402
 
-DATASETS = ("rotten_tomatoes", "sst2_sentences", "agnews", "trec")
-METHODS = ("zero-shot", "icl", "cpt", "peft")
-METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "cpt": "CPT (cpt)", "peft": "CPT (PEFT)"}
-QUICK = {"datasets": ["rotten_tomatoes"], "k": [2], "seeds": [0], "test": 40}
+# The split, fixed before any run of the wide benchmark. The development half holds the four sets
+# that earlier sessions measured and tuned on (rotten_tomatoes, sst2_sentences, agnews, trec) and
+# one more; the report half, never used to choose anything, holds two two-class sets.
+DEV_SETS = ("rotten_tomatoes", "sst2_sentences", "agnews", "trec", "tweet_eval_emotion")
+REPORT_SETS = ("subjective", "tweet_eval_hate", "financial_phrasebank", "sst5", "hate_speech_18")
+HALVES = {"dev": DEV_SETS, "report": REPORT_SETS, "all": DEV_SETS + REPORT_SETS}
+METHODS = ("zero-shot", "icl", "icl-cal", "cpt", "cpt-cal", "peft")
+DEFAULT_METHODS = ("zero-shot", "icl", "icl-cal", "cpt", "cpt-cal")
+METHOD_NAMES = {"zero-shot": "zero-shot", "icl": "ICL", "icl-cal": "ICL+cal", "cpt": "CPT",
+                "cpt-cal": "CPT+cal", "peft": "CPT (PEFT)"}
+QUICK = {"k": [1], "seeds": [0], "test": 8}  # with the first set of the half unless --datasets
 
-# --sweep: the default grid around the library's defaults (lr 1e-4, 5 epochs, eps 0.2 / 0.1)
+# --sweep: the default grid around the old defaults (lr 1e-4, 5 epochs, eps 0.2 / 0.1)
 SWEEP_LR = [1e-4, 1e-3, 1e-2]
 SWEEP_EPOCHS = [5]
 SWEEP_EPSILON = ["0.2/0.1", "1/0.5", "4/2"]  # input/format radii at d = 2048
@@ -82,16 +100,20 @@ SWEEP_EPSILON = ["0.2/0.1", "1/0.5", "4/2"]  # input/format radii at d = 2048
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Runs the benchmark; returns the run records (also written and printed)."""
     args = _parser().parse_args(argv)
+    args.datasets = args.datasets or list(HALVES[args.half])
     if args.quick:
         for key, value in QUICK.items():
             if getattr(args, key) is None:
                 setattr(args, key, value)
+        args.datasets = args.datasets[:1]
         args.name = args.name or "accuracy_quick"
-    args.datasets = args.datasets or list(DATASETS)
-    args.k = args.k or [2, 4]
-    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2]
-    args.test = args.test or 200
-    args.name = args.name or ("accuracy_sweep" if args.sweep else "accuracy")
+        args.quick_steps = 2
+    else:
+        args.quick_steps = None
+    args.k = args.k or [1, 2, 4]
+    args.seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4]
+    args.test = args.test or 100
+    args.name = args.name or ("accuracy_sweep" if args.sweep else f"accuracy_{args.half}")
     methods = [m for m in args.methods if m != "peft" or _have_peft()]
     if "peft" in args.methods and "peft" not in methods:
         print("# PEFT is not installed: the PEFT column is skipped", file=sys.stderr)
@@ -108,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     runs_path = output_dir / f"{args.name}_runs.jsonl"
-    done = _read_runs(runs_path) if args.resume else []
-    if not args.resume:
+    done = [] if args.fresh else _read_runs(runs_path)
+    if args.fresh or not runs_path.is_file():
         runs_path.write_text("")
     done_keys = {_key(r) for r in done}
     records = list(done)
@@ -134,6 +156,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
 
     template = Template()
     datasets = {name: load_dataset(name) for name in args.datasets}
+    print(json.dumps({"kind": "plan", "datasets": args.datasets, "K": args.k, "seeds": args.seeds,
+                      "methods": methods, "test": args.test}), flush=True)
     for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
         for name, data in datasets.items():
             for k in args.k:
@@ -156,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.sweep:
         table = sweep_table(records)
     else:
-        table = markdown_table(records, methods)
+        table = report(records, methods)
         _plot(records, methods, output_dir / f"{args.name}.png")
     (output_dir / f"{args.name}_table.md").write_text(table)
     print(table)
@@ -176,10 +200,13 @@ class _Run:
             data, per_class=k, n_test=args.test, n_train=n_val, seed=seed
         )
         # The library's defaults unless --cpt-lr / --cpt-epochs / --cpt-epsilon say otherwise.
-        overrides = {"learning_rate": args.cpt_lr, "epochs": args.cpt_epochs}
+        overrides = {"learning_rate": args.cpt_lr, "epochs": args.cpt_epochs, "max_steps": args.quick_steps}
         self.train_config = TrainConfig(
             seed=seed, progress=False, **{k: v for k, v in overrides.items() if v is not None}
         )
+        self.fit_options: dict[str, Any] = {}
+        if args.cpt_select is not None:
+            self.fit_options["selection"] = None if args.cpt_select == "none" else args.cpt_select
         self.context_options: dict[str, Any] = {}
         if args.cpt_epsilon is not None:
             eps, format_eps = args.cpt_epsilon
@@ -190,12 +217,19 @@ class _Run:
             "epochs": self.train_config.epochs,
             "epsilon": options["opt_projection_epsilon"],
             "format_epsilon": options["opt_projection_format_epsilon"],
+            "selection": self.fit_options.get("selection", "default"),
         }
 
     def key(self, method: str, k: int | None = None) -> tuple:
         return (self.data.name, self.k if k is None else k, self.seed, method)
 
     def _score(self, model: CPTModel, examples: Sequence[Example]) -> tuple[float, dict[str, int], float]:
+        """Plain accuracy, prediction counts and seconds (the sweep's measure)."""
+        scored = self._classify(model, examples, calibrate=False)
+        return scored["plain"]["accuracy"], scored["plain"]["predictions"], scored["seconds"]
+
+    def _classify(self, model: CPTModel, examples: Sequence[Example], calibrate: bool = True) -> dict[str, Any]:
+        """Scores ``examples`` once; the plain and (if asked) calibrated predictions' measures."""
         started = time.perf_counter()
         result = classify(
             model,
@@ -204,58 +238,79 @@ class _Run:
             self.data.labels,
             template=self.template,
             batch_size=self.args.batch_size,
+            calibrate=calibrate,
         )
         seconds = time.perf_counter() - started
-        accuracy = sum(p == e.label for p, e in zip(result.predictions, examples)) / len(examples)
-        return accuracy, dict(Counter(result.predictions)), seconds
+        truths = [e.label for e in examples]
+        labels = self.data.labels
+        plain = [labels[j] for j in result.log_likelihoods.argmax(dim=-1).tolist()]
+        scored: dict[str, Any] = {"seconds": seconds, "plain": _measures(plain, truths, labels)}
+        if calibrate:
+            scored["calibrated"] = _measures(result.predictions, truths, labels)
+            scored["calibrated"]["prior"] = [round(p, 4) for p in result.prior.tolist()]
+        return scored
 
     def _common(self, method: str, k: int) -> dict[str, Any]:
-        return {"dataset": self.data.name, "K": k, "seed": self.seed, "method": method, "n_test": len(self.test)}
+        return {"dataset": self.data.name, "K": k, "seed": self.seed, "method": method,
+                "n_test": len(self.test), "labels": len(self.data.labels)}
+
+    def _wants(self, method: str, done: set, k: int | None = None) -> bool:
+        return method in self.methods and self.key(method, k) not in done
 
     def evaluate_all(self, done: set, record) -> None:  # type: ignore[no-untyped-def]
-        if "zero-shot" in self.methods and self.key("zero-shot", 0) not in done:
+        if self._wants("zero-shot", done, 0):
             eos = self.tokenizer.convert_tokens_to_ids(self.tokenizer.eos_token)
             config = CPTConfig(cpt_token_ids=[eos], cpt_tokens_type_mask=[0])  # one separator
-            accuracy, counts, seconds = self._score(CPTModel(self.base_model, config), self.test)
-            record(**self._common("zero-shot", 0), accuracy=accuracy, seconds=round(seconds, 2),
-                   eval_seconds=round(seconds, 2), context_tokens=1, predictions=counts)
+            scored = self._classify(CPTModel(self.base_model, config), self.test, calibrate=False)
+            record(**self._common("zero-shot", 0), **scored["plain"], seconds=round(scored["seconds"], 2),
+                   eval_seconds=round(scored["seconds"], 2), context_tokens=1)
         config = build_context(self.tokenizer, self.context, self.template, **CONTEXT_DEFAULTS)
         n = config.num_virtual_tokens
-        if "icl" in self.methods and self.key("icl") not in done:
-            accuracy, counts, seconds = self._score(CPTModel(self.base_model, config), self.test)
-            record(**self._common("icl", self.k), accuracy=accuracy, seconds=round(seconds, 2),
-                   eval_seconds=round(seconds, 2), context_tokens=n, predictions=counts)
+        if self._wants("icl", done) or self._wants("icl-cal", done):
+            scored = self._classify(CPTModel(self.base_model, config), self.test)
+            for method, which in (("icl", "plain"), ("icl-cal", "calibrated")):
+                if self._wants(method, done):
+                    record(**self._common(method, self.k), **scored[which], seconds=round(scored["seconds"], 2),
+                           eval_seconds=round(scored["seconds"], 2), context_tokens=n)
         cpt_context = None
-        if "cpt" in self.methods and self.key("cpt") not in done or "peft" in self.methods and self.key("peft") not in done:
+        if any(self._wants(m, done) for m in ("cpt", "cpt-cal", "peft")):
             started = time.perf_counter()
+            fit_options = dict(self.fit_options)
+            if self._wants("peft", done):
+                fit_options["selection"] = None  # PEFT has no selection: compare like with like
             model, result = fit(
                 self.base_model, self.tokenizer, self.context, template=self.template,
-                labels=self.data.labels, train_config=self.train_config, **self.context_options,
+                labels=self.data.labels, train_config=self.train_config, **fit_options, **self.context_options,
             )
             train_seconds = time.perf_counter() - started
             cpt_context = model.context_embeddings().detach()
-            if "cpt" in self.methods and self.key("cpt") not in done:
-                accuracy, counts, seconds = self._score(model, self.test)
-                record(**self._common("cpt", self.k), accuracy=accuracy,
-                       seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
-                       eval_seconds=round(seconds, 2), context_tokens=n, steps=result.steps,
-                       first_loss=result.losses[0], final_loss=result.losses[-1],
-                       mean_delta_norm=_mean_delta_norm(model), hyper=self.hyper, predictions=counts)
+            if self._wants("cpt", done) or self._wants("cpt-cal", done):
+                scored = self._classify(model, self.test)
+                history = result.eval_history
+                chosen = _chosen_step(history)
+                for method, which in (("cpt", "plain"), ("cpt-cal", "calibrated")):
+                    if self._wants(method, done):
+                        record(**self._common(method, self.k), **scored[which],
+                               seconds=round(train_seconds + scored["seconds"], 2),
+                               train_seconds=round(train_seconds, 2), eval_seconds=round(scored["seconds"], 2),
+                               context_tokens=n, steps=result.steps, selected_step=chosen,
+                               first_loss=result.losses[0], final_loss=result.losses[-1],
+                               mean_delta_norm=_mean_delta_norm(model), hyper=self.hyper)
             del model
-        if "peft" in self.methods and self.key("peft") not in done:
+        if self._wants("peft", done):
             started = time.perf_counter()
             model, losses = train_with_peft(
                 self.base_model, self.tokenizer, self.context, self.template, self.train_config,
                 {**CONTEXT_DEFAULTS, **self.context_options},
             )
             train_seconds = time.perf_counter() - started
-            accuracy, counts, seconds = self._score(model, self.test)
+            scored = self._classify(model, self.test, calibrate=False)
             rel = (model.context_embeddings() - cpt_context).norm() / cpt_context.norm()
-            record(**self._common("peft", self.k), accuracy=accuracy,
-                   seconds=round(train_seconds + seconds, 2), train_seconds=round(train_seconds, 2),
-                   eval_seconds=round(seconds, 2), context_tokens=n, steps=len(losses),
+            record(**self._common("peft", self.k), **scored["plain"],
+                   seconds=round(train_seconds + scored["seconds"], 2), train_seconds=round(train_seconds, 2),
+                   eval_seconds=round(scored["seconds"], 2), context_tokens=n, steps=len(losses),
                    first_loss=losses[0], final_loss=losses[-1], context_rel_diff=float(rel.detach()),
-                   hyper=self.hyper, predictions=counts)
+                   hyper=self.hyper)
 
     def sweep(self, done: set, record) -> None:  # type: ignore[no-untyped-def]
         """CPT's validation accuracy over `SWEEP_LR` x `SWEEP_EPOCHS` x `SWEEP_EPSILON`, and ICL's."""
@@ -279,6 +334,7 @@ class _Run:
                         labels=self.data.labels,
                         train_config=replace(self.train_config, learning_rate=lr, epochs=epochs),
                         opt_projection_epsilon=eps, opt_projection_format_epsilon=format_eps,
+                        **self.fit_options,
                     )
                     accuracy, counts, _ = self._score(model, self.val)
                     record(**common, method="cpt", lr=lr, epochs=epochs, epsilon=eps,
@@ -349,6 +405,20 @@ def _mean_delta_norm(model: CPTModel) -> float:
     return float(model.delta.detach()[rows].norm(dim=1).mean()) if bool(rows.any()) else 0.0
 
 
+def _measures(predictions: list[str], truths: list[str], labels: Sequence[str]) -> dict[str, Any]:
+    return {"accuracy": accuracy(predictions, truths), "macro_f1": macro_f1(predictions, truths, labels),
+            "predictions": dict(Counter(predictions))}
+
+
+def _chosen_step(history: list[dict[str, float]]) -> int | None:
+    """The step whose context fit's selection kept (None without selection)."""
+    scored = [h for h in history if "loo_log_prob" in h]
+    if not scored:
+        return None
+    best = max(h["loo_log_prob"] for h in scored)
+    return int(next(h["step"] for h in scored if h["loo_log_prob"] == best))
+
+
 # ---------------------------------------------------------------------- output
 
 
@@ -376,16 +446,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}"
 
 
-def _accuracies(records: list[dict[str, Any]], dataset: str, k: int, method: str) -> list[float]:
-    return [r["accuracy"] for r in records if r["dataset"] == dataset and r["K"] == k and r["method"] == method]
+def _accuracies(records: list[dict[str, Any]], dataset: str, k: int, method: str, metric: str = "accuracy") -> list[float]:
+    return [r[metric] for r in records if r["dataset"] == dataset and r["K"] == k and r["method"] == method and metric in r]
 
 
-def markdown_table(records: list[dict[str, Any]], methods: Sequence[str]) -> str:
-    """Mean ± sample standard deviation (over seeds) of the accuracy, in %, per (data set, K).
+def markdown_table(records: list[dict[str, Any]], methods: Sequence[str], metric: str = "accuracy") -> str:
+    """Mean ± sample standard deviation (over seeds) of ``metric``, in %, per (data set, K).
 
     Zero-shot (K = 0) is shown on every K row of its data set.
     """
-    runs = [r for r in records if "accuracy" in r]
+    runs = [r for r in records if metric in r]
     datasets = list(dict.fromkeys(r["dataset"] for r in runs))
     ks = sorted({r["K"] for r in runs if r["K"] > 0})
     header = "| data set | K | " + " | ".join(METHOD_NAMES[m] for m in methods) + " | seeds | test |"
@@ -394,7 +464,7 @@ def markdown_table(records: list[dict[str, Any]], methods: Sequence[str]) -> str
         for k in ks:
             cells = []
             for method in methods:
-                cells.append(_mean_std(_accuracies(runs, dataset, 0 if method == "zero-shot" else k, method)))
+                cells.append(_mean_std(_accuracies(runs, dataset, 0 if method == "zero-shot" else k, method, metric)))
             these = [r for r in runs if r["dataset"] == dataset and r["K"] == k]
             if not these:
                 continue
@@ -402,6 +472,55 @@ def markdown_table(records: list[dict[str, Any]], methods: Sequence[str]) -> str
             n_test = these[0]["n_test"]
             lines.append(f"| {dataset} | {k} | " + " | ".join(cells) + f" | {seeds} | {n_test} |")
     return "\n".join(lines) + "\n"
+
+
+def targets(records: list[dict[str, Any]]) -> str:
+    """The issue's targets, measured on the cells (data set, K) where CPT and ICL both ran.
+
+    Differences are of means over the seeds each method ran, in accuracy points.
+    """
+    runs = [r for r in records if "accuracy" in r]
+    cells = sorted({(r["dataset"], r["K"]) for r in runs if r["method"] == "cpt"})
+    rows = []
+    for dataset, k in cells:
+        mean = {m: _mean(_accuracies(runs, dataset, k, m)) for m in ("icl", "icl-cal", "cpt")}
+        if mean["cpt"] is None or mean["icl"] is None:
+            continue
+        labels = next((r.get("labels") for r in runs if r["dataset"] == dataset and "labels" in r), None)
+        rows.append((dataset, k, labels, mean["cpt"] - mean["icl"],
+                     None if mean["icl-cal"] is None else mean["cpt"] - mean["icl-cal"]))
+    if not rows:
+        return "No cell has both CPT and ICL.\n"
+    gains = [r[3] for r in rows]
+    worst = min(rows, key=lambda r: r[3])
+    against_cal = [r[4] for r in rows if r[4] is not None]
+    binary = [r[3] for r in rows if r[2] == 2]
+    lines = [
+        f"Over {len(rows)} cells (data set, K); accuracy points, CPT minus the other method's mean over seeds.",
+        "",
+        "| measure | target | measured |",
+        "|---|---|---|",
+        f"| CPT - ICL, mean over cells | >= +10 | {100 * statistics.fmean(gains):+.1f} |",
+        f"| worst cell, CPT - ICL | >= -2 | {100 * worst[3]:+.1f} ({worst[0]}, K = {worst[1]}) |",
+        f"| CPT - calibrated ICL, mean | > 0 | "
+        + (f"{100 * statistics.fmean(against_cal):+.1f}" if against_cal else "-") + " |",
+        f"| two-class sets, CPT - ICL, worst cell | >= +5 | "
+        + (f"{100 * min(binary):+.1f} (mean {100 * statistics.fmean(binary):+.1f})" if binary else "-") + " |",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def report(records: list[dict[str, Any]], methods: Sequence[str]) -> str:
+    """Accuracy and macro-F1 tables and the targets, in markdown."""
+    return (
+        "### Accuracy (%)\n\n" + markdown_table(records, methods)
+        + "\n### Macro-F1 (%)\n\n" + markdown_table(records, methods, "macro_f1")
+        + "\n### Targets\n\n" + targets(records)
+    )
+
+
+def _mean(values: list[float]) -> float | None:
+    return statistics.fmean(values) if values else None
 
 
 def sweep_table(records: list[dict[str, Any]]) -> str:
@@ -472,30 +591,36 @@ def _parser() -> argparse.ArgumentParser:
         "with the default model (SmolLM2-135M), K examples per class as the context.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--datasets", nargs="+", default=None, help=f"built-in names or .jsonl/.csv files (default: {' '.join(DATASETS)})")
-    parser.add_argument("--k", type=int, nargs="+", default=None, help="examples per class in the context (default: 2 4)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds; each draws its own test set and context (default: 0 1 2)")
-    parser.add_argument("--test", type=int, default=None, help="held-out test examples per seed (default: 200)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="what to run")
+    parser.add_argument("--half", choices=list(HALVES), default="report",
+                        help=f"which sets: dev = {' '.join(DEV_SETS)}; report = {' '.join(REPORT_SETS)}")
+    parser.add_argument("--datasets", nargs="+", default=None, help="built-in names or .jsonl/.csv files (default: those of --half)")
+    parser.add_argument("--k", type=int, nargs="+", default=None, help="examples per class in the context (default: 1 2 4)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds; each draws its own test set and context (default: 0 1 2 3 4)")
+    parser.add_argument("--test", type=int, default=None, help="held-out test examples per seed (default: 100)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS), help="what to run")
     parser.add_argument("--model", default=None, help="model folder or hub name (default: SmolLM2-135M)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--bf16", action="store_true", help="load the model in bfloat16 (CUDA only)")
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass when scoring")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: leave the other cores to others)")
     parser.add_argument("--output-dir", default="docs", help="where the JSONL, markdown and PNG go")
-    parser.add_argument("--name", default=None, help="file name prefix (default: accuracy, accuracy_quick or accuracy_sweep)")
-    parser.add_argument("--resume", action="store_true", help="keep <name>_runs.jsonl and skip the runs in it")
-    parser.add_argument("--quick", action="store_true", help="smoke run: rotten_tomatoes, K=2, seed 0, 40 test examples")
+    parser.add_argument("--name", default=None, help="file name prefix (default: accuracy_<half>, accuracy_quick or accuracy_sweep)")
+    parser.add_argument("--fresh", action="store_true", help="start <name>_runs.jsonl over (default: keep it and skip the runs in it)")
+    parser.add_argument("--resume", action="store_true", help="the default; kept for older commands")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: the first set, K=1, seed 0, 8 test examples, 2 training steps (with a tiny --model: seconds)")
     parser.add_argument("--sweep", action="store_true", help="validation sweep of CPT's lr / epochs / epsilon instead (no test set scored)")
     parser.add_argument("--val", type=int, default=100, help="validation examples for --sweep, drawn outside the test set and context")
     parser.add_argument("--sweep-lr", type=float, nargs="+", default=SWEEP_LR, help="--sweep: learning rates")
     parser.add_argument("--sweep-epochs", type=int, nargs="+", default=SWEEP_EPOCHS, help="--sweep: epochs")
     parser.add_argument("--sweep-epsilon", type=_epsilons, nargs="+", default=[_epsilons(e) for e in SWEEP_EPSILON],
                         help="--sweep: INPUT/FORMAT epsilon pairs (at d = 2048), e.g. 0.2/0.1")
-    parser.add_argument("--cpt-lr", type=float, default=None, help="CPT and PEFT learning rate (None: TrainConfig's 1e-4)")
-    parser.add_argument("--cpt-epochs", type=int, default=None, help="CPT and PEFT epochs (None: TrainConfig's 5)")
+    parser.add_argument("--cpt-lr", type=float, default=None, help="CPT and PEFT learning rate (None: TrainConfig's)")
+    parser.add_argument("--cpt-epochs", type=int, default=None, help="CPT and PEFT epochs (None: TrainConfig's)")
     parser.add_argument("--cpt-epsilon", type=_epsilons, default=None, metavar="INPUT/FORMAT",
-                        help="CPT and PEFT epsilons at d = 2048 (None: fit's 0.2/0.1)")
+                        help="CPT and PEFT epsilons at d = 2048 (None: fit's)")
+    parser.add_argument("--cpt-select", choices=["leave-one-out", "none"], default=None,
+                        help="CPT's selection of the trained context (None: fit's default)")
     parser.add_argument("--peft-seeds", type=int, nargs="+", default=None, help="seeds that also run PEFT (default: all)")
     parser.add_argument("--peft-skip", nargs="+", default=[], metavar="DATASET:K", help="cells where PEFT is not run")
     parser.add_argument("--skip", nargs="+", default=[], metavar="DATASET:K[:SEED]",

@@ -21,7 +21,7 @@ from typing import Any, NoReturn
 
 USAGE_ERROR = 2
 
-TRAIN_DEFAULTS = {"epochs": 5, "learning_rate": 1e-4}
+TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
 """The command line's training defaults (those of `cpt.train.TrainConfig`)."""
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -165,8 +165,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
     train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
     train.add_argument("--separator", default=" ", help="between input and output parts (default: one space)")
-    train.add_argument("--epsilon", type=float, default=0.2, help="L2 radius of input rows (d = 2048)")
-    train.add_argument("--format-epsilon", type=float, default=0.1, help="L2 radius of template rows")
+    train.add_argument("--epsilon", type=float, default=1.0, help="L2 radius of input rows (d = 2048)")
+    train.add_argument("--format-epsilon", type=float, default=0.5, help="L2 radius of template rows")
     train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
     train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
     _train_args(train)
@@ -190,6 +190,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test", type=_int_at_least(1), default=200, help="examples to score")
     evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
     _progress_arg(evaluate)
+    _calibrate_arg(evaluate)
     evaluate.set_defaults(run=_run_eval)
 
     predict = command(
@@ -205,6 +206,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
     _progress_arg(predict)
+    _calibrate_arg(predict)
     predict.add_argument("texts", nargs="+", help="texts to classify")
     predict.set_defaults(run=_run_predict)
 
@@ -259,6 +261,13 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 def _progress_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+
+def _calibrate_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--calibrate", action="store_true",
+        help='divide label probabilities by those of content-free inputs ("N/A", "", "[MASK]") first',
+    )
 
 
 # ---------------------------------------------------------------------- commands
@@ -377,6 +386,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from cpt.datasets import split_examples
+    from cpt.metrics import macro_f1
     from cpt.workflow import template_of
 
     data = _load_data(args.data, args.label_names)
@@ -390,9 +400,17 @@ def _run_eval(args: argparse.Namespace) -> int:
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, texts, labels)
     started = time.perf_counter()
-    result = _classify(cpt_model, tokenizer, texts, labels, template, args.batch_size, not args.no_progress)
-    accuracy = _accuracy(result.predictions, [e.label for e in test])
-    print(json.dumps({"accuracy": accuracy, "examples": len(test), "seconds": round(time.perf_counter() - started, 1)}))
+    result = _classify(
+        cpt_model, tokenizer, texts, labels, template, args.batch_size, not args.no_progress, args.calibrate
+    )
+    gold = [e.label for e in test]
+    print(json.dumps({
+        "accuracy": _accuracy(result.predictions, gold),
+        "macro_f1": macro_f1(result.predictions, gold, labels),
+        "calibrated": args.calibrate,
+        "examples": len(test),
+        "seconds": round(time.perf_counter() - started, 1),
+    }))
     return 0
 
 
@@ -405,7 +423,9 @@ def _run_predict(args: argparse.Namespace) -> int:
         raise CLIError("the adapter records no label set (PEFT's layout): pass --labels")
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, args.texts, labels)
-    result = _classify(cpt_model, tokenizer, args.texts, labels, template, args.batch_size, not args.no_progress)
+    result = _classify(
+        cpt_model, tokenizer, args.texts, labels, template, args.batch_size, not args.no_progress, args.calibrate
+    )
     for text, label, probabilities in zip(args.texts, result.predictions, result.probabilities.tolist()):
         print(json.dumps({"text": text, "label": label, "probabilities": dict(zip(labels, probabilities))}))
     return 0
@@ -539,10 +559,11 @@ def _load_adapter(args: argparse.Namespace) -> tuple[Any, Any]:
 
 def _classify(
     cpt_model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], template: Any,
-    batch_size: int, progress: bool,
+    batch_size: int, progress: bool, calibrate: bool = False,
 ):  # type: ignore[no-untyped-def]
     """`cpt.infer.classify` in passes of ``batch_size`` texts (longest first), with a progress
-    bar on stderr; the result is in the order of ``texts``."""
+    bar on stderr; the result is in the order of ``texts``. With ``calibrate``, the content-free
+    prior is computed once and every pass's probabilities are divided by it (`cpt.calibration`)."""
     import torch
     from tqdm import tqdm
 
@@ -557,11 +578,22 @@ def _classify(
             bar.update(len(chunk))
     back = torch.argsort(torch.tensor(order))  # position of each text in the sorted order
     predictions = [p for part in parts for p in part.predictions]
+    probabilities = torch.cat([part.probabilities for part in parts])[back]
+    prior = None
+    if calibrate:
+        from cpt.calibration import calibrate as divide_by, content_free_prior
+
+        prior = content_free_prior(cpt_model, tokenizer, labels, template=template, batch_size=batch_size)
+        probabilities = divide_by(probabilities, prior)
+        predictions = [labels[j] for j in probabilities.argmax(dim=-1).tolist()]
+    else:
+        predictions = [predictions[int(i)] for i in back]
     return Classification(
-        predictions=[predictions[int(i)] for i in back],
-        probabilities=torch.cat([part.probabilities for part in parts])[back],
+        predictions=predictions,
+        probabilities=probabilities,
         log_likelihoods=torch.cat([part.log_likelihoods for part in parts])[back],
         labels=list(labels),
+        prior=prior,
     )
 
 

@@ -45,13 +45,20 @@ def _args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
 def test_every_method_gives_a_record_a_table_and_peft_matches_cpt(tiny_setup, tmp_path, capsys) -> None:
     model_dir, data = tiny_setup
     out = tmp_path / "out"
-    records = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0"))
-    methods = [(r["seed"], r["method"]) for r in records]
-    expected = [(0, "zero-shot"), (0, "icl"), (0, "cpt")] + ([(0, "peft")] if accuracy._have_peft() else [])
-    assert methods == expected + [(1, "zero-shot"), (1, "icl"), (1, "cpt")]
+    methods = ["zero-shot", "icl", "icl-cal", "cpt", "cpt-cal", "peft"]
+    records = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0", "--methods", *methods,
+                                  "--name", "accuracy"))
+    ran = [(r["seed"], r["method"]) for r in records]
+    five = ["zero-shot", "icl", "icl-cal", "cpt", "cpt-cal"]
+    expected = [(0, m) for m in five] + ([(0, "peft")] if accuracy._have_peft() else [])
+    assert ran == expected + [(1, m) for m in five]
     for r in records:
-        assert 0.0 <= r["accuracy"] <= 1.0 and r["n_test"] == 6
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["macro_f1"] <= 1.0 and r["n_test"] == 6
         assert r["K"] == (0 if r["method"] == "zero-shot" else 1)
+        assert sum(r["predictions"].values()) == 6
+    for r in records:
+        if r["method"].endswith("-cal"):
+            assert len(r["prior"]) == 2 and sum(r["prior"]) == pytest.approx(1, abs=1e-3)
     if accuracy._have_peft():
         peft_run = next(r for r in records if r["method"] == "peft")
         cpt_run = next(r for r in records if r["method"] == "cpt" and r["seed"] == 0)
@@ -60,12 +67,62 @@ def test_every_method_gives_a_record_a_table_and_peft_matches_cpt(tiny_setup, tm
     written = [json.loads(line) for line in (out / "accuracy_runs.jsonl").read_text().splitlines()]
     assert written == records
     table = (out / "accuracy_table.md").read_text()
-    assert "| data set | K | zero-shot | ICL | CPT (cpt) |" in table
+    assert "| data set | K | zero-shot | ICL | ICL+cal | CPT | CPT+cal | CPT (PEFT) |" in table
+    assert "### Macro-F1 (%)" in table and "| CPT - ICL, mean over cells | >= +10 |" in table
     assert table in capsys.readouterr().out
 
-    # --resume runs nothing new
-    again = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0", "--resume"))
+    # a second run appends nothing: every (set, K, seed, method) is done
+    again = accuracy.main(_args(model_dir, data, out, "--peft-seeds", "0", "--methods", *methods,
+                                "--name", "accuracy"))
     assert again == records
+    assert len((out / "accuracy_runs.jsonl").read_text().splitlines()) == len(records)
+
+
+def test_an_interrupted_run_resumes_where_it_stopped(tiny_setup, tmp_path) -> None:
+    model_dir, data = tiny_setup
+    out = tmp_path / "out"
+    first = accuracy.main(_args(model_dir, data, out, "--name", "a", "--seeds", "0"))
+    both = accuracy.main(_args(model_dir, data, out, "--name", "a"))
+    assert both[: len(first)] == first
+    assert {r["seed"] for r in both[len(first) :]} == {1}
+    fresh = accuracy.main(_args(model_dir, data, out, "--name", "a", "--fresh", "--seeds", "1"))
+    assert [_untimed(r) for r in fresh] == [_untimed(r) for r in both[len(first) :]]
+
+
+def _untimed(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.endswith("seconds")}
+
+
+def test_quick_smoke_mode_runs_one_small_cell(tiny_setup, tmp_path) -> None:
+    model_dir, data = tiny_setup
+    records = accuracy.main(["--quick", "--model", str(model_dir), "--datasets", str(data),
+                             "--device", "cpu", "--output-dir", str(tmp_path)])
+    assert {r["method"] for r in records} == {"zero-shot", "icl", "icl-cal", "cpt", "cpt-cal"}
+    assert all(r["n_test"] == 8 and r["seed"] == 0 for r in records)
+    assert all(r["steps"] == 2 for r in records if r["method"].startswith("cpt"))
+    assert (tmp_path / "accuracy_quick_table.md").is_file()
+
+
+def test_the_two_halves_are_disjoint_and_cover_the_shipped_sets() -> None:
+    from cpt.datasets import BUILTIN_DATASETS
+
+    assert not set(accuracy.DEV_SETS) & set(accuracy.REPORT_SETS)
+    assert len(accuracy.DEV_SETS) == len(accuracy.REPORT_SETS) == 5
+    assert set(accuracy.DEV_SETS) | set(accuracy.REPORT_SETS) == set(BUILTIN_DATASETS) - {"sst2"}
+
+
+def test_targets_compare_cpt_with_icl_per_cell() -> None:
+    def run(dataset, k, seed, method, acc, labels=2):
+        return {"dataset": dataset, "K": k, "seed": seed, "method": method, "accuracy": acc,
+                "macro_f1": acc, "n_test": 10, "labels": labels}
+
+    records = [run("a", 1, s, "icl", 0.5) for s in (0, 1)] + [run("a", 1, s, "cpt", 0.7) for s in (0, 1)]
+    records += [run("b", 1, 0, "icl", 0.6, 4), run("b", 1, 0, "cpt", 0.5, 4), run("b", 1, 0, "icl-cal", 0.4, 4)]
+    text = accuracy.targets(records)
+    assert "| CPT - ICL, mean over cells | >= +10 | +5.0 |" in text
+    assert "| worst cell, CPT - ICL | >= -2 | -10.0 (b, K = 1) |" in text
+    assert "| CPT - calibrated ICL, mean | > 0 | +10.0 |" in text
+    assert "| two-class sets, CPT - ICL, worst cell | >= +5 | +20.0 (mean +20.0) |" in text
 
 
 def test_sweep_scores_validation_examples_only(tiny_setup, tmp_path) -> None:
@@ -84,10 +141,10 @@ def test_cpt_options_override_the_defaults_and_are_recorded(tiny_setup, tmp_path
     model_dir, data = tiny_setup
     args = _args(model_dir, data, tmp_path / "out", "--methods", "cpt", "--cpt-lr", "1e-3",
                  "--cpt-epochs", "2", "--cpt-epsilon", "1/0.5")
-    records = accuracy.main(args)
+    records = accuracy.main([*args, "--cpt-select", "none"])
     assert {r["method"] for r in records} == {"cpt"}
     for r in records:
-        assert r["hyper"] == {"lr": 1e-3, "epochs": 2, "epsilon": 1.0, "format_epsilon": 0.5}
+        assert r["hyper"] == {"lr": 1e-3, "epochs": 2, "epsilon": 1.0, "format_epsilon": 0.5, "selection": None}
         assert r["steps"] == 2 * 2  # 2 examples (K = 1, 2 labels) x 2 epochs
 
 

@@ -66,6 +66,27 @@ def test_eval_prints_accuracy(adapter: Path, model_dir: Path, data_file: Path, c
     assert result["examples"] == 6 and 0.0 <= result["accuracy"] <= 1.0
 
 
+def test_eval_prints_macro_f1_and_calibrates_on_request(adapter: Path, model_dir: Path, data_file: Path, capsys) -> None:
+    args = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data_file), "--test", "6",
+            "--device", "cpu"]
+    results = []
+    for extra in ([], ["--calibrate"]):
+        assert main(args + extra) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    plain, calibrated = results
+    assert (plain["calibrated"], calibrated["calibrated"]) == (False, True)
+    for result in results:
+        assert 0.0 <= result["macro_f1"] <= 1.0 and result["examples"] == 6
+
+
+def test_predict_calibrated_probabilities_sum_to_one(adapter: Path, model_dir: Path, capsys) -> None:
+    status = main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                   "--calibrate", "a fine story"])
+    assert status == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert sum(line["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_predict_prints_one_line_per_text(adapter: Path, model_dir: Path, capsys) -> None:
     status = main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
                    "a fine story", "an awful film"])
@@ -207,8 +228,8 @@ def test_help_shows_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 0.2)",
-                  "(default: 0.0001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
+    for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 1.0)",
+                  "(default: 0.001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
                   "(default: float32)", "(default: cpt)", "(default: one space)"):
         assert shown in text, shown
     for command, shown in (("eval", "(default: 8)"), ("predict", "(default: 8)"), ("generate", "(default: 20)"),

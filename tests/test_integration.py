@@ -46,6 +46,7 @@ def test_train_save_reload_predict(smollm, tmp_path) -> None:
     model, result = fit(
         base_model, tokenizer, context, labels=data.labels,
         train_config=TrainConfig(max_steps=8, learning_rate=1e-3, progress=False),
+        selection=None,  # the last context: this test is about training, saving and reloading
     )
     assert result.steps == 8
     after = _mean_loss(model, dataset, collator)

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from cpt import distributed
 from cpt.model import ContextCache, CPTModel, SharedLossPlan, to_device
 
 MAX_GRAPHS = 8
@@ -372,6 +373,8 @@ def obstacle(model: CPTModel, *, shared: bool) -> str | None:
     training pass (``shared``) or the passes against the context's cache."""
     if model.delta.device.type != "cuda":
         return f"the model is on {model.delta.device}, not a CUDA device"
+    if distributed.is_sharded(model):
+        return distributed.SHARDED_GRAPHS_OBSTACLE
     if shared and not model.can_share_context:
         return f"the context cannot be shared: {model._sharing_obstacle()}"
     if not shared and not model.can_cache_context:

@@ -225,6 +225,43 @@ class CPTModel(nn.Module):
         """The adapter's weights: ``base`` and ``delta``, each (N, d) float32, detached."""
         return {"base": self.base.detach(), "delta": self.delta.detach()}
 
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[no-untyped-def, override]
+        """The adapter's tensors, ``base`` and ``delta``, not the frozen base model's weights
+        (they belong to the base model and load with it). So what `transformers.Trainer` saves
+        of a CPTModel is the adapter alone, and a model whose input and output embeddings share
+        one tensor saves without complaint."""
+        destination = {} if destination is None else destination
+        for name, tensor in (("base", self.base), ("delta", self.delta)):
+            destination[prefix + name] = tensor if keep_vars else tensor.detach()
+        return destination
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[no-untyped-def, override]
+        """Copies ``base`` and ``delta`` from a `state_dict` of a CPTModel of the same context.
+
+        Raises:
+            RuntimeError: with ``strict``, if keys are missing or unexpected (as `torch.nn`);
+                whatever the mode, if a tensor's shape differs.
+        """
+        from torch.nn.modules.module import _IncompatibleKeys
+
+        names = ("base", "delta")
+        missing = [name for name in names if name not in state_dict]
+        unexpected = [key for key in state_dict if key not in names]
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"CPTModel state_dict: missing keys {missing}, unexpected keys {unexpected}")
+        with torch.no_grad():
+            for name in names:
+                if name in state_dict:
+                    target = getattr(self, name)
+                    value = state_dict[name]
+                    if tuple(value.shape) != tuple(target.shape):
+                        raise RuntimeError(
+                            f"CPTModel state_dict: {name} has shape {tuple(value.shape)}, "
+                            f"the model's is {tuple(target.shape)}"
+                        )
+                    target.copy_(value)
+        return _IncompatibleKeys(missing, unexpected)
+
     def context_embeddings(self) -> torch.Tensor:
         """(N, d) float32 context embeddings: frozen ``base`` + projected ``delta``."""
         return self.base + self.delta
@@ -259,12 +296,19 @@ class CPTModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
+    accepts_loss_kwargs = True
+    """Tells `transformers.Trainer` that `forward` takes ``num_items_in_batch``: it then leaves
+    the loss's normalisation to the model, over the whole accumulated (and all-rank) batch."""
+
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         input_type_mask: torch.Tensor | None = None,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
     ) -> CPTOutput:
         """Runs the model over ``[context ; sample]``.
 
@@ -279,28 +323,68 @@ class CPTModel(nn.Module):
                 Given, the CPT loss is returned.
             input_type_mask: (B, S) type codes 0..4 of the samples (SPEC §1); None treats every
                 sample token as a label, as PEFT does. Never modified.
+            num_items_in_batch: the number of loss terms in the whole batch this one is part of
+                (all micro-batches of an optimizer step, on all ranks), as `transformers.Trainer`
+                passes it; the loss is then this batch's weighted sum over it, so the gradients
+                summed over micro-batches and ranks are those of the whole batch. None: this
+                batch's own count (`loss_targets`).
+            shift_labels: (B, T) this batch's loss targets (`loss_targets`), which
+                `cpt.callback.TrainerCollator` adds so that `transformers.Trainer` counts
+                ``num_items_in_batch`` as CPT does; only checked against the batch.
 
         Returns:
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, negative type codes, or a
-                batch without any label token.
+            ValueError: on shapes that differ from ``input_ids``, negative type codes, a batch
+                without any label token, ``num_items_in_batch`` below 1, or ``shift_labels``
+                that count other loss terms than the batch has.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        _check_num_items(num_items_in_batch)
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
         if self._share_context(input_ids.shape[0]):
             plan = self.shared_loss_plan(labels, input_type_mask, attention_mask)
+            _check_shift_labels(shift_labels, plan.count)
             total = self.shared_loss_total(input_ids, plan.to(self.delta.device))
-            return CPTOutput(loss=total / plan.count, num_targets=plan.count)
+            divisor = plan.count if num_items_in_batch is None else num_items_in_batch
+            return CPTOutput(loss=total / divisor, num_targets=plan.count)
         _check_type_codes(input_type_mask)
         device = self.delta.device
         input_ids = input_ids.to(device)
         attention_mask = None if attention_mask is None else attention_mask.to(device)
         codes = self._sample_codes(input_ids, input_type_mask)  # (B, S)
         terms = self._plain_loss_terms(input_ids, attention_mask, labels.to(device), codes)
-        return CPTOutput(loss=terms.mean(), num_targets=terms.count)
+        _check_shift_labels(shift_labels, terms.count)
+        loss = terms.mean() if num_items_in_batch is None else terms.total / num_items_in_batch
+        return CPTOutput(loss=loss, num_targets=terms.count)
+
+    def loss_targets(self, labels: torch.Tensor, input_type_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The token ids the CPT loss predicts for each row of a batch, worked out on the CPU.
+
+        Their count (entries other than -100) is the batch's number of loss terms: what
+        ``num_items_in_batch`` sums over micro-batches and ranks.
+
+        Args:
+            labels: (B, S) target ids; -100 marks ignored positions.
+            input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
+
+        Returns:
+            (B, Mc + S) long: the context's Mc label tokens, then the sample's labels where they
+            are targets, -100 elsewhere.
+
+        Raises:
+            ValueError: on a negative type code.
+        """
+        cpu = torch.device("cpu")
+        labels = labels.to(cpu)
+        type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
+        _check_type_codes(type_mask)
+        codes = self._sample_codes(labels, type_mask)  # (B, S)
+        targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
+        context = self.context_target_ids.to(cpu).expand(labels.shape[0], -1)  # (B, Mc)
+        return torch.cat([context, torch.where(targets, labels, IGNORE_INDEX)], dim=1)
 
     def _share_context(self, batch_size: int) -> bool:
         if self.context_sharing == "never":
@@ -705,6 +789,26 @@ def _check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
+
+
+def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        return  # a tensor stays where it is: reading it would make the host wait for the device
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not (
+        num_items_in_batch >= 1
+    ):
+        raise ValueError(f"num_items_in_batch must be a number >= 1, got {num_items_in_batch!r}")
+
+
+def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
+    if shift_labels is None:
+        return
+    counted = int((shift_labels != IGNORE_INDEX).sum())
+    if counted != count:
+        raise ValueError(
+            f"shift_labels counts {counted} loss terms but the batch has {count}: build the batches "
+            "with cpt.callback.TrainerCollator for this model's context"
+        )
 
 
 def _check_type_codes(input_type_mask: torch.Tensor | None) -> None:

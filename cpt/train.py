@@ -41,7 +41,7 @@ from safetensors.torch import load as safetensors_load
 from torch import nn
 from tqdm.auto import tqdm
 
-from cpt import graphs
+from cpt import distributed, graphs
 from cpt._io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -261,7 +261,7 @@ def train(
     saved_at = state.step if resume_from is not None else -1
 
     initial = min(state.step, total_steps)
-    bar = tqdm(total=total_steps, initial=initial, disable=not config.progress, desc="cpt", unit="step")
+    bar = tqdm(total=total_steps, initial=initial, disable=not (config.progress and distributed.is_main()), desc="cpt", unit="step")
     size, accumulation = config.batch_size, config.gradient_accumulation_steps
     try:
         while state.step < total_steps:
@@ -279,14 +279,14 @@ def train(
                 if eval_fn is not None and _due(state.step, config.eval_every):
                     state.eval_history.append(_evaluate(model, eval_fn, state.step))
                 if folder is not None and _due(state.step, config.checkpoint_every):
-                    save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+                    _save_on_main(folder, model, optimizer, state, config, num_samples)
                     saved_at = state.step
                 if state.position == 0:
                     break  # a new epoch: a new order
     finally:
         bar.close()
     if folder is not None and saved_at != state.step:
-        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+        _save_on_main(folder, model, optimizer, state, config, num_samples)
 
     return TrainResult(
         losses=list(state.losses),
@@ -332,6 +332,9 @@ def _optimizer_step(
     """
     params = model.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
+    if distributed.world_size() > 1:
+        loss = _data_parallel_backward(model, dataset, collator, window, autocast, graphed)
+        return _finish_step(model, optimizer, config, params, loss)
     weighted_loss = torch.zeros((), dtype=torch.float32, device=model.delta.device)
     total_weight = 0
     for indices in window:
@@ -356,12 +359,48 @@ def _optimizer_step(
         for param in params:
             if param.grad is not None:
                 param.grad.div_(total_weight)
+    return _finish_step(model, optimizer, config, params, (weighted_loss / total_weight).item())
+
+
+def _finish_step(
+    model: CPTModel, optimizer: torch.optim.Optimizer, config: TrainConfig, params: list, loss: float
+) -> float:
+    """Clips the gradient, steps and projects; returns ``loss``."""
     if config.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
     model.project_()  # the "P" of PGD: every row back into its ball
     optimizer.zero_grad(set_to_none=True)
-    return (weighted_loss / total_weight).item()
+    return loss
+
+
+def _data_parallel_backward(
+    model: CPTModel,
+    dataset: Sequence[Any],
+    collator: Callable[[list[Any]], Batch],
+    window: list[list[int]],
+    autocast: Callable[[], Any],
+    graphed: graphs.GraphedLoss | None,
+) -> float:
+    """This rank's share of the step's forward and backward passes (`cpt.distributed`): the
+    gradient and the returned loss are those of the combined batch, on every rank."""
+
+    def run(batch: Batch, num_items: int, weight: float) -> torch.Tensor:
+        if graphed is not None:
+            input_ids, plan = graphed.prepare(
+                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
+            )
+            share = plan.count / num_items  # the graph's loss is normalised by this share's count
+            return graphed.backward(input_ids, plan, scale=weight * share) * share
+        with autocast():
+            output = model(**batch, num_items_in_batch=num_items)
+        (output.loss * weight if weight != 1 else output.loss).backward()
+        return output.loss.detach()
+
+    def collate(indices: Sequence[int]) -> Batch:
+        return collator([dataset[i] for i in indices])
+
+    return distributed.backward_share(model, window, collate, run)
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -383,6 +422,8 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graph
         return graphs.GraphedLoss(model, autocast=autocast)
     if config.cuda_graphs == "on":
         raise ValueError(f"cuda_graphs is \"on\" but {reason}")
+    if reason == distributed.SHARDED_GRAPHS_OBSTACLE and distributed.is_main():
+        logger.warning("CUDA graphs are off: %s", reason)  # once per run: the user may expect them
     return None
 
 
@@ -410,8 +451,18 @@ def _report(bar: Any, state: TrainState, config: TrainConfig) -> None:
     running = sum(recent) / len(recent)
     bar.update(1)
     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    if state.step % config.log_every == 0:
+    if state.step % config.log_every == 0 and distributed.is_main():
         logger.info("step %d: loss %.6f (mean of the last %d steps)", state.step, running, len(recent))
+
+
+def _save_on_main(
+    folder: Path, model: CPTModel, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
+    num_samples: int,
+) -> None:
+    """Rank 0 writes the checkpoint (every rank holds the same state); the others wait for it."""
+    if distributed.is_main():
+        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+    distributed.barrier()
 
 
 def _seed_everything(seed: int) -> None:

@@ -142,6 +142,10 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--shard-base-model", action="store_true",
+        help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
+    )
 
 
 # ---------------------------------------------------------------------- commands
@@ -231,6 +235,10 @@ def _run_train(args: argparse.Namespace) -> int:
         opt_weighted_loss_type=args.loss,
         opt_loss_decay_factor=args.decay,
     )
+    from cpt import distributed
+
+    if not distributed.is_main():  # under torchrun every rank holds the same adapter: rank 0 writes
+        return 0
     cpt_model.save_pretrained(args.output)
     print(json.dumps({
         "adapter": str(args.output),
@@ -258,9 +266,15 @@ def _run_eval(args: argparse.Namespace) -> int:
     texts = [e.text for e in test]
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, texts, labels)
+    from cpt import distributed
+
     started = time.perf_counter()
-    result = classify(cpt_model, tokenizer, texts, labels, template=template, batch_size=args.batch_size)
-    accuracy = _accuracy(result.predictions, [e.label for e in test])
+    mine = distributed.share(texts)  # under torchrun each rank scores its share of the texts
+    result = classify(cpt_model, tokenizer, mine, labels, template=template, batch_size=args.batch_size) if mine else None
+    predictions = distributed.gather(result.predictions if result is not None else [])
+    if not distributed.is_main():
+        return 0
+    accuracy = _accuracy(predictions, [e.label for e in test])
     print(json.dumps({"accuracy": accuracy, "examples": len(test), "seconds": round(time.perf_counter() - started, 1)}))
     return 0
 
@@ -285,7 +299,11 @@ def _run_predict(args: argparse.Namespace) -> int:
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from cpt.models import load_model_and_tokenizer
 
+    from cpt import distributed
+
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed.launched():  # torchrun or accelerate launch: join the group, one device per rank
+        device = str(distributed.init_from_env(device))
     model, tokenizer = load_model_and_tokenizer(args.model, device=device)
     return model, tokenizer, device
 
@@ -308,6 +326,7 @@ def _train_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
+        shard_base_model=args.shard_base_model,
     )
 
 

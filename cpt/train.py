@@ -97,6 +97,10 @@ class TrainConfig:
             is supported) and in full precision elsewhere; ``"bf16"`` forces bf16 autocast;
             ``"no"`` never autocasts. ``delta``, the optimizer and the projection stay float32.
         max_grad_norm: clip the gradient's L2 norm to this before each step; None never clips.
+        shard_base_model: with several processes (``torchrun``), shard the frozen decoder
+            layers across them with FSDP2 (`cpt.distributed.shard_base_model`), for a base model
+            too large for one device; no effect with one process. Does not combine with CUDA
+            graphs (``cuda_graphs="on"`` is refused, ``"auto"`` runs eagerly and says so).
         cuda_graphs: ``"auto"`` replays each step's forward and backward from a CUDA graph
             (`cpt.graphs`) when the model is on a CUDA device and shares its context, which
             removes the launch overhead that bounds small models; ``"on"`` requires it;
@@ -124,6 +128,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"
     max_grad_norm: float | None = 1.0  # transformers.Trainer's default, which PEFT's example uses
     cuda_graphs: CudaGraphs = "auto"
+    shard_base_model: bool = False  # one device holds the whole model unless asked
 
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
@@ -136,8 +141,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be True or False, got {self.progress!r}")
+        for name in ("progress", "shard_base_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION_MODES:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION_MODES}, got {self.mixed_precision!r}"
@@ -244,6 +250,8 @@ def train(
         raise ValueError("dataset is empty: nothing to train on")
 
     model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
+    if config.shard_base_model and distributed.world_size() > 1:
+        distributed.shard_base_model(model)
     optimizer = make_optimizer(model, config)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, config=config, num_samples=num_samples)

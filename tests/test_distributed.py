@@ -120,3 +120,59 @@ def test_trainer_under_ddp_matches_one_process(launched, tmp_path) -> None:
     model, losses = cases.run_trainer(tmp_path, batch_size=4)
     delta, ddp_losses = ranks_result(launched, "trainer_ddp")
     assert_matches("CPTTrainer DDP (2 x 2 vs 4)", delta, ddp_losses, (model.delta.detach(), losses))
+
+
+# ---------------------------------------------------------------------- the command line
+
+
+def torchrun_cpt(arguments: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "cpt", *arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done
+
+
+def test_torchrun_cpt_train_and_eval_match_one_process(tmp_path, capsys) -> None:
+    from test_cli import TEXTS
+    from tiny_models import make_model
+    from tokenizers_util import make_bpe_tokenizer
+
+    from cpt.cli import main
+    from cpt.model import CPTModel
+    from cpt.models import load_model_and_tokenizer
+
+    model_dir = tmp_path / "tiny-llama"
+    tokenizer = make_bpe_tokenizer()
+    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(
+        json.dumps({"text": f"{t} {i}", "label": label}) + "\n"
+        for label, texts in TEXTS.items() for t in texts for i in range(4)
+    ))
+    common = ["--model", str(model_dir), "--data", str(data), "--device", "cpu"]
+    train = ["train", *common, "--per-class", "1", "--train", "5", "--test", "5", "--epochs", "2",
+             "--batch-size", "3", "--lr", "1e-2", "--no-progress"]
+    assert main([*train, "--output", str(tmp_path / "one")]) == 0
+    torchrun_cpt([*train, "--output", str(tmp_path / "two")])
+
+    base, _ = load_model_and_tokenizer(str(model_dir), device="cpu")
+    one = CPTModel.from_pretrained(base, tmp_path / "one")
+    two = CPTModel.from_pretrained(base, tmp_path / "two")
+    difference = float((one.delta - two.delta).detach().abs().max())
+    print(f"\ntorchrun -m cpt train (2 processes): max |delta - single process| = {difference:.3g}")
+    assert float(one.delta.abs().max()) > 1e-3
+    assert difference <= TOLERANCE
+
+    evaluate = ["eval", *common, "--adapter", str(tmp_path / "one"), "--test", "7", "--batch-size", "2"]
+    done = torchrun_cpt(evaluate)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1  # rank 0 alone prints
+    two_ranks = json.loads(lines[0])
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    one_rank = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert two_ranks["examples"] == one_rank["examples"] == 7
+    assert two_ranks["accuracy"] == one_rank["accuracy"]

@@ -38,12 +38,14 @@ __all__ = [
     "CPTModel",
     "CPTOutput",
     "CPTProjectionCallback",
+    "CPTTrainer",
     "Example",
     "RenderedExample",
     "Template",
     "TokenRole",
     "TrainConfig",
     "TrainResult",
+    "TrainerCollator",
     "adapter_format",
     "build_context",
     "classify",
@@ -64,8 +66,8 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> object:
     # The Trainer callback imports transformers' trainer utilities (and accelerate/peft with
     # them); it loads on first use so that ``import cpt`` stays light.
-    if name == "CPTProjectionCallback":
-        from cpt.callback import CPTProjectionCallback
+    if name in ("CPTProjectionCallback", "CPTTrainer", "TrainerCollator"):
+        import cpt.callback
 
-        return CPTProjectionCallback
+        return getattr(cpt.callback, name)
     raise AttributeError(f"module 'cpt' has no attribute {name!r}")

@@ -176,3 +176,40 @@ def test_torchrun_cpt_train_and_eval_match_one_process(tmp_path, capsys) -> None
     one_rank = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert two_ranks["examples"] == one_rank["examples"] == 7
     assert two_ranks["accuracy"] == one_rank["accuracy"]
+
+
+# ---------------------------------------------------------------------- models spread by device_map
+
+
+def test_classify_and_generate_over_a_device_map_with_offloaded_layers(tmp_path) -> None:
+    """A model that `accelerate` dispatched (here one layer offloaded to disk, the CPU's stand-in
+    for a second device) gives the same probabilities and text as the model in one piece."""
+    from tiny_models import make_model
+    from tokenizers_util import make_bpe_tokenizer
+    from transformers import AutoModelForCausalLM
+
+    from cpt.data import Example, build_context
+    from cpt.infer import classify, generate
+    from cpt.model import CPTModel
+
+    tokenizer = make_bpe_tokenizer()
+    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
+    context = build_context(tokenizer, [Example("the movie was great", "positive"), Example("an awful film", "negative")])
+    whole = CPTModel(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), context)
+    with torch.no_grad():
+        whole.delta.add_(1e-3)
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                  "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"}
+    dispatched = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert dispatched.model.layers[1].mlp.up_proj.weight.device.type == "meta"  # really offloaded
+    spread = CPTModel(dispatched, context)
+    spread.load_state_dict(whole.state_dict())
+
+    texts, labels = ["a fine story", "boring and too long"], ["positive", "negative"]
+    expected = classify(whole, tokenizer, texts, labels)
+    got = classify(spread, tokenizer, texts, labels)
+    assert got.predictions == expected.predictions
+    torch.testing.assert_close(got.probabilities, expected.probabilities, rtol=0, atol=1e-6)
+    assert generate(spread, tokenizer, texts, max_new_tokens=3) == generate(whole, tokenizer, texts, max_new_tokens=3)

@@ -371,10 +371,10 @@ class GraphedLogits(_Graphed):
 def obstacle(model: CPTModel, *, shared: bool) -> str | None:
     """Why CUDA graphs cannot replay ``model``'s passes, or None if they can: the shared-context
     training pass (``shared``) or the passes against the context's cache."""
-    if model.delta.device.type != "cuda":
-        return f"the model is on {model.delta.device}, not a CUDA device"
     if distributed.is_sharded(model):
         return distributed.SHARDED_GRAPHS_OBSTACLE
+    if model.delta.device.type != "cuda":
+        return f"the model is on {model.delta.device}, not a CUDA device"
     if shared and not model.can_share_context:
         return f"the context cannot be shared: {model._sharing_obstacle()}"
     if not shared and not model.can_cache_context:

@@ -107,6 +107,62 @@ def run_trainer(
     return model, losses
 
 
+REVIEWS = {
+    "positive": ["the movie was great", "a fine story", "the actors were good"],
+    "negative": ["an awful film", "boring and too long", "the plot was thin"],
+}
+
+
+def prepare_cli(root: Path) -> None:
+    """A tiny model folder and a data file for the command-line scenarios."""
+    import json
+
+    from tiny_models import make_model
+    from tokenizers_util import make_bpe_tokenizer
+
+    bpe = make_bpe_tokenizer()
+    make_model("llama", vocab_size=len(bpe)).save_pretrained(root / "cli_model")
+    bpe.save_pretrained(root / "cli_model")
+    (root / "cli_data.jsonl").write_text("".join(
+        json.dumps({"text": f"{text} {i}", "label": label}) + "\n"
+        for label, texts in REVIEWS.items() for text in texts for i in range(4)
+    ))
+
+
+def cli_train_args(root: Path, output: Path) -> list[str]:
+    """`cpt train`: 2 context examples + 5 more, batches of 3 (7 = 3 + 3 + 1), 2 epochs."""
+    return ["train", "--model", str(root / "cli_model"), "--data", str(root / "cli_data.jsonl"), "--device", "cpu",
+            "--per-class", "1", "--train", "5", "--test", "5", "--epochs", "2", "--batch-size", "3",
+            "--lr", "1e-2", "--no-progress", "--output", str(output)]
+
+
+def cli_eval_args(root: Path, adapter: Path) -> list[str]:
+    """`cpt eval` of 7 texts in batches of 2."""
+    return ["eval", "--model", str(root / "cli_model"), "--data", str(root / "cli_data.jsonl"), "--device", "cpu",
+            "--adapter", str(adapter), "--test", "7", "--batch-size", "2"]
+
+
+def _cli_train(root: Path):  # type: ignore[no-untyped-def]
+    from cpt.cli import main
+
+    assert main(cli_train_args(root, root / "cli_two")) == 0
+    return None, []
+
+
+def _cli_eval(root: Path):  # type: ignore[no-untyped-def]
+    import contextlib
+    import io
+
+    from cpt.cli import main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(cli_eval_args(root, root / "cli_one")) == 0
+    (root / "cli_eval").mkdir(exist_ok=True)
+    (root / "cli_eval" / f"stdout.{distributed.rank()}.txt").write_text(printed.getvalue())
+    return None, []
+
+
 def _ddp(root: Path):  # type: ignore[no-untyped-def]
     return run_train(checkpoint_dir=root / "ddp_checkpoints")
 
@@ -133,5 +189,7 @@ SCENARIOS = {
     "ddp_resume": _ddp_resume,
     "fsdp": _fsdp,
     "trainer_ddp": _trainer_ddp,
+    "cli_train": _cli_train,
+    "cli_eval": _cli_eval,
 }
 """What each rank runs, by name (tests/distributed_worker.py)."""

@@ -38,7 +38,8 @@ def main(out: str, scenarios: list[str]) -> None:
     root = Path(out)
     for name in scenarios:
         model, losses = cases.SCENARIOS[name](root)
-        _write(root, name, model.delta, losses)
+        if model is not None:  # the command-line scenarios write their own files
+            _write(root, name, model.delta, losses)
         distributed.barrier()
     torch.distributed.destroy_process_group()
 

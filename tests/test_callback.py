@@ -64,7 +64,7 @@ def test_accumulation_gives_the_whole_batch_loss_and_gradient(tmp_path, batch_si
 def test_accumulated_training_matches_one_batch(tmp_path) -> None:
     whole, whole_losses = cases.run_trainer(tmp_path / "whole", batch_size=4)
     split, split_losses = cases.run_trainer(tmp_path / "split", batch_size=2, accumulation=2)
-    difference = float((whole.delta - split.delta).abs().max())
+    difference = float((whole.delta - split.delta).detach().abs().max())
     print(f"\nTrainer accumulation 2 x 2 vs 4: max |delta difference| = {difference:.3g}")
     assert float(whole.delta.abs().max()) > 1e-3
     assert difference <= TOLERANCE

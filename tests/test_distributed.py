@@ -2,7 +2,7 @@
 
 One ``torchrun`` launch runs every scenario of tests/distributed_cases.py (data-parallel
 `cpt.train` with unequal label counts per rank and gradient accumulation, resume across process
-counts, FSDP2-sharded layers, `CPTTrainer` under DDP); each test then compares what the ranks
+counts, FSDP2-sharded layers, `CPTTrainer` under DDP, `cpt train` and `cpt eval`); each test then compares what the ranks
 wrote with a single-process run here, in float32, and prints the largest difference.
 """
 
@@ -35,6 +35,10 @@ def launched(tmp_path_factory) -> Path:
     """Runs every scenario on 2 ranks; returns the folder the ranks wrote into."""
     root = tmp_path_factory.mktemp("distributed")
     cases.run_train(cases.HALF_STEPS, checkpoint_dir=root / "single_half")  # resumed by 2 ranks
+    cases.prepare_cli(root)
+    from cpt.cli import main
+
+    assert main(cases.cli_train_args(root, root / "cli_one")) == 0  # evaluated by 2 ranks
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(HERE / "distributed_worker.py"), str(root), *cases.SCENARIOS,
@@ -90,6 +94,30 @@ def test_shard_base_model_needs_a_process_group() -> None:
         distributed.shard_base_model(cases.fresh_model())
 
 
+def test_sharded_model_refuses_cuda_graphs_and_trains_alone(tmp_path) -> None:
+    """A group of one: sharding works, CUDA graphs are refused with the reason, training runs."""
+    import torch.distributed as dist
+
+    from cpt import graphs
+    from cpt.train import train
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = cases.fresh_model()
+        assert distributed.shard_base_model(model) == 2
+        assert distributed.is_sharded(model) and model.context_sharing == "always"
+        assert graphs.obstacle(model, shared=True) == distributed.SHARDED_GRAPHS_OBSTACLE
+        tok = cases.tokenizer()
+        dataset, collator = cases.CPTDataset(tok, cases.TRAINING), cases.CPTCollator(tok.pad_token_id)
+        with pytest.raises(ValueError, match="sharded with FSDP2"):
+            train(model, dataset, cases.train_config(cuda_graphs="on"), collator=collator)
+        sharded = train(model, dataset, cases.train_config(), collator=collator)
+    finally:
+        dist.destroy_process_group()
+    _, expected_losses = cases.run_train()
+    assert max(abs(a - b) for a, b in zip(sharded.losses, expected_losses)) <= 1e-5
+
+
 # ---------------------------------------------------------------------- two processes
 
 
@@ -125,54 +153,26 @@ def test_trainer_under_ddp_matches_one_process(launched, tmp_path) -> None:
 # ---------------------------------------------------------------------- the command line
 
 
-def torchrun_cpt(arguments: list[str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               "-m", "cpt", *arguments]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return done
-
-
-def test_torchrun_cpt_train_and_eval_match_one_process(tmp_path, capsys) -> None:
-    from test_cli import TEXTS
-    from tiny_models import make_model
-    from tokenizers_util import make_bpe_tokenizer
-
+def test_cpt_train_and_eval_on_two_processes_match_one(launched, capsys) -> None:
+    """`cpt train` / `cpt eval` as `torchrun -m cpt ...` runs them (the ranks call `cpt.cli.main`)."""
     from cpt.cli import main
     from cpt.model import CPTModel
     from cpt.models import load_model_and_tokenizer
 
-    model_dir = tmp_path / "tiny-llama"
-    tokenizer = make_bpe_tokenizer()
-    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    data = tmp_path / "reviews.jsonl"
-    data.write_text("".join(
-        json.dumps({"text": f"{t} {i}", "label": label}) + "\n"
-        for label, texts in TEXTS.items() for t in texts for i in range(4)
-    ))
-    common = ["--model", str(model_dir), "--data", str(data), "--device", "cpu"]
-    train = ["train", *common, "--per-class", "1", "--train", "5", "--test", "5", "--epochs", "2",
-             "--batch-size", "3", "--lr", "1e-2", "--no-progress"]
-    assert main([*train, "--output", str(tmp_path / "one")]) == 0
-    torchrun_cpt([*train, "--output", str(tmp_path / "two")])
-
-    base, _ = load_model_and_tokenizer(str(model_dir), device="cpu")
-    one = CPTModel.from_pretrained(base, tmp_path / "one")
-    two = CPTModel.from_pretrained(base, tmp_path / "two")
+    base, _ = load_model_and_tokenizer(str(launched / "cli_model"), device="cpu")
+    one = CPTModel.from_pretrained(base, launched / "cli_one")
+    two = CPTModel.from_pretrained(base, launched / "cli_two")
     difference = float((one.delta - two.delta).detach().abs().max())
-    print(f"\ntorchrun -m cpt train (2 processes): max |delta - single process| = {difference:.3g}")
-    assert float(one.delta.abs().max()) > 1e-3
+    with capsys.disabled():
+        print(f"\ncpt train on 2 processes: max |delta - single process| = {difference:.3g}")
+    assert float(one.delta.detach().abs().max()) > 1e-3
     assert difference <= TOLERANCE
 
-    evaluate = ["eval", *common, "--adapter", str(tmp_path / "one"), "--test", "7", "--batch-size", "2"]
-    done = torchrun_cpt(evaluate)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(lines) == 1  # rank 0 alone prints
-    two_ranks = json.loads(lines[0])
+    printed = [(launched / "cli_eval" / f"stdout.{r}.txt").read_text() for r in range(2)]
+    assert printed[1] == ""  # rank 0 alone prints
+    two_ranks = json.loads(printed[0].strip().splitlines()[-1])
     capsys.readouterr()
-    assert main(evaluate) == 0
+    assert main(cases.cli_eval_args(launched, launched / "cli_one")) == 0
     one_rank = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert two_ranks["examples"] == one_rank["examples"] == 7
     assert two_ranks["accuracy"] == one_rank["accuracy"]

@@ -269,7 +269,8 @@ def train(
     saved_at = state.step if resume_from is not None else -1
 
     initial = min(state.step, total_steps)
-    bar = tqdm(total=total_steps, initial=initial, disable=not (config.progress and distributed.is_main()), desc="cpt", unit="step")
+    show = config.progress and distributed.is_main()  # one bar for all ranks
+    bar = tqdm(total=total_steps, initial=initial, disable=not show, desc="cpt", unit="step")
     size, accumulation = config.batch_size, config.gradient_accumulation_steps
     try:
         while state.step < total_steps:
@@ -350,9 +351,7 @@ def _optimizer_step(
         # Each micro-batch counts by its label positions, so the window's loss and gradient are
         # those of one big batch (a lone micro-batch keeps its plain gradient: weight 1).
         if graphed is not None:
-            input_ids, plan = graphed.prepare(
-                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
-            )
+            input_ids, plan = _prepare_graphed(graphed, batch)
             weight = plan.count if len(window) > 1 else 1
             loss = graphed.backward(input_ids, plan, scale=weight)
         else:
@@ -368,6 +367,12 @@ def _optimizer_step(
             if param.grad is not None:
                 param.grad.div_(total_weight)
     return _finish_step(model, optimizer, config, params, (weighted_loss / total_weight).item())
+
+
+def _prepare_graphed(graphed: graphs.GraphedLoss, batch: Batch):  # type: ignore[no-untyped-def]
+    return graphed.prepare(
+        batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
+    )
 
 
 def _finish_step(
@@ -395,9 +400,7 @@ def _data_parallel_backward(
 
     def run(batch: Batch, num_items: int, weight: float) -> torch.Tensor:
         if graphed is not None:
-            input_ids, plan = graphed.prepare(
-                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
-            )
+            input_ids, plan = _prepare_graphed(graphed, batch)
             share = plan.count / num_items  # the graph's loss is normalised by this share's count
             return graphed.backward(input_ids, plan, scale=weight * share) * share
         with autocast():

@@ -97,6 +97,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
     train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
     _train_args(train)
+    train.add_argument(
+        "--shard-base-model", action="store_true",
+        help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
+    )
     train.set_defaults(run=_run_train)
 
     evaluate = commands.add_parser(
@@ -142,10 +146,6 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
     parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument(
-        "--shard-base-model", action="store_true",
-        help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
-    )
 
 
 # ---------------------------------------------------------------------- commands
@@ -326,7 +326,7 @@ def _train_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
         batch_size=args.batch_size,
         seed=args.seed,
         progress=not args.no_progress,
-        shard_base_model=args.shard_base_model,
+        shard_base_model=getattr(args, "shard_base_model", False),  # `cpt train` only
     )
 
 

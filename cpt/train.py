@@ -433,8 +433,8 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graph
         return graphs.GraphedLoss(model, autocast=autocast)
     if config.cuda_graphs == "on":
         raise ValueError(f"cuda_graphs is \"on\" but {reason}")
-    if reason == distributed.SHARDED_GRAPHS_OBSTACLE and distributed.is_main():
-        logger.warning("CUDA graphs are off: %s", reason)  # once per run: the user may expect them
+    if reason == distributed.SHARDED_GRAPHS_OBSTACLE and model.delta.is_cuda and distributed.is_main():
+        logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
     return None
 
 

@@ -30,6 +30,10 @@ TRAINING = CONTEXT + [
     Example("the story was fine", "very positive"),
 ]
 
+TRAINER_SAMPLES = TRAINING[3:]
+"""What `Trainer` trains on: labels of 2, 1, 2 and 2 tokens, so however 2 ranks split these 4
+samples, their label counts differ (7 is odd)."""
+
 TOTAL_STEPS = 4
 HALF_STEPS = 2
 
@@ -76,7 +80,7 @@ def run_train(
 def run_trainer(
     output_dir: Path, batch_size: int, accumulation: int = 1, max_steps: int = 3, arch: str = "gpt2", **args
 ) -> tuple[CPTModel, list[float]]:
-    """CPTTrainer on `CONTEXT` (4 samples: every step sees all of them, in any order)."""
+    """CPTTrainer on `TRAINER_SAMPLES` (4 samples: every step sees all of them, in any order)."""
     from transformers import TrainingArguments
 
     from cpt.callback import CPTTrainer, TrainerCollator
@@ -99,7 +103,7 @@ def run_trainer(
     trainer = CPTTrainer(
         model=model,
         args=arguments,
-        train_dataset=CPTDataset(tok, CONTEXT),
+        train_dataset=CPTDataset(tok, TRAINER_SAMPLES),
         data_collator=TrainerCollator(model, tok.pad_token_id),
     )
     trainer.train()

@@ -26,7 +26,7 @@ TOLERANCE = 1e-6
 
 def full_batch(model: CPTModel) -> dict[str, torch.Tensor]:
     tokenizer = cases.tokenizer()
-    dataset = CPTDataset(tokenizer, cases.CONTEXT)
+    dataset = CPTDataset(tokenizer, cases.TRAINER_SAMPLES)
     return CPTCollator(tokenizer.pad_token_id)([dataset[i] for i in range(len(dataset))])
 
 

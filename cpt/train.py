@@ -217,6 +217,11 @@ def train(
     of ``batch_size`` samples, clip, AdamW step on ``model.trainable_parameters()``, then
     ``model.project_()``. The base model is in eval mode throughout (frozen, no dropout).
 
+    In a process group of several ranks (``torchrun``, `cpt.distributed.init_from_env`), each
+    rank runs its share of every micro-batch (``batch_size`` is the whole batch) and the ranks
+    sum their gradients, so every rank trains the context one process would on the combined
+    batch; only rank 0 writes checkpoints and shows progress; ``eval_fn`` runs on every rank.
+
     Args:
         model: the model to train, in place; batches go to the device of ``model.delta``.
         dataset: indexable samples (e.g. `cpt.data.CPTDataset`), ``len`` >= 1.

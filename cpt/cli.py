@@ -270,8 +270,11 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     mine = distributed.share(texts)  # under torchrun each rank scores its share of the texts
-    result = classify(cpt_model, tokenizer, mine, labels, template=template, batch_size=args.batch_size) if mine else None
-    predictions = distributed.gather(result.predictions if result is not None else [])
+    predictions: list[str] = []
+    if mine:
+        result = classify(cpt_model, tokenizer, mine, labels, template=template, batch_size=args.batch_size)
+        predictions = result.predictions
+    predictions = distributed.gather(predictions)
     if not distributed.is_main():
         return 0
     accuracy = _accuracy(predictions, [e.label for e in test])
@@ -297,9 +300,8 @@ def _run_predict(args: argparse.Namespace) -> int:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    from cpt.models import load_model_and_tokenizer
-
     from cpt import distributed
+    from cpt.models import load_model_and_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if distributed.launched():  # torchrun or accelerate launch: join the group, one device per rank

@@ -225,7 +225,9 @@ class CPTModel(nn.Module):
         """The adapter's weights: ``base`` and ``delta``, each (N, d) float32, detached."""
         return {"base": self.base.detach(), "delta": self.delta.detach()}
 
-    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):  # type: ignore[no-untyped-def, override]
+    def state_dict(  # type: ignore[no-untyped-def, override]
+        self, *, destination=None, prefix: str = "", keep_vars: bool = False
+    ):
         """The adapter's tensors, ``base`` and ``delta``, not the frozen base model's weights
         (they belong to the base model and load with it). So what `transformers.Trainer` saves
         of a CPTModel is the adapter alone, and a model whose input and output embeddings share
@@ -235,7 +237,9 @@ class CPTModel(nn.Module):
             destination[prefix + name] = tensor if keep_vars else tensor.detach()
         return destination
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):  # type: ignore[no-untyped-def, override]
+    def load_state_dict(  # type: ignore[no-untyped-def, override]
+        self, state_dict, strict: bool = True, assign: bool = False
+    ):
         """Copies ``base`` and ``delta`` from a `state_dict` of a CPTModel of the same context.
 
         Raises:

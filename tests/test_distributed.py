@@ -2,8 +2,9 @@
 
 One ``torchrun`` launch runs every scenario of tests/distributed_cases.py (data-parallel
 `cpt.train` with unequal label counts per rank and gradient accumulation, resume across process
-counts, FSDP2-sharded layers, `CPTTrainer` under DDP, `cpt train` and `cpt eval`); each test then compares what the ranks
-wrote with a single-process run here, in float32, and prints the largest difference.
+counts, FSDP2-sharded layers, `CPTTrainer` under DDP, `cpt train` and `cpt eval`); each test then
+compares what the ranks wrote with a single-process run here, in float32, and prints the largest
+difference.
 """
 
 from __future__ import annotations
@@ -194,7 +195,8 @@ def test_classify_and_generate_over_a_device_map_with_offloaded_layers(tmp_path)
 
     tokenizer = make_bpe_tokenizer()
     make_model("llama", vocab_size=len(tokenizer)).save_pretrained(tmp_path / "model")
-    context = build_context(tokenizer, [Example("the movie was great", "positive"), Example("an awful film", "negative")])
+    examples = [Example("the movie was great", "positive"), Example("an awful film", "negative")]
+    context = build_context(tokenizer, examples)
     whole = CPTModel(AutoModelForCausalLM.from_pretrained(tmp_path / "model"), context)
     with torch.no_grad():
         whole.delta.add_(1e-3)

@@ -83,6 +83,22 @@ def barrier() -> None:
         dist.barrier()
 
 
+def check_same(what: str, facts: dict[str, Any]) -> None:
+    """Raises on every rank if the ranks disagree on ``facts`` (nothing with one process).
+
+    Raises:
+        ValueError: naming the first fact that differs and each rank's value.
+    """
+    if world_size() == 1:
+        return
+    everyone: list[Any] = [None] * world_size()
+    dist.all_gather_object(everyone, facts)
+    for name in facts:
+        values = [ranks_facts.get(name) for ranks_facts in everyone]
+        if any(value != values[0] for value in values):
+            raise ValueError(f"the ranks disagree on {what}: {name} is {values} on ranks 0..{len(values) - 1}")
+
+
 # ---------------------------------------------------------------------- data parallelism
 
 

@@ -167,6 +167,18 @@ def _cli_eval(root: Path):  # type: ignore[no-untyped-def]
     return None, []
 
 
+def _disagree(root: Path):  # type: ignore[no-untyped-def]
+    """Rank 1 asks for another learning rate: every rank must refuse before the first step."""
+    tok = tokenizer()
+    config = train_config(learning_rate=1e-2 * (1 + distributed.rank()))
+    try:
+        train(fresh_model(), CPTDataset(tok, TRAINING), config, collator=CPTCollator(tok.pad_token_id))
+    except ValueError as error:
+        (root / "disagree").mkdir(exist_ok=True)
+        (root / "disagree" / f"error.{distributed.rank()}.txt").write_text(str(error))
+    return None, []
+
+
 def _ddp(root: Path):  # type: ignore[no-untyped-def]
     return run_train(checkpoint_dir=root / "ddp_checkpoints")
 
@@ -195,5 +207,6 @@ SCENARIOS = {
     "trainer_ddp": _trainer_ddp,
     "cli_train": _cli_train,
     "cli_eval": _cli_eval,
+    "disagree": _disagree,
 }
 """What each rank runs, by name (tests/distributed_worker.py)."""

@@ -151,6 +151,12 @@ def test_trainer_under_ddp_matches_one_process(launched, tmp_path) -> None:
     assert_matches("CPTTrainer DDP (2 x 2 vs 4)", delta, ddp_losses, (model.delta.detach(), losses))
 
 
+def test_ranks_that_disagree_are_refused_on_every_rank(launched) -> None:
+    errors = [(launched / "disagree" / f"error.{r}.txt").read_text() for r in range(2)]
+    assert errors[0] == errors[1]
+    assert errors[0] == "the ranks disagree on what to train: config.learning_rate is [0.01, 0.02] on ranks 0..1"
+
+
 # ---------------------------------------------------------------------- the command line
 
 

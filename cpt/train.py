@@ -264,11 +264,11 @@ def train(
         state = TrainState()
         _seed_everything(config.seed)
 
-    # each rank takes its share of the same batches, from the same start
-    facts = {f"config.{name}": value for name, value in config.to_dict().items() if name != "progress"}
-    facts.update(num_samples=num_samples, step=state.step)
-    facts["context"] = (float(model.base.sum()), float(model.delta.detach().sum()))
-    distributed.check_same("what to train", facts)
+    if distributed.world_size() > 1:  # each rank takes its share of the same batches, from the same start
+        facts = {f"config.{name}": value for name, value in config.to_dict().items() if name != "progress"}
+        facts.update(num_samples=num_samples, step=state.step)
+        facts["context"] = (float(model.base.sum()), float(model.delta.detach().sum()))
+        distributed.check_same("what to train", facts)
     batches_per_epoch = math.ceil(num_samples / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch

@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     if args.bf16 and not device.startswith("cuda"):
         raise SystemExit("--bf16 is for CUDA devices only")
     from cpt.datasets import load_dataset
-    from cpt.models import load_model_and_tokenizer
+    from cpt.loading import load_model_and_tokenizer
 
     base_model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
     output_dir = Path(args.output_dir)

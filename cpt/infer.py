@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt import _compat
-from cpt.data import Template, render_example, render_query
+from cpt.data import Template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits, obstacle
 from cpt.model import ContextCache, CPTModel
 
@@ -107,7 +107,7 @@ def classify(
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
     """
-    texts = _strings("texts", texts)
+    texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
     seen: dict[str, int] = {}
     for j, label in enumerate(labels):

@@ -739,11 +739,64 @@ class CPTModel(nn.Module):
         return save_adapter(self, path, format=format)
 
     @classmethod
-    def from_pretrained(cls, base_model: nn.Module, path: str | Path, **kwargs) -> CPTModel:
-        """Loads an adapter folder in either layout (detected) onto ``base_model``."""
-        from cpt.adapter import load_adapter
+    def from_pretrained(
+        cls, base_model: nn.Module, path: str | Path, *, revision: str | None = None, **kwargs
+    ) -> CPTModel:
+        """Loads an adapter in either layout (detected) onto ``base_model``.
 
-        return load_adapter(base_model, path, **kwargs)
+        ``path`` is an adapter folder or a hub name (``org/name``, at ``revision``), resolved
+        by `cpt.hub.resolve_adapter`: from the local Hugging Face cache, else downloaded."""
+        from cpt.adapter import load_adapter
+        from cpt.hub import resolve_adapter
+
+        return load_adapter(base_model, resolve_adapter(path, revision=revision), **kwargs)
+
+    # ------------------------------------------------------------------ conveniences (as in PEFT)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the base model's input embeddings are: where inputs go."""
+        return _input_embeddings(self.base_model).weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The base model's parameter dtype (its input embeddings'); ``base`` and ``delta`` stay
+        float32."""
+        return _input_embeddings(self.base_model).weight.dtype
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (frozen) base model."""
+        return self.base_model
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable (``delta``) and total parameter counts, as PEFT models do."""
+        params = list(self.parameters())
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        total = sum(p.numel() for p in params)
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
+        """Generates after the trained context: `cpt.infer.generate`, with the template the model
+        was trained with (``self.task``) unless ``template`` is given.
+
+        Returns:
+            One generated string per text.
+        """
+        from cpt.infer import generate
+        from cpt.workflow import template_of
+
+        kwargs.setdefault("template", template_of(self))
+        return generate(self, tokenizer, texts, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        """Uploads the adapter with a model card to the hub repository ``repo_id``: see
+        `cpt.hub.push_to_hub` for the options. Returns the commit's URL."""
+        from cpt.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
 
 def _input_embeddings(model: nn.Module) -> nn.Embedding:

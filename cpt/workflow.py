@@ -8,14 +8,14 @@ the template and label set so the adapter can classify after it is saved and loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt.data import CPTCollator, CPTDataset, Example, Template, as_example, build_context
+from cpt.data import CPTCollator, CPTDataset, ExampleLike, Template, as_example, build_context
 from cpt.model import CPTModel
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
@@ -57,14 +57,15 @@ def labels_of(model: CPTModel) -> list[str]:
 def fit(
     base_model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example | tuple[str, str]],
+    examples: Iterable[ExampleLike],
     *,
     template: Template | None = None,
-    train_examples: Sequence[Example | tuple[str, str]] | None = None,
+    train_examples: Iterable[ExampleLike] | None = None,
     labels: Sequence[str] | None = None,
     train_config: TrainConfig | None = None,
     eval_fn: EvalFn | None = None,
     checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
     model_kwargs: dict[str, Any] | None = None,
     **context_options: Any,
 ) -> tuple[CPTModel, TrainResult]:
@@ -73,15 +74,18 @@ def fit(
     Args:
         base_model: any `transformers` causal LM; frozen.
         tokenizer: its tokenizer.
-        examples: the labelled examples that form the context, ``Example`` or ``(text, label)``.
+        examples: the labelled examples that form the context: `Example` objects, ``(text, label)``
+            pairs, or mappings with ``"text"`` and ``"label"`` keys (``datasets`` rows); a label
+            is a string or an integer index into ``labels`` (a ``ClassLabel``'s names).
         template: how examples are written out; `Template()` by default.
         train_examples: what to train on; by default the context's own examples (the paper's
             few-shot setting: ICL and CPT see exactly the same labels).
-        labels: the label set, in order; by default the labels of ``examples`` in order of first
-            appearance.
+        labels: the label set, in order (what integer labels index); by default the labels of
+            ``examples`` in order of first appearance.
         train_config: the training hyper-parameters; `TrainConfig()` by default.
         eval_fn: called as ``eval_fn(model)`` every ``train_config.eval_every`` steps.
         checkpoint_dir: where training checkpoints go (see `cpt.train.train`).
+        resume_from: a checkpoint folder to continue from (see `cpt.train.train`).
         model_kwargs: passed to `CPTModel` (``context_sharing``, ``activation_checkpointing``...).
         **context_options: `CPTConfig` options (``opt_projection_epsilon``, ...), over
             `CONTEXT_DEFAULTS`.
@@ -91,13 +95,17 @@ def fit(
         and the `TrainResult`.
 
     Raises:
-        ValueError: on empty examples, a label outside ``labels``, or any bad option.
+        ValueError: on empty examples, a malformed example (naming its index), an integer label
+            without ``labels``, a label outside ``labels``, or any bad option.
     """
     template = template or Template()
-    context = [as_example(item, i) for i, item in enumerate(examples)]
+    names = None if labels is None else list(labels)
+    context = [as_example(item, i, names) for i, item in enumerate(examples)]
     if not context:
         raise ValueError("examples is empty: the context needs at least one labelled example")
-    training = context if train_examples is None else [as_example(e, i) for i, e in enumerate(train_examples)]
+    training = (
+        context if train_examples is None else [as_example(e, i, names) for i, e in enumerate(train_examples)]
+    )
     label_set = list(dict.fromkeys(e.label for e in context)) if labels is None else list(labels)
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
@@ -114,5 +122,6 @@ def fit(
         collator=CPTCollator(tokenizer.pad_token_id),
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
+        resume_from=resume_from,
     )
     return model, result

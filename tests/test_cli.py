@@ -1,4 +1,4 @@
-"""The `cpt` command on a tiny model folder: the happy path and every bad input."""
+"""The `cpt` command on a tiny model folder: the happy path, every option, and bad input."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer
 
@@ -142,7 +143,7 @@ def test_bad_option_value(model_dir: Path, data_file: Path, tmp_path: Path, caps
 
 
 def test_every_command_has_help(capsys) -> None:
-    for command in (["demo"], ["train"], ["eval"], ["predict"]):
+    for command in (["demo"], ["train"], ["eval"], ["predict"], ["generate"]):
         with pytest.raises(SystemExit) as exit_info:
             main([*command, "--help"])
         assert exit_info.value.code == 0
@@ -152,7 +153,7 @@ def test_every_command_has_help(capsys) -> None:
 def test_python_dash_m_cpt_runs_the_command() -> None:
     result = subprocess.run([sys.executable, "-m", "cpt", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "usage: cpt" in result.stdout
-    for name in ("demo", "train", "eval", "predict"):
+    for name in ("demo", "train", "eval", "predict", "generate"):
         assert name in result.stdout
 
 
@@ -165,3 +166,197 @@ def test_train_never_uses_what_eval_scores(data_file: Path) -> None:
     context, train, _ = split_examples(data, per_class=1, n_test=6, n_train=4, seed=0)
     _, _, scored = split_examples(data, per_class=0, n_test=6, seed=0)
     assert not {e.text for e in context + train} & {e.text for e in scored}
+
+
+# --- options -------------------------------------------------------------------------------------
+
+
+def _usage_error(argv: list[str], capsys) -> str:
+    """A bad value that argparse catches: one line on stderr, exit status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _train(model_dir: Path, data_file: Path, output: Path, *extra: str) -> dict:
+    argv = ["train", "--model", str(model_dir), "--data", str(data_file), "--per-class", "1", "--output",
+            str(output), "--no-progress", "--device", "cpu", "--test", "6", "--lr", "1e-2", *extra]
+    assert main(argv) == 0
+    return argv
+
+
+def _last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_version(capsys) -> None:
+    import importlib.metadata
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out.strip()
+    assert out == (f"cpt 0.1.0 (torch {importlib.metadata.version('torch')}, "
+                   f"transformers {importlib.metadata.version('transformers')})")
+
+
+def test_help_shows_defaults(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 0.2)",
+                  "(default: 0.0001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
+                  "(default: float32)", "(default: cpt)", "(default: one space)"):
+        assert shown in text, shown
+    for command, shown in (("eval", "(default: 8)"), ("predict", "(default: 8)"), ("generate", "(default: 20)"),
+                           ("demo", "(default: rotten_tomatoes)")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert shown in " ".join(capsys.readouterr().out.split())
+
+
+def test_max_steps_and_peft_format(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    _train(model_dir, data_file, tmp_path / "peft", "--max-steps", "3", "--format", "peft")
+    result = _last_json(capsys)
+    assert result["steps"] == 3 and result["format"] == "peft"
+    assert sorted(p.name for p in (tmp_path / "peft").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    # PEFT's layout keeps no label set: predict needs --labels, eval takes the data's labels.
+    line = _error(["predict", "--model", str(model_dir), "--adapter", str(tmp_path / "peft"), "--device", "cpu",
+                   "--no-progress", "a fine story"], capsys)
+    assert line == "cpt predict: error: the adapter records no label set (PEFT's layout): pass --labels"
+    assert main(["predict", "--model", str(model_dir), "--adapter", str(tmp_path / "peft"), "--device", "cpu",
+                 "--no-progress", "--labels", "negative,positive", "a fine story"]) == 0
+    assert set(_last_json(capsys)["probabilities"]) == {"negative", "positive"}
+    assert main(["eval", "--model", str(model_dir), "--adapter", str(tmp_path / "peft"), "--data", str(data_file),
+                 "--test", "4", "--device", "cpu", "--no-progress"]) == 0
+    assert _last_json(capsys)["examples"] == 4
+
+
+def test_checkpoint_dir_and_resume_match_one_run(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file
+
+    _train(model_dir, data_file, tmp_path / "whole", "--max-steps", "6")
+    capsys.readouterr()
+    checkpoints = tmp_path / "checkpoints"
+    _train(model_dir, data_file, tmp_path / "first", "--max-steps", "4", "--checkpoint-dir", str(checkpoints),
+           "--checkpoint-every", "2")
+    assert (checkpoints / "last" / "trainer_state.json").is_file()
+    _train(model_dir, data_file, tmp_path / "resumed", "--max-steps", "6", "--checkpoint-dir", str(checkpoints),
+           "--resume")
+    result = _last_json(capsys)
+    assert result["steps"] == 6 and result["resumed_from"] == str(checkpoints / "last")
+    whole = load_file(tmp_path / "whole" / "cpt_adapter.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "cpt_adapter.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key  # bit for bit: resume loses nothing
+
+
+def test_resume_needs_a_checkpoint(model_dir: Path, data_file: Path, tmp_path: Path, capsys) -> None:
+    base = ["train", "--model", str(model_dir), "--data", str(data_file), "--output", str(tmp_path / "o"), "--test", "6"]
+    assert _error([*base, "--resume"], capsys) == "cpt train: error: --resume needs --checkpoint-dir"
+    line = _error([*base, "--resume", "--checkpoint-dir", str(tmp_path / "empty")], capsys)
+    assert line.startswith("cpt train: error: --resume: no checkpoint to resume in")
+    assert _error([*base, "--checkpoint-every", "2"], capsys) == "cpt train: error: --checkpoint-every needs --checkpoint-dir"
+
+
+def test_dtype_reaches_the_model(model_dir: Path, adapter: Path, monkeypatch, capsys) -> None:
+    import cpt.loading
+
+    seen = []
+    real = cpt.loading.load_model_and_tokenizer
+
+    def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        model, tokenizer = real(*args, **kwargs)
+        seen.append(model.dtype)
+        return model, tokenizer
+
+    monkeypatch.setattr(cpt.loading, "load_model_and_tokenizer", spy)
+    assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                 "--dtype", "bfloat16", "--no-progress", "a fine story"]) == 0
+    assert seen == [torch.bfloat16]
+    assert _last_json(capsys)["label"] in ("negative", "positive")
+
+
+def test_progress_bars_on_stderr_and_off(adapter: Path, model_dir: Path, data_file: Path, capsys) -> None:
+    argv = ["eval", "--model", str(model_dir), "--adapter", str(adapter), "--data", str(data_file),
+            "--test", "6", "--device", "cpu", "--batch-size", "2"]
+    assert main(argv) == 0
+    shown = capsys.readouterr()
+    assert "scoring" in shown.err and "6/6" in shown.err
+    assert main([*argv, "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    assert json.loads(quiet.out)["accuracy"] == json.loads(shown.out)["accuracy"]
+    assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                 "a fine story", "an awful film", "the plot was thin"]) == 0
+    assert "3/3" in capsys.readouterr().err
+
+
+def test_predict_in_passes_keeps_the_texts_order(adapter: Path, model_dir: Path, capsys) -> None:
+    texts = ["a", "an awful film and boring", "the plot", "a fine story"]
+    outputs = []
+    for batch in ("1", "8"):
+        assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                     "--no-progress", "--batch-size", batch, *texts]) == 0
+        outputs.append([json.loads(line) for line in capsys.readouterr().out.strip().splitlines()])
+    assert [line["text"] for line in outputs[0]] == texts
+    for one, many in zip(*outputs):
+        assert one["label"] == many["label"]
+        for label in one["probabilities"]:
+            assert one["probabilities"][label] == pytest.approx(many["probabilities"][label], abs=1e-5)
+
+
+def test_generate_prints_one_line_per_text(adapter: Path, model_dir: Path, capsys) -> None:
+    from cpt import CPTModel, load_model_and_tokenizer
+
+    assert main(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                 "--max-new-tokens", "4", "--no-progress", "a fine story", "an awful film"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    base, tokenizer = load_model_and_tokenizer(model_dir)
+    model = CPTModel.from_pretrained(base, adapter)
+    expected = model.generate(tokenizer, ["a fine story", "an awful film"], max_new_tokens=4, do_sample=False)
+    assert lines == [{"text": "a fine story", "generated": expected[0]},
+                     {"text": "an awful film", "generated": expected[1]}]
+
+
+def test_label_names_map_integer_labels(model_dir: Path, tmp_path: Path, capsys) -> None:
+    path = tmp_path / "ints.jsonl"
+    path.write_text("".join(json.dumps({"text": f"{t} {i}", "label": label}) + "\n"
+                            for label, texts in enumerate(TEXTS.values()) for t in texts for i in range(2)))
+    output = tmp_path / "a"
+    _train(model_dir, path, output, "--label-names", "pos,neg", "--max-steps", "1")
+    assert json.loads((output / "cpt_config.json").read_text())["task"]["labels"] == ["pos", "neg"]
+    line = _error(["train", "--model", str(model_dir), "--data", str(path), "--output", str(tmp_path / "b"),
+                   "--label-names", "only", "--test", "2"], capsys)
+    assert "has label '1', not an index 0..0 of --label-names ['only']" in line
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "d", "--output", "o", "--max-steps", "0"], "argument --max-steps: must be >= 1, got 0"),
+    (["train", "--data", "d", "--output", "o", "--checkpoint-every", "x"], "argument --checkpoint-every: expected an integer, got 'x'"),
+    (["predict", "--adapter", "a", "--dtype", "int8", "t"], "argument --dtype: invalid choice: 'int8'"),
+    (["eval", "--adapter", "a", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    (["predict", "--adapter", "a", "--labels", "a,a", "t"], "argument --labels: expected distinct comma-separated names"),
+    (["generate", "--adapter", "a", "--max-new-tokens", "-1", "t"], "argument --max-new-tokens: must be >= 1, got -1"),
+    (["train", "--data", "d", "--output", "o", "--format", "onnx"], "argument --format: invalid choice: 'onnx'"),
+])
+def test_bad_values_are_one_line(argv: list[str], message: str, capsys) -> None:
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"cpt {argv[0]}: error: {message}")
+
+
+def test_negative_temperature(adapter: Path, model_dir: Path, capsys) -> None:
+    line = _error(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", "-1", "x"], capsys)
+    assert line == "cpt generate: error: --temperature must be >= 0, got -1.0"
+
+
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    script = "import sys\nfrom cpt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "[]"

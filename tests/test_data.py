@@ -373,10 +373,12 @@ def test_build_context_errors() -> None:
     with pytest.raises(ValueError, match=r"build_context makes \['cpt_mask'\] itself"):
         build_context(tokenizer, EXAMPLES, cpt_mask=[1])
     with pytest.raises(
-        ValueError, match=r"example at index 1 must be an Example or a \(text, label\) pair"
+        ValueError, match=r"example at index 1 must be an Example, a \(text, label\) pair or a mapping"
     ):
         build_context(tokenizer, [("a", "positive"), ("only text",)])
     with pytest.raises(ValueError, match="example at index 0 must have string text and label"):
+        build_context(tokenizer, [("a", 3.0)])
+    with pytest.raises(ValueError, match="example at index 0 has the integer label 3: pass the label names"):
         build_context(tokenizer, [("a", 3)])
     with pytest.raises(ValueError, match="label '' tokenizes to no tokens"):
         build_context(tokenizer, [("a", "")])

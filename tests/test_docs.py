@@ -1,12 +1,12 @@
 """Every ```python block of docs/*.md and README.md runs: the docs cannot drift from the code.
 
-The blocks of one page run in order in one namespace (a page may build on its earlier blocks),
-in a temporary working folder, with a tiny random Llama and an offline BPE tokenizer standing in
-for the real model: the namespace starts with ``base_model`` and ``tokenizer``, and
-`cpt.models.load_model_and_tokenizer` returns those two, so a page can show the real call and
-still run in milliseconds. A block preceded by the line ``<!-- no-test -->`` is not run (kept for
-the few that need a GPU or a real download); a block that imports ``peft`` is skipped when PEFT
-is not installed.
+The blocks of one page run in order in one fresh namespace (a page may build on its earlier
+blocks) with nothing injected: a page that needs a model loads one itself, with
+`cpt.load_model_and_tokenizer()`. The tests point ``$CPT_MODEL`` (the model that call loads by
+default) at a tiny random Llama with an offline BPE tokenizer saved in a temporary folder, so a
+page shows the real call and still runs in seconds. Blocks run in a temporary working folder. A
+block preceded by the line ``<!-- no-test -->`` is not run (kept for the few that need a GPU or a
+real download); a block that imports ``peft`` is skipped when PEFT is not installed.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import torch
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer
 
-import cpt.models
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NO_TEST = "<!-- no-test -->"
@@ -78,21 +77,28 @@ def test_links_between_pages_resolve(page: Path) -> None:
             assert path.exists(), f"{page.name} links to missing {target}"
 
 
-@pytest.fixture
-def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-model")
     tokenizer = make_bpe_tokenizer()
     base_model = make_model("llama", vocab_size=len(tokenizer))
     # The toy tokenizer spells real reviews byte by byte: give contexts of real text room.
     base_model.config.max_position_embeddings = TINY_MAX_POSITIONS
+    base_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny_model_dir: Path) -> None:
+    monkeypatch.setenv("CPT_MODEL", str(tiny_model_dir))  # what load_model_and_tokenizer() loads
     monkeypatch.setenv("TQDM_DISABLE", "1")  # no progress bars in the test log
-    monkeypatch.setattr(cpt.models, "load_model_and_tokenizer", lambda *a, **k: (base_model, tokenizer))
     monkeypatch.chdir(tmp_path)  # adapters and checkpoints written by the snippets land here
-    return {"base_model": base_model, "tokenizer": tokenizer}
 
 
 @pytest.mark.parametrize("page", _pages(), ids=lambda p: p.name)
-def test_python_blocks_run(page: Path, tiny: dict) -> None:
-    namespace = {"__name__": f"docs_{page.stem}", **tiny}
+def test_python_blocks_run(page: Path, tiny: None) -> None:
+    namespace: dict = {"__name__": f"docs_{page.stem}"}
     for line, code, runs in python_blocks(page.read_text()):
         if not runs:
             continue
@@ -103,3 +109,27 @@ def test_python_blocks_run(page: Path, tiny: dict) -> None:
             exec(compile(code, f"{page.name}:{line}", "exec"), namespace)
         except Exception as error:
             raise AssertionError(f"the block at {page.name}:{line} raised {type(error).__name__}") from error
+
+
+@pytest.mark.slow
+def test_smollm2_figures_quoted_by_the_docs() -> None:
+    """The token counts and sizes the pages quote for SmolLM2 are what their code gives with it."""
+    from transformers import AutoTokenizer
+
+    from cpt import build_context
+    from cpt.datasets import load_dataset, split_examples
+    from cpt.loading import default_model_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    hidden = 576
+    quickstart = " ".join((DOCS / "quickstart.md").read_text().split())
+    examples = [("a gripping, beautifully shot film", "positive"), ("dull, slow and far too long", "negative"),
+                ("the actors were wonderful", "positive"), ("I want those two hours back", "negative")]
+    n = build_context(tokenizer, examples).num_virtual_tokens
+    assert f"N = {n} tokens" in quickstart and f"2 x {n} x {hidden} x 4 = {2 * n * hidden * 4:,} bytes" in quickstart
+    context, _, _ = split_examples(load_dataset("rotten_tomatoes"), per_class=2, n_test=20, seed=0)
+    reviews = build_context(tokenizer, context).num_virtual_tokens
+    assert f"4 rotten_tomatoes reviews is {reviews} tokens, about {2 * reviews * hidden * 4 / 1e6:.1f} MB" in quickstart
+
+    config = build_context(tokenizer, [("a gripping film", "positive"), ("dull and long", "negative")])
+    assert f"# SmolLM2: {config.num_virtual_tokens} {config.cpt_tokens_type_mask}" in (DOCS / "method.md").read_text()

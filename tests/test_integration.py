@@ -20,7 +20,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    from cpt.models import load_model_and_tokenizer
+    from cpt.loading import load_model_and_tokenizer
 
     torch.set_num_threads(2)
     yield load_model_and_tokenizer()

@@ -1,4 +1,4 @@
-"""Tests of `cpt.models`: the cache folder, its atomic publication, and model loading.
+"""Tests of `cpt.loading`: the cache folder, its atomic publication, and model loading.
 
 The fast tests use a tiny model saved into ``tmp_path``; the ``slow`` ones build the real default
 model (SmolLM2-135M, about 30 s on two cores) into a temporary ``$CPT_HOME``.
@@ -6,8 +6,13 @@ model (SmolLM2-135M, about 30 s on two cores) into a temporary ``$CPT_HOME``.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,8 +22,8 @@ import torch
 from tiny_models import HIDDEN, VOCAB, make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
-from cpt import models
-from cpt.models import (
+from cpt import loading
+from cpt.loading import (
     DEFAULT_MODEL,
     MARKER_FILE,
     cpt_home,
@@ -37,6 +42,7 @@ SMOLLM2_LAYERS = 30
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own ``$CPT_HOME``; nothing is written outside ``tmp_path``."""
+    monkeypatch.delenv("CPT_MODEL", raising=False)
     home = tmp_path / "cpt_home"
     monkeypatch.setenv("CPT_HOME", str(home))
     return home
@@ -204,16 +210,16 @@ def test_tokenizer_without_pad_or_eos(tmp_path: Path) -> None:
         load_model_and_tokenizer(str(folder))
 
 
-@pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "a/b/c"])
+@pytest.mark.parametrize("name", ["./no/such/folder", "/no/such/folder", "a/b/c", "missing.gguf"])
 def test_missing_folder(name: str) -> None:
-    with pytest.raises(ValueError, match=r"^cannot load model '.*': no such folder$"):
+    with pytest.raises(ValueError, match=r"^cannot load model '.*': no such folder or file$"):
         load_model_and_tokenizer(name)
 
 
 def test_file_is_not_a_folder(tmp_path: Path) -> None:
     path = tmp_path / "model.bin"
     path.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"^cannot load model '.*model\.bin': not a folder$"):
+    with pytest.raises(ValueError, match=r"^cannot load model '.*model\.bin': not a folder or a \.gguf file$"):
         load_model_and_tokenizer(str(path))
 
 
@@ -230,26 +236,168 @@ def test_folder_with_broken_config(tmp_path: Path) -> None:
     assert info.value.__cause__ is None and info.value.__suppress_context__
 
 
-def test_hub_failure_is_one_value_error(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hub name that fails (offline here) gives one short ValueError; no network is touched."""
+def test_options_reach_from_pretrained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import transformers
 
-    def offline(*args: object, **kwargs: object) -> None:
-        raise OSError("We couldn't connect to 'https://huggingface.co'.\nCheck your connection.")
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    seen: dict = {}
+    real = transformers.AutoModelForCausalLM.from_pretrained
 
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", offline)
-    with pytest.raises(ValueError) as info:
-        load_model_and_tokenizer("some-org/some-model")
-    assert str(info.value) == (
-        "cannot load model 'some-org/some-model': "
-        "OSError: We couldn't connect to 'https://huggingface.co'."
+    def spy(source: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        seen.update(kwargs)
+        return real(source, dtype=kwargs["dtype"])
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
+    model, _ = load_model_and_tokenizer(folder, dtype="bfloat16", attn_implementation="eager")
+    assert seen == {"dtype": torch.bfloat16, "trust_remote_code": False, "attn_implementation": "eager"}
+    assert model.dtype == torch.bfloat16
+    seen.clear()
+    load_model_and_tokenizer(folder, dtype="auto", device_map="cpu", trust_remote_code=True)
+    assert seen == {"dtype": "auto", "trust_remote_code": True, "device_map": "cpu"}
+
+
+@pytest.mark.parametrize("dtype", ["int8", "float33", 3])
+def test_bad_dtype(tmp_path: Path, dtype: object) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    with pytest.raises(ValueError, match=r"dtype must be a floating torch dtype"):
+        load_model_and_tokenizer(folder, dtype=dtype)  # type: ignore[arg-type]
+
+
+def test_device_and_device_map_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="device or device_map, not both"):
+        load_model_and_tokenizer(_save_tiny(tmp_path / "tiny", pad=True), device="cpu", device_map="cpu")
+
+
+def test_cpt_model_env_names_the_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    monkeypatch.setenv("CPT_MODEL", str(folder))
+    model, _ = load_model_and_tokenizer()
+    assert model.config.hidden_size == HIDDEN
+
+
+# --- GGUF files ----------------------------------------------------------------------------------
+
+needs_gguf = pytest.mark.skipif(not HAS_GGUF, reason="needs gguf")
+
+
+@needs_gguf
+def test_gguf_file_converts_once_into_the_cache(
+    _isolated_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiny_gguf import write_gguf
+    from tokenizers_util import make_bpe_tokenizer
+
+    tokenizer = make_bpe_tokenizer()
+    original = make_model("llama", vocab_size=len(tokenizer))
+    path = write_gguf(tmp_path / "Tiny-Llama.Q8.gguf", original, tokenizer)
+    model, loaded_tokenizer = load_model_and_tokenizer(path)
+
+    text = "input: the movie was great output: positive"
+    ids = tokenizer.encode(text)
+    assert loaded_tokenizer.encode(text, add_special_tokens=False) == ids
+    with torch.no_grad():
+        expected = original(torch.tensor([ids])).logits
+        torch.testing.assert_close(model(torch.tensor([ids])).logits, expected, rtol=1e-5, atol=1e-5)
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    folder = _isolated_home / "models" / f"gguf-tiny-llama.q8-{digest[:16]}"
+    assert sorted(p.name for p in (_isolated_home / "models").iterdir()) == [folder.name]
+    marker = json.loads((folder / MARKER_FILE).read_text())
+    assert marker == {"gguf_file": path.name, "sha256": digest, "dtype": "float32"}
+
+    def no_conversion(*args: object) -> None:
+        raise AssertionError("converted twice")
+
+    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
+    load_model_and_tokenizer(str(path))  # the cached folder serves the second load
+
+    changed = write_gguf(tmp_path / "Tiny-Llama.Q8.gguf", make_model("llama", seed=1, vocab_size=len(tokenizer)), tokenizer)
+    with pytest.raises(ValueError, match="converted twice"):  # other bytes: another folder
+        load_model_and_tokenizer(changed)
+
+
+@needs_gguf
+def test_gguf_conversion_failure_leaves_no_folder(_isolated_home: Path, tmp_path: Path) -> None:
+    path = tmp_path / "broken.gguf"
+    path.write_bytes(b"GGUF not really")
+    with pytest.raises(ValueError, match=r"^cannot load model"):
+        load_model_and_tokenizer(path)
+    assert not [p for p in (_isolated_home / "models").iterdir() if not p.name.startswith(".")]
+    assert list((_isolated_home / "models").iterdir()) == []
+
+
+# --- hub names -----------------------------------------------------------------------------------
+
+
+def _fake_hub_cache(hub_cache: Path, repo_id: str, folder: Path) -> None:
+    """Lays out ``folder``'s files as the Hugging Face cache holds a downloaded repository."""
+    commit = "0" * 40
+    repo = hub_cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(folder, repo / "snapshots" / commit)
+
+
+def test_hub_name_from_the_local_cache_offline_and_uncached_fails_fast(tmp_path: Path) -> None:
+    """The real code path in a fresh process: HF_HUB_OFFLINE, a cached name loads, an uncached
+    one fails with one clear error (no network is touched)."""
+    hf_home = tmp_path / "hf"
+    _fake_hub_cache(hf_home / "hub", "tiny-org/tiny-llama", _save_tiny(tmp_path / "tiny", pad=True))
+    script = (
+        "from cpt.loading import load_model_and_tokenizer\n"
+        "model, tok = load_model_and_tokenizer('tiny-org/tiny-llama')\n"
+        "print('hidden', model.config.hidden_size)\n"
+        "try:\n"
+        "    load_model_and_tokenizer('tiny-org/not-cached')\n"
+        "except ValueError as error:\n"
+        "    print('error', error)\n"
+    )
+    env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "CPT_HOME": str(tmp_path / "c")}
+    env.pop("CPT_MODEL", None)
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.strip().splitlines()
+    assert lines[0] == f"hidden {HIDDEN}"
+    assert lines[1] == (
+        "error cannot load model 'tiny-org/not-cached': tiny-org/not-cached is not in the local "
+        "Hugging Face cache and the hub is off (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE is set): "
+        "download it once while online"
     )
 
 
+def test_unreachable_hub_is_one_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Online but with nothing listening at the endpoint: the real hub client is asked once, with
+    the short timeout, and its failure becomes one ValueError."""
+    from huggingface_hub import HfApi, constants
+
+    from cpt import hub
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    timeouts = []
+    real = HfApi.model_info
+
+    def spy(self, repo_id, **kwargs):  # type: ignore[no-untyped-def]
+        timeouts.append(kwargs.get("timeout"))
+        return real(self, repo_id, **kwargs)
+
+    monkeypatch.setattr(HfApi, "model_info", spy)
+    with pytest.raises(ValueError) as info:
+        load_model_and_tokenizer("some-org/some-model", revision="v1")
+    assert timeouts == [hub.HUB_TIMEOUT_S]
+    assert str(info.value).startswith(
+        "cannot load model 'some-org/some-model': some-org/some-model (revision v1) is not in the "
+        "local Hugging Face cache and the hub (http://127.0.0.1:9) did not answer within 5 s: "
+    )
+    assert "\n" not in str(info.value)
+
+
 def test_short_reason_truncates() -> None:
-    reason = models._short_reason(RuntimeError("x" * 1000))
+    reason = loading._short_reason(RuntimeError("x" * 1000))
     assert reason.startswith("RuntimeError: xxx") and reason.endswith("...")
-    assert len(reason) == models._REASON_MAX_CHARS
+    assert len(reason) == loading._REASON_MAX_CHARS
 
 
 # --- the real default model ----------------------------------------------------------------------
@@ -287,7 +435,7 @@ def test_default_model_builds_and_loads(
     def no_rebuild(*args: object) -> None:
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(models, "_convert_gguf", no_rebuild)  # later loads read the folder
+    monkeypatch.setattr(loading, "_convert_gguf", no_rebuild)  # later loads read the folder
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.vocab_size == SMOLLM2_VOCAB

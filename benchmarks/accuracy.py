@@ -345,7 +345,7 @@ def train_with_peft(
 
 def _mean_delta_norm(model: CPTModel) -> float:
     """Mean L2 norm of delta over the trainable rows (how far training moved the context)."""
-    rows = model.trainable_rows.squeeze(1)
+    rows = model.context.trainable_rows.squeeze(1)
     return float(model.delta.detach()[rows].norm(dim=1).mean()) if bool(rows.any()) else 0.0
 
 

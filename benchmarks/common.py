@@ -72,9 +72,7 @@ def llama_config(name: str) -> Any:
 
     if name not in MODEL_SHAPES:
         raise ValueError(f"unknown model shape {name!r}; known: {sorted(MODEL_SHAPES)}")
-    config = LlamaConfig(**_LLAMA_COMMON, **MODEL_SHAPES[name], initializer_range=INIT_STD)
-    config._attn_implementation = "sdpa"
-    return config
+    return LlamaConfig(**_LLAMA_COMMON, **MODEL_SHAPES[name], initializer_range=INIT_STD, attn_implementation="sdpa")
 
 
 def build_random_model(

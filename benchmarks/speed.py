@@ -269,12 +269,11 @@ def cpt_measurements(
         kwargs[checkpointing_argument()] = True
     if args.compile_projection is not None:
         kwargs["compile_projection"] = args.compile_projection
-    cpt_model = CPTModel(model, context.cpt_config(), **kwargs)
-    cpt_model.shared_attention = {"auto": None, "on": True, "off": False}[args.shared_attention]
+    cpt_model = CPTModel(model, context.cpt_config(), shared_attention=args.shared_attention, **kwargs)
     try:
-        batch_size, seq_len = batch["input_ids"].shape
-        shared = cpt_model._share_context(batch_size)
-        one_copy = shared and cpt_model._use_shared_attention(batch_size, seq_len)
+        with torch.enable_grad():  # the plan of a training step
+            how = cpt_model.execution_plan("loss", *batch["input_ids"].shape)
+        shared, one_copy = how.shared, how.one_copy
         out: dict[str, Any] = {"cpt_path": ("shared, 1 copy" if one_copy else "shared") if shared else "plain"}
         cpu_batch = {k: None if v is None else v.cpu() for k, v in batch.items()}  # as train() passes it
         out.update(guarded(lambda: _cpt_train(cpt_model, cpu_batch, args), "cpt_train", device))
@@ -462,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", choices=("both", "cpt", "peft"), default="both", help="which side to measure")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (default 5; quick 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed warm-up steps (default 2; quick 1)")
-    parser.add_argument("--queries", type=int, default=None, help="inference queries (default B, as in SPEC §5)")
+    parser.add_argument("--queries", type=int, default=None, help="inference queries (default B: one per sample)")
     parser.add_argument("--device", default=None, help="torch device (default cuda for gpu, cpu for cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 gpu, fp32 cpu)")
     parser.add_argument("--sharing", choices=("auto", "always", "never"), default="auto", help="cpt context_sharing")

@@ -1,18 +1,38 @@
-"""What differs between the `transformers` 5.x releases that `cpt` supports.
+"""Every place where `cpt` depends on how `transformers` works inside: one door, each use named.
 
-`transformers` 5.24 renamed the forward argument and output field ``past_key_values`` to ``cache``
-(the old name stays deprecated); 5.17 knows only ``past_key_values``. Everything that touches a
-KV cache goes through the two functions below.
+Supported: `transformers` >= 5.17, < 6 (tests run on 5.17 and the newest). Public API is used
+wherever there is one; the rest is listed here with why, so that a release that changes it
+breaks one module, and `tests/test_compat.py` sees it:
+
+- the forward argument and output field of the KV cache: ``past_key_values`` in 5.17,
+  ``cache`` from 5.24 (`cache_kwargs`, `output_cache`);
+- caches: built with ``DynamicCache(ddp_cache_data=..., config=...)`` and read by iterating
+  them (public); `ContextKV` overrides the public ``update`` to stop storing (`ContextKV`);
+- attention: functions registered with ``AttentionInterface.register`` and
+  ``AttentionMaskInterface.register``, switched with ``PreTrainedModel.set_attn_implementation``
+  (public); the implementation in force is read from ``config._attn_implementation`` (private
+  read: there is no public getter), and whether a class can switch at all from
+  ``_can_set_attn_implementation`` (private read: the public setter only logs a warning);
+- checkpointable decoder layers are ``transformers.modeling_layers.GradientCheckpointingLayer``;
+  `cpt.checkpointing` replaces each one's ``forward`` on the instance, because `transformers`' own
+  checkpointing turns the KV cache off; whether that one is on is ``is_activation_checkpointing``
+  (5.24) or ``is_gradient_checkpointing`` (5.17).
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
+from transformers.masking_utils import AttentionMaskInterface
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]
+"""Per layer (keys, values), each (batch, kv_heads, tokens, head_dim)."""
 
 
 @lru_cache(maxsize=None)
@@ -35,79 +55,110 @@ def output_cache(output: Any) -> Any:
     return cache
 
 
-def cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (keys, values) of each layer of a `DynamicCache`, each (batch, heads, tokens, head_dim)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
+def cache_tensors(cache: Any) -> KV:
+    """The (keys, values) of each layer of a `DynamicCache`."""
+    if not isinstance(cache, DynamicCache):
         raise TypeError(f"unsupported cache type {type(cache).__name__}")
-    return [(layer.keys, layer.values) for layer in layers]
+    return [(entry[0], entry[1]) for entry in cache]
 
 
-def expanded_cache(
-    tensors: list[tuple[torch.Tensor, torch.Tensor]], batch_size: int, config: Any, *, read_only: bool = False
-) -> DynamicCache:
-    """A fresh cache whose layers hold ``tensors`` broadcast to ``batch_size`` rows.
+class ContextKV(DynamicCache):
+    """A `DynamicCache` that starts with a context's states and takes new ones in one of three ways:
 
-    The expansion is a view, so gradients flow back to the batch-1 tensors (summed over rows).
+    - ``"open"``: as any `DynamicCache`, storing them (generation; a pass that grows the cache),
+      the context's states copied to ``batch_size`` rows;
+    - ``"prefix"``: returns the context's states (as views of ``batch_size`` rows) followed by
+      the new ones and stores nothing, so a pass over the samples neither grows the cache nor,
+      where a checkpointed layer recomputes in the backward pass, sees what its first run did not;
+    - ``"pass"``: returns the new states alone and stores nothing (one-copy attention reads the
+      context apart; a context pass's recompute must not append the context a second time).
 
     Args:
-        tensors: (keys, values) per layer, each (1, heads, N, head_dim).
-        batch_size: B.
+        tensors: the context's (keys, values) per layer, each (1, kv_heads, N, head_dim); None
+            for an empty cache (the context pass fills it, then `seal` it).
         config: the model's config (tells sliding-window layers apart).
-        read_only: for one forward pass over the samples: each layer returns the context's states
-            followed by the new ones and stores nothing, so nothing grows and a checkpointed
-            layer's recompute sees exactly what its first run saw. Generation needs False.
+        mode: as above.
+        batch_size: the rows of the pass that reads it.
     """
-    cache = (_PrefixCache if read_only else DynamicCache)(config=config)
-    for layer_idx, (keys, values) in enumerate(tensors):
-        DynamicCache.update(
-            cache,
-            keys.expand(batch_size, *keys.shape[1:]),
-            values.expand(batch_size, *values.shape[1:]),
-            layer_idx,
-        )
-    return cache
 
+    def __init__(
+        self, tensors: KV | None, config: Any, mode: Literal["open", "prefix", "pass"] = "open", batch_size: int = 1
+    ) -> None:
+        rows = None if tensors is None else broadcast(tensors, batch_size)
+        super().__init__(ddp_cache_data=rows if mode == "open" else tensors, config=config)
+        self.prefix = rows
+        self.mode = mode
 
-class _PrefixCache(DynamicCache):
-    """A context's KV states that later tokens attend to, without being written to."""
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
-        layer = self.layers[layer_idx]
-        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
-
-
-class SealableCache(DynamicCache):
-    """Fills as usual on the first pass; once ``sealed``, `update` hands the new states back
-    untouched and stores nothing, so the recompute of a checkpointed layer in the backward pass
-    sees what its first run saw and does not append the context a second time."""
-
-    sealed = False
+    def seal(self) -> None:
+        """From now on, hand new states back unstored (``"pass"``)."""
+        self.mode = "pass"
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if self.sealed:
+        if self.mode == "pass":
             return key_states, value_states
+        if self.mode == "prefix":
+            keys, values = self.prefix[layer_idx]
+            return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
 
-def sealed_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]], config: Any) -> SealableCache:
-    """A batch-1 cache holding the context's states that hands later states back unstored.
-
-    The model then counts positions from N (the cache's length) while `cpt.attention` reads the
-    context's keys and values from ``tensors`` directly.
-    """
-    cache = SealableCache(config=config)
-    for layer_idx, (keys, values) in enumerate(tensors):
-        DynamicCache.update(cache, keys, values, layer_idx)
-    cache.sealed = True
-    return cache
+def broadcast(tensors: KV, batch_size: int) -> KV:
+    """``tensors`` (batch 1) as views of ``batch_size`` rows: gradients flow back summed."""
+    if batch_size == 1:
+        return list(tensors)
+    return [(k.expand(batch_size, *k.shape[1:]), v.expand(batch_size, *v.shape[1:])) for k, v in tensors]
 
 
 def sliding_window(config: Any) -> int | None:
-    """The smallest sliding attention window of the model's layers, or None if there is none."""
+    """The smallest sliding attention window of the model's layers, or None if there is none
+    (a window in the config that no layer uses, as Qwen2's without ``use_sliding_window``,
+    counts as none)."""
     text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     window = getattr(text_config, "sliding_window", None)
     layer_types = getattr(text_config, "layer_types", None)
     if layer_types is not None and not any("sliding" in str(t) for t in layer_types):
         return None
     return int(window) if window else None
+
+
+def hf_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether `transformers`' own gradient checkpointing is on (it turns KV caches off)."""
+    for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # 5.24, then 5.17
+        if hasattr(type(model), name):
+            return bool(getattr(model, name))
+    return False
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's checkpointable decoder layers."""
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def register_attention(name: str, function: Callable[..., Any], mask: Callable[..., Any]) -> None:
+    """Makes ``name`` an attention implementation `transformers` knows (once)."""
+    if name not in AttentionInterface():
+        AttentionInterface.register(name, function)
+        AttentionMaskInterface.register(name, mask)
+
+
+def attention_function(name: str) -> Callable[..., Any]:
+    """The attention function registered as ``name`` (``"sdpa"``, ...)."""
+    return AttentionInterface()[name]
+
+
+def attention_implementation(model: torch.nn.Module) -> str | None:
+    """The attention implementation ``model`` runs now."""
+    return getattr(model.config, "_attn_implementation", None)
+
+
+def can_switch_attention(model: torch.nn.Module) -> bool:
+    """Whether ``model`` takes another attention implementation at run time."""
+    if not callable(getattr(model, "set_attn_implementation", None)):
+        return False
+    can = getattr(type(model), "_can_set_attn_implementation", None)
+    return bool(can()) if callable(can) else True
+
+
+def set_attention(model: torch.nn.Module, name: str) -> None:
+    """Switches ``model`` (and its sub-models) to the attention implementation ``name``."""
+    model.set_attn_implementation(name)

@@ -14,8 +14,9 @@ masked); one softmax runs over both parts, exactly as over the concatenation. No
 B x N x D is materialised.
 
 The function reproduces `transformers`' eager attention (scaling, logit soft-capping, softmax in
-float32) for the architectures in `SUPPORTED_MODEL_TYPES`, whose attention goes through the
-interface; other models keep the cache-concatenating path, which is exact too, only heavier.
+float32). It is used only for models whose attention goes through the interface and for which a
+probe showed it exact (`cpt.passes.one_copy_exact`); others keep the cache-concatenating path,
+which is exact too, only heavier.
 """
 
 from __future__ import annotations
@@ -27,24 +28,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+
+from cpt import _compat
 
 NAME = "cpt_shared_context"
-
-SUPPORTED_MODEL_TYPES = frozenset(
-    {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi", "phi3", "gpt_neox", "gpt2", "opt"}
-)
-"""Model types whose attention goes through `transformers`' AttentionInterface with no extra
-terms (sinks, ALiBi) that this function does not know; each is checked by the parity tests."""
 
 
 @dataclass
 class _Shared:
-    config: Any  # the model config whose attention implementation is switched
+    model: Any  # the model whose attention implementation is switched
     context: list[tuple[torch.Tensor, torch.Tensor]]  # per layer (1, H_kv, N, D) keys, values
     context_blocked: torch.Tensor | None  # (N,) bool: True where cpt_mask is 0; None: none
     sample_blocked: torch.Tensor | None  # (B or 1, 1, 1, S, S) bool: later or padding keys; made once
+    calls: int = 0  # layers that called `shared_context_attention` (the capability probe reads it)
 
 
 _ACTIVE: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar("cpt_shared_context", default=None)
@@ -52,16 +48,7 @@ _ACTIVE: contextvars.ContextVar[_Shared | None] = contextvars.ContextVar("cpt_sh
 CAUSAL_NAME = "cpt_causal_sdpa"
 """`transformers`' own SDPA attention, with no mask made for it (`causal_context`)."""
 
-_CAUSAL: contextvars.ContextVar[Any] = contextvars.ContextVar("cpt_causal_context", default=None)  # its config
-
-
-def supports(model: torch.nn.Module, num_context_tokens: int, num_sample_tokens: int) -> bool:
-    """Whether the shared-context attention computes exactly what ``model``'s own attention does."""
-    config = model.config
-    if getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
-        return False
-    window = getattr(config, "sliding_window", None)
-    return not window or num_context_tokens + num_sample_tokens <= window
+_CAUSAL: contextvars.ContextVar[Any] = contextvars.ContextVar("cpt_causal_context", default=None)  # its model
 
 
 @contextlib.contextmanager
@@ -70,8 +57,9 @@ def shared_context(
     context: list[tuple[torch.Tensor, torch.Tensor]],
     context_mask: torch.Tensor | None,
     sample_mask: torch.Tensor | None,
-) -> Iterator[None]:
-    """Runs ``model``'s attention as `shared_context_attention` inside the block.
+) -> Iterator[_Shared]:
+    """Runs ``model``'s attention as `shared_context_attention` inside the block (which gets the
+    switch's state: its ``calls`` count the layers that used it).
 
     Args:
         model: the causal LM; its config's attention implementation is switched for the block.
@@ -80,23 +68,15 @@ def shared_context(
         sample_mask: (B, S) 0/1 sample attention mask, or None if all ones.
     """
     _register()
-    config = model.config
-    previous = config._attn_implementation
     device = context[0][0].device
-    token = _ACTIVE.set(
-        _Shared(
-            config=config,
-            context=context,
-            context_blocked=None if context_mask is None else ~context_mask.to(device).bool(),
-            sample_blocked=None if sample_mask is None else ~_sample_allowed(sample_mask.to(device)),
-        )
+    shared = _Shared(
+        model=model,
+        context=context,
+        context_blocked=None if context_mask is None else ~context_mask.to(device).bool(),
+        sample_blocked=None if sample_mask is None else ~_sample_allowed(sample_mask.to(device)),
     )
-    config._attn_implementation = NAME
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-        _ACTIVE.reset(token)
+    with _switched(model, NAME, _ACTIVE, shared):
+        yield shared
 
 
 @contextlib.contextmanager
@@ -107,20 +87,15 @@ def causal_context(model: torch.nn.Module) -> Iterator[None]:
     `transformers` does the same by itself, except while a CUDA graph is being captured: 5.17
     then writes the N x N causal mask out, which rules out the flash kernel (slower at long
     contexts) and makes a captured pass round differently from the eager one. Models whose
-    attention is not SDPA, or not among `SUPPORTED_MODEL_TYPES`, are left alone.
+    attention is not SDPA are left alone; call it only for models whose attention goes through
+    the interface (`cpt.plan.Facts.one_copy_exact`).
     """
-    config = model.config
-    if config._attn_implementation != "sdpa" or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+    if _compat.attention_implementation(model) != "sdpa":
         yield
         return
     _register()
-    token = _CAUSAL.set(config)
-    config._attn_implementation = CAUSAL_NAME
-    try:
+    with _switched(model, CAUSAL_NAME, _CAUSAL, model):
         yield
-    finally:
-        config._attn_implementation = "sdpa"
-        _CAUSAL.reset(token)
 
 
 def capture() -> tuple[_Shared | None, Any]:
@@ -135,21 +110,21 @@ def restore(state: tuple[_Shared | None, Any]) -> Iterator[None]:
     shared, causal = state
     with contextlib.ExitStack() as stack:
         if shared is not None and _ACTIVE.get() is not shared:
-            stack.enter_context(_switched(shared.config, NAME, _ACTIVE, shared))
+            stack.enter_context(_switched(shared.model, NAME, _ACTIVE, shared))
         if causal is not None and _CAUSAL.get() is not causal:
             stack.enter_context(_switched(causal, CAUSAL_NAME, _CAUSAL, causal))
         yield
 
 
 @contextlib.contextmanager
-def _switched(config: Any, name: str, var: contextvars.ContextVar, value: Any) -> Iterator[None]:
-    previous = config._attn_implementation
+def _switched(model: torch.nn.Module, name: str, var: contextvars.ContextVar, value: Any) -> Iterator[None]:
+    previous = _compat.attention_implementation(model)
     token = var.set(value)
-    config._attn_implementation = name
+    _compat.set_attention(model, name)
     try:
         yield
     finally:
-        config._attn_implementation = previous
+        _compat.set_attention(model, previous)
         var.reset(token)
 
 
@@ -184,6 +159,7 @@ def shared_context_attention(
         raise RuntimeError(f"{NAME} attention used outside cpt.attention.shared_context")
     if dropout:
         raise ValueError("shared-context attention runs the frozen model without dropout")
+    shared.calls += 1
     context_keys, context_values = shared.context[module.layer_idx]  # (1, H_kv, N, D)
     batch, heads, seq_len, dim = query.shape
     kv_heads, num_context = key.shape[1], context_keys.shape[2]
@@ -244,10 +220,6 @@ def _no_mask(*args: Any, **kwargs: Any) -> None:
 
 
 def _register() -> None:
-    """Makes ``NAME`` known to `transformers` (on first use, not at import)."""
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, shared_context_attention)
-        AttentionMaskInterface.register(NAME, _no_mask)
-    if CAUSAL_NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_NAME, AttentionInterface._global_mapping["sdpa"])
-        AttentionMaskInterface.register(CAUSAL_NAME, _no_mask)
+    """Makes both names known to `transformers` (on first use, not at import)."""
+    _compat.register_attention(NAME, shared_context_attention, _no_mask)
+    _compat.register_attention(CAUSAL_NAME, _compat.attention_function("sdpa"), _no_mask)

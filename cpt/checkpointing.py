@@ -3,8 +3,8 @@
 `transformers`' own gradient checkpointing turns the KV cache off (a recomputed layer would
 write it twice), which would rule out the shared context. Here each decoder layer runs under
 ``torch.utils.checkpoint`` (non-reentrant) with the cache left in place: the context's cache is
-sealed before the backward pass (`cpt._compat.SealableCache`) and the samples read theirs without
-writing (`cpt._compat.expanded_cache(read_only=True)`), so a recompute sees what the first run saw.
+sealed before the backward pass and the samples read theirs without writing (`cpt._compat.ContextKV`),
+so a recompute sees what the first run saw.
 Memory then holds each layer's input and the KV cache instead of every activation, at the cost of
 running each layer's forward twice.
 """
@@ -16,16 +16,10 @@ import functools
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from transformers.modeling_layers import GradientCheckpointingLayer
 
-from cpt import attention
+from cpt import _compat, attention
 
 _MARK = "_cpt_checkpointed"
-
-
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's checkpointable decoder layers (`transformers`' GradientCheckpointingLayer)."""
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 def enable(model: nn.Module) -> int:
@@ -37,7 +31,7 @@ def enable(model: nn.Module) -> int:
     Raises:
         ValueError: if the model has no layers that `transformers` marks as checkpointable.
     """
-    layers = decoder_layers(model)
+    layers = _compat.decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no checkpointable decoder layers")
     for layer in layers:
@@ -50,7 +44,7 @@ def enable(model: nn.Module) -> int:
 
 def disable(model: nn.Module) -> None:
     """Undoes `enable`."""
-    for layer in decoder_layers(model):
+    for layer in _compat.decoder_layers(model):
         if getattr(layer, _MARK, False):
             del layer.forward  # the class's forward shows through again
             delattr(layer, _MARK)

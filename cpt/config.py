@@ -1,6 +1,6 @@
 """Configuration of a CPT context, with PEFT's field names and defaults.
 
-A context is N token ids, an attention mask over them and a type code per token (SPEC §1). The
+A context is N token ids, an attention mask over them and a type code per token. The
 type code of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separators.
 """
 
@@ -18,10 +18,13 @@ CODES_PER_EXAMPLE = 4
 """Each example of the context uses four type codes: 4k+1 .. 4k+4."""
 
 EPSILON_REFERENCE_DIM = 2048
-"""Epsilons are given for a hidden size of 2048 and scaled by sqrt(d / 2048) (SPEC §3)."""
+"""Epsilons are given for a hidden size of 2048 and scaled by sqrt(d / 2048)."""
 
 FROZEN_EPSILON = 1e-10
 """Ball radius of rows that never move (labels and separators), as in PEFT."""
+
+IGNORE_INDEX = -100
+"""Label value that marks a position as not a target (PyTorch's and Hugging Face's default)."""
 
 LOSS_TYPES = ("none", "decay")
 TASK_TYPE = "CAUSAL_LM"
@@ -74,7 +77,7 @@ class CPTConfig:
     Args:
         cpt_token_ids: token ids of the context, length N. PEFT fills a missing list with ``[0]``.
         cpt_mask: attention mask of the context (0 or 1 per token), length N; all ones by default.
-        cpt_tokens_type_mask: type code per context token (SPEC §1), length N; all ones by default.
+        cpt_tokens_type_mask: type code per context token, length N; all ones by default.
         opt_weighted_loss_type: ``"none"`` (every label weighs 1) or ``"decay"`` (older examples
             weigh ``opt_loss_decay_factor ** age``).
         opt_loss_decay_factor: gamma of the decay, in (0, 1].

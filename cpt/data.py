@@ -2,7 +2,7 @@
 
 Context-aware Prompt Tuning (Blau et al., "Context-aware Prompt Tuning: Advancing In-Context
 Learning with Adversarial Methods", arXiv 2410.17222) learns the embeddings of a few-shot context.
-Every token of that context carries a type code (SPEC §1) saying what it is - template, input text,
+Every token of that context carries a type code saying what it is - template, input text,
 label or separator - and so how it may be trained. This module renders labelled examples with a
 `Template` into token ids and type codes, concatenates K of them into a context (`build_context`),
 and turns further examples into right-padded training batches (`CPTDataset`, `CPTCollator`).
@@ -31,16 +31,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt.config import CODES_PER_EXAMPLE, CPTConfig, TokenRole
+from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 SLOT = "{}"
 """The placeholder that a template's text or label replaces; exactly one per template."""
-
-IGNORE_INDEX = -100
-"""Label value that cross-entropy ignores, put on padding (PyTorch's and Hugging Face's default)."""
 
 _REPR_MAX_CHARS = 200  # how much of a bad example an error message quotes
 _CONTEXT_FIELDS = ("cpt_token_ids", "cpt_mask", "cpt_tokens_type_mask")
@@ -61,7 +58,7 @@ class Example:
 
 @dataclass(frozen=True)
 class Template:
-    """How an example is written out as text (SPEC §1).
+    """How an example is written out as text.
 
     Args:
         input_template: the text around the input; one ``{}`` marks where the text goes.

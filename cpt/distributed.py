@@ -27,7 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cpt.model import IGNORE_INDEX, CPTModel
+from cpt.config import IGNORE_INDEX
+from cpt.model import CPTModel
 
 Batch = dict[str, torch.Tensor]
 
@@ -203,7 +204,7 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
     modules around the layers (embeddings, final norm, head) stay whole on every rank.
 
     Call it on every rank, after the process group is up and the model is on its device, before
-    training. The model's ``context_sharing="auto"`` becomes ``"always"``: every rank must run
+    training. The model's ``context_sharing="auto"`` becomes ``"on"``: every rank must run
     the same passes over the layers, whatever the size of its share.
 
     Args:
@@ -219,7 +220,7 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
     """
     from torch.distributed.fsdp import fully_shard
 
-    from cpt.checkpointing import decoder_layers
+    from cpt._compat import decoder_layers
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("shard_base_model needs a process group: launch with torchrun (see init_from_env)")
@@ -231,7 +232,7 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
     for layer in layers:
         fully_shard(layer, **fsdp_kwargs)
     if model.context_sharing == "auto":
-        model.context_sharing = "always"
+        model.context_sharing = "on"
     setattr(model, _SHARDED, True)
     return len(layers)
 

@@ -2,14 +2,13 @@
 
 A small model at a short context is bound by the host, not the GPU: a shared-context step issues
 a few thousand kernels (two passes over the model and their backward), each launched from Python
-through `transformers`, and the GPU idles between them (SPEC §5: at 1B, N = 512, B = 8 the shared
-step was slower than PEFT's plain one). A CUDA graph records the kernels of a pass once and
-replays them all with one launch.
+through `transformers`, and the GPU idles between them. A CUDA graph records the kernels of a
+pass once and replays them all with one launch. Where graphs run is decided by `cpt.plan`.
 
-- `GraphedLoss` replays the shared-context loss with its backward (`CPTModel.shared_loss_total`)
+- `GraphedLoss` replays the shared-context loss with its backward (`cpt.loss.shared_total`)
   and adds the gradient to ``delta.grad``, as ``loss.backward()`` would. What depends on the
   batch's values (which positions are targets, their weights, how many) is worked out on the
-  CPU first (`CPTModel.shared_loss_plan`), so the graph never reads a value back from the GPU.
+  CPU first (`cpt.loss.plan_targets`), so the graph never reads a value back from the GPU.
   `cpt.train.train` uses it on CUDA by default (``TrainConfig.cuda_graphs``).
 - `GraphedLogits` replays `CPTModel.sample_logits` against a context's KV cache: queries scored
   against a trained context.
@@ -25,16 +24,23 @@ passes are used from then on.
 from __future__ import annotations
 
 import contextlib
+import functools
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import distributed
-from cpt.model import ContextCache, CPTModel, SharedLossPlan, to_device
+from cpt import loss
+from cpt.config import IGNORE_INDEX
+from cpt.loss import Targets, plan_targets
+from cpt.passes import ContextCache, input_embeddings, to_device
+from cpt.plan import Plan, Purpose
+
+if TYPE_CHECKING:
+    from cpt.model import CPTModel
 
 MAX_GRAPHS = 8
 """Input shapes kept captured at once per object; the least recently used is dropped beyond it."""
@@ -51,8 +57,8 @@ CHECK_TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 5e-
 """How far (in norm, relative) each output of a replay may be from the eager pass it was captured
 from, by the dtype the model computes in. The two can use different attention kernels (under
 capture, `transformers` 5.17 writes the causal mask out instead of asking for a causal kernel),
-which round differently in half precision (about 1e-3 seen in bf16 on an H200); a stale or
-misplaced input is off by the order of the values themselves."""
+which round differently in half precision, by far less than the bound; a stale or misplaced
+input is off by the order of the values themselves."""
 
 SIGHTINGS_KEPT = 1024
 """Shapes counted towards ``capture_after`` at most; the count starts over beyond it."""
@@ -165,18 +171,25 @@ class _Graphed:
         model: CPTModel,
         max_graphs: int,
         *,
-        shared: bool,
+        purpose: Purpose,
         autocast: bool = False,
         capture_after: int = 1,
     ) -> None:
-        if not isinstance(model, CPTModel):
+        if not callable(getattr(model, "execution_plan", None)):  # a CPTModel, without importing it
             raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
-        reason = obstacle(model, shared=shared)
-        if reason is not None:
-            raise ValueError(f"CUDA graphs cannot run: {reason}")
+        self.purpose = purpose
+        self.model = model
+        self.plan(1, 1)  # raises where graphs cannot run
         tolerance = _tolerance(model, autocast)
         self._replayer = _Replayer(what, model.delta.device, max_graphs, tolerance, capture_after)
-        self.model = model
+
+    def plan(self, batch_size: int, seq_len: int) -> Plan:
+        """The model's plan for a call of this shape, with graphs (`cpt.plan.resolve`).
+
+        Raises:
+            ValueError: where graphs cannot run.
+        """
+        return self.model.execution_plan(self.purpose, batch_size, seq_len, cuda_graphs="on")
 
     @property
     def enabled(self) -> bool:
@@ -202,8 +215,7 @@ class GraphedLoss(_Graphed):
     graph's buffers without the host waiting for the GPU.
 
     Args:
-        model: a `CPTModel` on a CUDA device whose context can be shared
-            (`CPTModel.can_share_context`).
+        model: a `CPTModel` on a CUDA device whose context can be shared (`cpt.plan`).
         autocast: run the passes under bf16 autocast (without autocast's weight cache, which a
             graph cannot keep).
         max_graphs: batch shapes kept captured at once.
@@ -213,7 +225,7 @@ class GraphedLoss(_Graphed):
     """
 
     def __init__(self, model: CPTModel, *, autocast: bool = False, max_graphs: int = MAX_GRAPHS) -> None:
-        super().__init__("loss", model, max_graphs, shared=True, autocast=autocast)
+        super().__init__("loss", model, max_graphs, purpose="train", autocast=autocast)
         self.autocast = autocast
 
     def __call__(
@@ -245,61 +257,60 @@ class GraphedLoss(_Graphed):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         input_type_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, SharedLossPlan]:
+    ) -> tuple[torch.Tensor, Targets]:
         """The batch as the graphs take it: padded on the right to a multiple of `SEQ_BUCKET`
-        tokens (`pad_batch`: the loss is unchanged), and its loss plan
-        (`CPTModel.shared_loss_plan`, targets padded to `TARGET_BUCKET`), whose ``count`` is
-        known before anything runs on the GPU.
+        tokens (`pad_batch`: the loss is unchanged), and its targets (`cpt.loss.plan_targets`,
+        padded to `TARGET_BUCKET`), whose ``count`` is known before anything runs on the GPU.
 
         Returns:
-            ``(input_ids, plan)`` for `backward`.
+            ``(input_ids, targets)`` for `backward`.
         """
         labels = input_ids if labels is None else labels
         input_ids, attention_mask, labels, input_type_mask = pad_batch(
             input_ids, attention_mask, labels, input_type_mask, multiple=SEQ_BUCKET
         )
-        plan = self.model.shared_loss_plan(labels, input_type_mask, attention_mask, pad_targets_to=TARGET_BUCKET)
-        return input_ids, plan
+        context = self.model.context
+        targets = plan_targets(context, labels, input_type_mask, attention_mask, pad_targets_to=TARGET_BUCKET)
+        return input_ids, targets
 
-    def backward(self, input_ids: torch.Tensor, plan: SharedLossPlan, *, scale: float = 1.0) -> torch.Tensor:
-        """Runs the pass for ``plan`` (from `prepare`); adds ``scale`` times the gradient to
+    def backward(self, input_ids: torch.Tensor, targets: Targets, *, scale: float = 1.0) -> torch.Tensor:
+        """Runs the pass for ``targets`` (from `prepare`); adds ``scale`` times the gradient to
         ``delta.grad`` and returns the detached loss."""
         model = self.model
         delta = model.delta
-        inputs: Tensors = {"input_ids": input_ids, "count": torch.tensor(float(plan.count))}
-        inputs.update({name: value for name, value in vars(plan).items() if name != "count"})
+        how = self.plan(*input_ids.shape)
+        inputs: Tensors = {"input_ids": input_ids, "count": torch.tensor(float(targets.count)), **targets.tensors()}
         key = (
             tuple(input_ids.shape),
-            plan.keep.numel(),
-            plan.attention_mask is not None,
+            targets.keep.numel(),
+            targets.attention_mask is not None,
             delta.data_ptr(),
             model.base.data_ptr(),
-            model._use_shared_attention(*input_ids.shape),
+            how,  # which attention the pass records
         )
         stash, delta.grad = delta.grad, None
         try:
-            outputs = self._replayer.run(key, inputs, self._pass)
+            outputs = self._replayer.run(key, inputs, functools.partial(self._pass, how))
         finally:
             delta.grad = stash
         _accumulate(delta, outputs["grad"], scale)
         return outputs["loss"].clone()
 
-    def _pass(self, inputs: Tensors) -> dict[str, torch.Tensor]:
+    def _pass(self, how: Plan, inputs: Tensors) -> dict[str, torch.Tensor]:
         model = self.model
-        plan = SharedLossPlan(
-            **{name: value for name, value in inputs.items() if name not in ("input_ids", "count")}, count=0
-        )
+        targets = Targets.from_tensors(inputs, count=0)
         model.delta.grad = None
         autocast = contextlib.nullcontext()
         if self.autocast:
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         with autocast:
-            loss = model.shared_loss_total(inputs["input_ids"], plan) / inputs["count"]
-        loss.backward()
+            total = loss.shared_total(model.base_model, model.context, inputs["input_ids"], targets, how)
+            value = total / inputs["count"]
+        value.backward()
         grad, model.delta.grad = model.delta.grad, None
         if grad is None:
             raise RuntimeError("no gradient reached delta")
-        return {"loss": loss.detach(), "grad": grad}
+        return {"loss": value.detach(), "grad": grad}
 
 
 class GraphedLogits(_Graphed):
@@ -325,7 +336,7 @@ class GraphedLogits(_Graphed):
         max_graphs: int = MAX_GRAPHS,
         capture_after: int = 1,
     ) -> None:
-        super().__init__("inference", model, max_graphs, shared=False, capture_after=capture_after)
+        super().__init__("inference", model, max_graphs, purpose="infer", capture_after=capture_after)
         self.context_cache = context_cache
 
     @torch.no_grad()
@@ -356,7 +367,7 @@ class GraphedLogits(_Graphed):
             positions.numel(),
             id(cache),  # the cache is kept alive with the graph, so its id is not reused meanwhile
             torch.is_autocast_enabled("cuda"),
-            self.model._use_shared_attention(*input_ids.shape),  # which attention the pass records
+            self.plan(*input_ids.shape),  # which attention the pass records
         )
 
         def run(x: Tensors) -> dict[str, torch.Tensor]:
@@ -366,20 +377,6 @@ class GraphedLogits(_Graphed):
             return {"logits": logits}
 
         return self._replayer.run(key, inputs, run, keep_alive=cache)["logits"].clone()
-
-
-def obstacle(model: CPTModel, *, shared: bool) -> str | None:
-    """Why CUDA graphs cannot replay ``model``'s passes, or None if they can: the shared-context
-    training pass (``shared``) or the passes against the context's cache."""
-    if distributed.is_sharded(model):
-        return distributed.SHARDED_GRAPHS_OBSTACLE
-    if model.delta.device.type != "cuda":
-        return f"the model is on {model.delta.device}, not a CUDA device"
-    if shared and not model.can_share_context:
-        return f"the context cannot be shared: {model._sharing_obstacle()}"
-    if not shared and not model.can_cache_context:
-        return f"the context cannot be cached: {model._sharing_obstacle()}"
-    return None
 
 
 def pad_batch(
@@ -410,7 +407,7 @@ def pad_batch(
     return (
         pad(input_ids, 0),
         pad(attention_mask, 0),
-        pad(labels, -100),
+        pad(labels, IGNORE_INDEX),
         None if input_type_mask is None else pad(input_type_mask, 0),
     )
 
@@ -448,5 +445,5 @@ def _mismatch(outputs: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], 
 
 
 def _tolerance(model: CPTModel, autocast: bool = False) -> float:
-    dtype = torch.bfloat16 if autocast else model.base_model.get_input_embeddings().weight.dtype
+    dtype = torch.bfloat16 if autocast else input_embeddings(model.base_model).weight.dtype
     return CHECK_TOLERANCE.get(dtype, CHECK_TOLERANCE[torch.bfloat16])

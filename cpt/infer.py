@@ -2,7 +2,7 @@
 
 Context-aware Prompt Tuning (Blau et al., arXiv 2410.17222) trains the embeddings of a few-shot
 context; at inference the context is constant. Both functions here run it through the frozen model
-once (`CPTModel.context_cache`, SPEC §5 "cached context at inference") and reuse its KV cache
+once (`CPTModel.context_cache`) and reuse its KV cache
 for every query, instead of re-running ``[context ; query]`` from the start each time.
 
 What `classify` scores, for a text and a candidate label: the query is ``render_query(text)``
@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import _compat
+from cpt import passes
 from cpt.data import Template, as_texts, render_example, render_query
-from cpt.graphs import SEQ_BUCKET, GraphedLogits, obstacle
-from cpt.model import ContextCache, CPTModel
+from cpt.graphs import SEQ_BUCKET, GraphedLogits
+from cpt.passes import ContextCache
 
 if TYPE_CHECKING:
+    from cpt.model import CPTModel
     from transformers import PreTrainedTokenizerBase
 
 
@@ -125,12 +126,11 @@ def classify(
         what = f"text {i} (query of {len(query)} tokens + continuation of up to {longest})"
         _check_fits(model, len(query) + longest, what)
 
-    cache = _checked_cache(model, context_cache) if use_cache else None
-    graphed = _graphed_logits(model, cache, cuda_graphs)
+    how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
+    cache = _checked_cache(model, context_cache) if how.cached else None
+    graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Queries run once where nothing depends on a token's index in the padded batch: no CUDA
-    # graph (its shapes) and no sliding window (its reach is counted in indices).
-    if cache is not None and graphed is None and _compat.sliding_window(model.base_model.config) is None:
+    if how.query_once:
         scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
     else:
         scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id)
@@ -195,7 +195,7 @@ def generate(
     template = Template() if template is None else template
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
-    device = model.context_ids.device
+    device = model.delta.device
     n = model.num_virtual_tokens
 
     if "eos_token_id" not in generation_kwargs:
@@ -220,19 +220,13 @@ def generate(
                 )
             cached = n - 1
         tensors = [(k[:, :, :cached], v[:, :, :cached]) for k, v in cache.tensors]
-        generation_cache = _compat.expanded_cache(tensors, 1, base_model.config)
         input_ids = torch.cat(
-            [model.context_ids, torch.tensor(query, dtype=torch.long, device=device)]
+            [model.context.ids, torch.tensor(query, dtype=torch.long, device=device)]
         ).unsqueeze(0)  # (1, N + Q)
         attention_mask = torch.cat(
-            [model.context_mask, torch.ones(len(query), dtype=torch.long, device=device)]
+            [model.context.mask, torch.ones(len(query), dtype=torch.long, device=device)]
         ).unsqueeze(0)  # (1, N + Q)
-        sequences = base_model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            **_compat.cache_kwargs(base_model, generation_cache),
-            **generation_kwargs,
-        )
+        sequences = passes.generate(base_model, input_ids, attention_mask, tensors, **generation_kwargs)
         new = sequences[0, input_ids.shape[1] :].tolist()
         if new and new[-1] in stops:
             new = new[:-1]
@@ -272,7 +266,7 @@ def _score_pairs(
     ``batch_size`` sequences per pass, longest first. The reference path (``cache`` None: the
     context runs again with every batch) and the one CUDA graphs replay (sequences padded to
     `SEQ_BUCKET` tokens, so that batch shapes repeat)."""
-    device = model.context_ids.device
+    device = model.delta.device
     bucket = SEQ_BUCKET if graphed is not None else 1
     # The first token of a sequence is predicted at the context's last position: needed only
     # where a query is empty (the label starts the sequence).
@@ -332,9 +326,8 @@ def _score_by_query(
     The same numbers as `_score_pairs`, for about ``(Q + L * C) / (L * (Q + C))`` of its tokens
     (queries of Q tokens, continuations of C). ``batch_size`` queries per pass, longest first;
     their continuations run ``max(1, batch_size // L)`` texts (about ``batch_size`` rows, each
-    with its own copy of the prefix's states) a pass. On two CPU cores with SmolLM2-135M, 8
-    queries a pass scored 200 reviews in 22.9 s, 4 in 27.0 s, against 30.5 s for the pairs."""
-    device = model.context_ids.device
+    with its own copy of the prefix's states) a pass."""
+    device = model.delta.device
     num_labels = len(continuations)
     cont_ids, cont_mask = (t.to(device) for t in _right_pad(continuations, pad_id))  # (L, C) each
     order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
@@ -365,25 +358,18 @@ def _after_queries(
     """
     device = lengths.device
     batch_size = len(queries)
-    context_mask = model.context_mask.expand(batch_size, -1)  # (b, N)
+    context_mask = model.context.mask.expand(batch_size, -1)  # (b, N)
     if max(len(query) for query in queries) == 0:
         return cache.tensors, context_mask, cache.last_logits.unsqueeze(0).expand(batch_size, -1)
     input_ids, query_mask = (t.to(device) for t in _right_pad(queries, pad_id))  # (b, S) each
     mask = torch.cat([context_mask, query_mask], dim=1)  # (b, N + S)
-    states = _compat.expanded_cache(cache.tensors, batch_size, model.base_model.config)  # grows
     last = (lengths - 1).clamp(min=0)  # (b,)
     keep = torch.unique(last)
-    output = model.base_model(
-        inputs_embeds=model._embed(input_ids),
-        attention_mask=mask,
-        logits_to_keep=keep,
-        use_cache=True,
-        **_compat.cache_kwargs(model.base_model, states),
-    )
-    logits = output.logits[torch.arange(batch_size, device=device), torch.searchsorted(keep, last)]  # (b, V)
+    logits, states = passes.query_pass(model.base_model, cache, input_ids, mask, keep)
+    logits = logits[torch.arange(batch_size, device=device), torch.searchsorted(keep, last)]  # (b, V)
     empty = lengths == 0  # an empty query beside others: its first token comes from the context
     logits = torch.where(empty.unsqueeze(1), cache.last_logits.float(), logits.float())  # (b, V) float32
-    return _compat.cache_tensors(_compat.output_cache(output) or states), mask, logits
+    return states, mask, logits
 
 
 def _continuation_log_probs(
@@ -412,26 +398,12 @@ def _continuation_log_probs(
     mask = torch.cat([prefix_mask[source], cont_mask.repeat(batch_size, 1)], dim=1)  # (rows, N + S + C)
     starts = model.num_virtual_tokens + lengths[source]  # (rows,)
     positions = starts.unsqueeze(1) + torch.arange(length, device=ids.device)  # (rows, C)
-    kwargs = {"position_ids": positions} if _takes_position_ids(model.base_model) else {}
-    cache = _compat.expanded_cache(prefix, rows, model.base_model.config, read_only=True)
-    output = model.base_model(
-        inputs_embeds=model._embed(ids),
-        attention_mask=mask,
-        logits_to_keep=torch.arange(length - 1, device=ids.device),
-        use_cache=True,
-        **kwargs,
-        **_compat.cache_kwargs(model.base_model, cache),
-    )
-    log_probs = output.logits.float().log_softmax(dim=-1)  # (rows, C - 1, V): position k predicts k + 1
+    keep = torch.arange(length - 1, device=ids.device)
+    logits = passes.continuation_pass(model.base_model, prefix, ids, mask, positions, keep)
+    log_probs = logits.float().log_softmax(dim=-1)  # (rows, C - 1, V): position k predicts k + 1
     token_log_probs = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (rows, C - 1)
     real = cont_mask.repeat(batch_size, 1)[:, 1:].bool()  # right padding scores nothing
     return torch.where(real, token_log_probs, 0.0).sum(dim=-1).view(batch_size, num_labels)
-
-
-def _takes_position_ids(model: torch.nn.Module) -> bool:
-    """Whether the model's forward takes position ids (Bloom's ALiBi reads positions from the
-    attention mask instead, which gives the same positions here)."""
-    return _compat.forward_takes(type(model), "position_ids")
 
 
 def _continuation(
@@ -504,29 +476,11 @@ def _right_pad(
     return input_ids, attention_mask
 
 
-def _graphed_logits(
-    model: CPTModel, cache: ContextCache | None, cuda_graphs: bool | None
-) -> GraphedLogits | None:
-    """A `GraphedLogits` for one `classify` call, or None for eager passes.
-
-    Raises:
-        ValueError: for ``cuda_graphs=True`` where graphs cannot run.
-    """
-    if cuda_graphs is False:
-        return None
-    reason = "use_cache=False runs the context with every batch" if cache is None else obstacle(model, shared=False)
-    if reason is not None:
-        if cuda_graphs:
-            raise ValueError(f"cuda_graphs=True but {reason}")
-        return None
-    return GraphedLogits(model, capture_after=2)  # a batch shape used once is not captured
-
-
 def _last_context_row_is_plain(model: CPTModel) -> bool:
     """True if the context's last embedding equals the word embedding of its id."""
-    embeddings = model.base_model.get_input_embeddings()
+    embeddings = passes.input_embeddings(model.base_model)
     last = model.context_embeddings()[-1].to(embeddings.weight.dtype)
-    return torch.equal(last, embeddings(model.context_ids[-1:])[0])
+    return torch.equal(last, embeddings(model.context.ids[-1:])[0])
 
 
 def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:

@@ -1,20 +1,31 @@
-"""The CPT loss (SPEC §4): weighted cross-entropy over the label tokens of context and sample.
+"""The CPT loss: weighted cross-entropy over the label tokens of context and sample.
 
 Targets are the label tokens (type code > 0 and a multiple of 4) anywhere in ``[context ;
 sample]``, each predicted from the position before it. With ``opt_weighted_loss_type="decay"`` the
 distinct label codes of a row are ranked from the end: the sample's label weighs 1, the last
 context example gamma, the one before gamma**2, ... The loss is the mean over all target
 positions of ``weight * cross_entropy``: not divided by the sum of weights (PEFT's reduction).
+
+Two exact formulations compute it (`cpt.plan` picks one): `plain_total` runs ``[context ;
+sample]`` for each of the B samples, as PEFT does; `shared_total` runs the context once and the B
+samples against its cache (causal attention: the context's states do not depend on the sample),
+computing the context's own terms once, weighted by B. For the shared one, everything that
+depends on the batch's values is worked out on the CPU first (`plan_targets`), so that its passes
+read nothing back from the GPU and can be replayed as a CUDA graph (`cpt.graphs`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from cpt.config import CPTConfig, is_label
+from cpt import _compat, passes
+from cpt.config import IGNORE_INDEX, CPTConfig, is_label
+from cpt.context import Context, target_mask
+from cpt.plan import Plan
 
 
 def label_weights(codes: torch.Tensor, config: CPTConfig) -> torch.Tensor:
@@ -58,44 +69,201 @@ def weighted_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weights:
 
 
 @dataclass
-class LossTerms:
-    """A sum of weighted cross-entropy terms and how many positions it stands for.
+class Targets:
+    """Where the loss terms of a batch are and what they weigh, for `shared_total` (made by
+    `plan_targets`). K is the number of sample positions whose logits are kept.
 
-    Adding `LossTerms` from different parts of the sequence and taking `mean` once gives exactly
-    PEFT's reduction, however the terms were computed.
+    Attributes:
+        keep: (K,) sample positions whose next-token logits are computed.
+        labels: (B, K) the target at ``keep + 1`` in each row (0 where there is none).
+        weights: (B, K) float32 weight of each of those terms, 0 where there is no target.
+        first_labels: (B,) the target at sample position 0, predicted by the context's last
+            position (0 where there is none).
+        first_weights: (B,) float32, 0 where there is no target.
+        context_weights: (Mc,) float32 weight of each of the context's own targets, summed over
+            the B rows.
+        attention_mask: (B, S) where the batch has padding, else None.
+        count: target positions the loss averages over (a Python int, known before any pass).
     """
 
-    total: torch.Tensor
+    keep: torch.Tensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+    first_labels: torch.Tensor
+    first_weights: torch.Tensor
+    context_weights: torch.Tensor
+    attention_mask: torch.Tensor | None
     count: int
 
+    def tensors(self) -> dict[str, torch.Tensor | None]:
+        """Every field but ``count``, by name (`from_tensors` takes them back)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "count"}
+
     @classmethod
-    def of(
-        cls,
-        logits: torch.Tensor,
-        targets: torch.Tensor,
-        weights: torch.Tensor,
-        count: int | None = None,
-    ) -> LossTerms:
-        """Terms from logits rows and their targets.
+    def from_tensors(cls, tensors: dict[str, torch.Tensor | None], count: int) -> Targets:
+        """The targets whose `tensors` are ``tensors`` (other keys ignored)."""
+        return cls(**{f.name: tensors[f.name] for f in fields(cls) if f.name != "count"}, count=count)
 
-        Args:
-            logits: (M, V) logits that predict the targets.
-            targets: (M,) token ids.
-            weights: (M,) weight of each term (already summed over rows for shared terms).
-            count: positions these terms stand for; M by default.
-        """
-        total = weighted_cross_entropy(logits, targets, weights)
-        return cls(total, targets.numel() if count is None else count)
+    def to(self, device: torch.device) -> Targets:
+        """The targets with their tensors on ``device`` (copied without blocking the host)."""
+        moved = {k: None if v is None else passes.to_device(v, device) for k, v in self.tensors().items()}
+        return replace(self, **moved)
 
-    def __add__(self, other: LossTerms) -> LossTerms:
-        return LossTerms(self.total + other.total, self.count + other.count)
 
-    def mean(self) -> torch.Tensor:
-        """The loss: total / count.
+def check_type_codes(input_type_mask: torch.Tensor | None) -> None:
+    """Raises ValueError on a negative type code."""
+    if input_type_mask is not None and bool((input_type_mask < 0).any()):
+        raise ValueError(f"input_type_mask has a type code below 0: {int(input_type_mask.min())}")
 
-        Raises:
-            ValueError: if no position is a target.
-        """
-        if self.count == 0:
-            raise ValueError("the batch has no label token: no position is a loss target")
-        return self.total / self.count
+
+def sample_codes(context: Context, input_ids: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, S) type codes of the samples, moved above the context's so the two never collide;
+    every token a label (as PEFT) where ``input_type_mask`` is None."""
+    if input_type_mask is None:
+        return torch.full_like(input_ids, 4 + context.max_code)
+    codes = input_type_mask.to(device=input_ids.device, dtype=torch.long)
+    return torch.where(codes > 0, codes + context.max_code, codes)
+
+
+def plan_targets(
+    context: Context,
+    labels: torch.Tensor,
+    input_type_mask: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    *,
+    pad_targets_to: int = 1,
+) -> Targets:
+    """Where a batch's loss terms are and what they weigh, worked out on the CPU (tensors given
+    on a GPU are copied once).
+
+    Args:
+        context: the context (its CPU-side codes and target positions are read).
+        labels: (B, S) target ids; -100 marks ignored positions.
+        input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
+        attention_mask: (B, S) 0/1, or None.
+        pad_targets_to: round the number of kept sample positions up to a multiple of this
+            (padding terms weigh 0), so that fewer distinct shapes occur.
+
+    Raises:
+        ValueError: on a negative type code, a batch without any label token, or
+            ``pad_targets_to`` below 1.
+    """
+    if isinstance(pad_targets_to, bool) or not isinstance(pad_targets_to, int) or pad_targets_to < 1:
+        raise ValueError(f"pad_targets_to must be an integer >= 1, got {pad_targets_to!r}")
+    cpu = torch.device("cpu")
+    labels = labels.to(cpu)
+    type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
+    check_type_codes(type_mask)
+    codes = sample_codes(context, labels, type_mask)  # (B, S)
+    batch_size = labels.shape[0]
+    positions = context.cpu_target_positions
+    full_codes = torch.cat([context.cpu_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
+    weights = label_weights(full_codes, context.config)  # (B, N+S)
+    sample_weights = weights[:, context.num_tokens :]  # (B, S)
+
+    targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
+    count = batch_size * positions.numel() + int(targets.sum())
+    require_targets(count)
+    first = targets[:, 0]  # predicted from the context's last position
+    rest = targets.clone()
+    rest[:, 0] = False
+    keep = rest.any(dim=0).nonzero(as_tuple=True)[0] - 1  # positions predicting a target
+    kept = rest[:, keep + 1]  # (B, K) which rows have a target there
+    zero = torch.zeros((), dtype=torch.float32)
+    kept_labels = torch.where(kept, labels[:, keep + 1], 0)
+    kept_weights = torch.where(kept, sample_weights[:, keep + 1], zero)
+    padding = max(1, -(-keep.numel() // pad_targets_to) * pad_targets_to) - keep.numel()
+    if padding:  # terms at position 0 that weigh nothing
+        keep = torch.cat([keep, keep.new_zeros(padding)])
+        kept_labels = torch.cat([kept_labels, kept_labels.new_zeros(batch_size, padding)], dim=1)
+        kept_weights = torch.cat([kept_weights, kept_weights.new_zeros(batch_size, padding)], dim=1)
+
+    has_padding = attention_mask is not None and not bool(attention_mask.to(cpu).all())
+    return Targets(
+        keep=keep,
+        labels=kept_labels,
+        weights=kept_weights,
+        first_labels=torch.where(first, labels[:, 0], 0),
+        first_weights=torch.where(first, sample_weights[:, 0], zero),
+        context_weights=weights[:, positions].sum(dim=0),  # each term counts once per row
+        attention_mask=attention_mask if has_padding else None,  # all ones: the same as none
+        count=count,
+    )
+
+
+def shared_total(
+    model: nn.Module, context: Context, input_ids: torch.Tensor, targets: Targets, how: Plan
+) -> torch.Tensor:
+    """The weighted sum of the batch's cross-entropy terms (the loss is it over
+    ``targets.count``): the context runs once, the samples against its cache.
+
+    Reads nothing back from the GPU, so it can be captured in a CUDA graph.
+
+    Args:
+        model: the frozen base model.
+        context: the context.
+        input_ids: (B, S) sample ids.
+        targets: from `plan_targets`, on the model's device (`Targets.to`).
+        how: the execution plan (its ``one_copy`` and ``causal_context`` are read).
+
+    Returns:
+        0-dim float32 tensor.
+    """
+    input_ids = passes.to_device(input_ids, context.delta.device)
+    batch_size = input_ids.shape[0]
+    embeds = passes.embed(model, input_ids)  # (B, S, d)
+    # The context, once: its KV cache keeps the gradient to delta.
+    context_logits, cache = passes.context_pass(model, context, embeds.dtype, context.keep, causal=how.causal_context)
+    # (Mc + 1, V): the context's targets, then its last position
+    states = _compat.cache_tensors(cache)
+    sample_logits = passes.against_context(
+        model, context, embeds, targets.attention_mask, states, targets.keep, one_copy=how.one_copy
+    )  # (B, K, V)
+
+    total = weighted_cross_entropy(context_logits[:-1], context.target_ids, targets.context_weights)
+    last = context_logits[-1:].expand(batch_size, -1)  # (B, V)
+    total = total + weighted_cross_entropy(last, targets.first_labels, targets.first_weights)
+    vocab = sample_logits.shape[-1]
+    return total + weighted_cross_entropy(
+        sample_logits.reshape(-1, vocab), targets.labels.reshape(-1), targets.weights.reshape(-1)
+    )
+
+
+def plain_total(
+    model: nn.Module,
+    context: Context,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    labels: torch.Tensor,
+    input_type_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, int]:
+    """The weighted sum of the batch's cross-entropy terms by the plain path (0-dim float32), and
+    how many target positions there are (the loss is the one over the other).
+
+    Raises:
+        ValueError: on a negative type code or a batch without any label token.
+    """
+    check_type_codes(input_type_mask)
+    device = context.delta.device
+    input_ids = input_ids.to(device)
+    attention_mask = None if attention_mask is None else attention_mask.to(device)
+    codes = sample_codes(context, input_ids, input_type_mask)  # (B, S)
+    batch_size = input_ids.shape[0]
+    full_codes = torch.cat([context.codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
+    full_labels = torch.cat([context.ids.expand(batch_size, -1), labels.to(device)], dim=1)
+    rows, positions = target_mask(full_codes, full_labels).nonzero(as_tuple=True)
+    require_targets(rows.numel())
+    keep = torch.unique(positions - 1)  # sorted hidden positions that predict a target
+    logits = passes.plain(model, context, passes.embed(model, input_ids), attention_mask, keep)
+    logits = logits[rows, torch.searchsorted(keep, positions - 1)]  # (M, V)
+    weights = label_weights(full_codes, context.config)[rows, positions]  # (M,)
+    return weighted_cross_entropy(logits, full_labels[rows, positions], weights), rows.numel()
+
+
+def require_targets(count: int) -> None:
+    """Raises ValueError where a batch has no target position."""
+    if count == 0:
+        raise ValueError(
+            "the batch has no label token: no position has a type code that is a positive multiple "
+            "of 4 with a label other than -100"
+        )

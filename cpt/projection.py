@@ -1,4 +1,4 @@
-"""The projection step of CPT's projected gradient descent (SPEC §3).
+"""The projection step of CPT's projected gradient descent.
 
 Every row i of the trainable offset ``delta`` lives in an L2 ball of radius ``eps_i``; after each
 optimizer step the rows that left their ball are scaled back onto its surface:

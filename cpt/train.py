@@ -13,7 +13,7 @@ context by projected gradient descent: an AdamW step on the offset ``delta``, th
 Gradient accumulation matches one big batch: each micro-batch's loss is weighted by its number of
 label positions and the summed gradient is divided by the window's total, so ``k`` micro-batches
 of ``b`` samples give the gradient of one batch of ``k * b`` samples (the CPT loss is a mean over
-label positions, SPEC §4), not the mean of ``k`` means.
+label positions), not the mean of ``k`` means.
 
 The sample order of epoch ``e`` is a permutation drawn from a generator seeded with
 ``(seed, e)`` alone, so a resumed run sees exactly the batches an uninterrupted run would.
@@ -50,13 +50,13 @@ from cpt._io import (
 )
 from cpt.adapter import load_adapter, save_adapter
 from cpt.model import CPTModel
+from cpt.plan import Choice, choice
 
 logger = logging.getLogger(__name__)
 
 MixedPrecision = Literal["auto", "bf16", "no"]
 MIXED_PRECISION_MODES = ("auto", "bf16", "no")
-CudaGraphs = Literal["auto", "on", "off"]
-CUDA_GRAPHS_MODES = ("auto", "on", "off")
+CudaGraphs = Choice
 
 STATE_FORMAT = "cpt-trainer-state"
 CHECKPOINT_FORMAT_VERSION = 1
@@ -148,8 +148,7 @@ class TrainConfig:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION_MODES}, got {self.mixed_precision!r}"
             )
-        if self.cuda_graphs not in CUDA_GRAPHS_MODES:
-            raise ValueError(f"cuda_graphs must be one of {CUDA_GRAPHS_MODES}, got {self.cuda_graphs!r}")
+        self.cuda_graphs = choice("cuda_graphs", self.cuda_graphs)
         self.learning_rate = float(self.learning_rate)
         self.weight_decay = float(self.weight_decay)
         if self.max_grad_norm is not None:
@@ -429,23 +428,20 @@ def _due(step: int, every: int | None) -> bool:
 
 
 def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graphs.GraphedLoss | None:
-    """The CUDA-graphed loss `train` uses, or None for eager passes (``config.cuda_graphs``).
+    """The CUDA-graphed loss `train` uses, or None for eager passes, as the model's plan says.
 
     Raises:
         ValueError: for ``cuda_graphs="on"`` where graphs cannot run.
     """
-    if config.cuda_graphs == "off":
+    if distributed.is_sharded(model) and config.cuda_graphs != "off":
+        reason = distributed.SHARDED_GRAPHS_OBSTACLE
+        if config.cuda_graphs == "on":
+            raise ValueError(f"cuda_graphs is \"on\" but {reason}")
+        if model.delta.is_cuda and distributed.is_main():
+            logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
         return None
-    reason = graphs.obstacle(model, shared=True)
-    if reason is None and model.context_sharing == "never":
-        reason = 'the model\'s context_sharing is "never" and graphs replay the shared-context path'
-    if reason is None:
-        return graphs.GraphedLoss(model, autocast=autocast)
-    if config.cuda_graphs == "on":
-        raise ValueError(f"cuda_graphs is \"on\" but {reason}")
-    if reason == distributed.SHARDED_GRAPHS_OBSTACLE and model.delta.is_cuda and distributed.is_main():
-        logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
-    return None
+    how = model.execution_plan("train", config.batch_size, 1, cuda_graphs=config.cuda_graphs)
+    return graphs.GraphedLoss(model, autocast=autocast) if how.graphs else None
 
 
 def _autocast(mode: MixedPrecision, device: torch.device) -> Callable[[], Any]:

@@ -92,7 +92,7 @@ def test_loss_targets_count_the_loss_terms() -> None:
     assert targets.shape[0] == batch["input_ids"].shape[0]
     assert int((targets != -100).sum()) == model(**batch).num_targets
     # the context's labels come first, once per row
-    assert torch.equal(targets[0, : model.context_target_ids.numel()], model.context_target_ids)
+    assert torch.equal(targets[0, : model.context.target_ids.numel()], model.context.target_ids)
 
 
 def test_shift_labels_of_another_context_are_refused() -> None:

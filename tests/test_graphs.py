@@ -1,4 +1,4 @@
-"""The sync-free shared-context loss (`CPTModel.shared_loss_plan` / `shared_loss_total`) and its
+"""The sync-free shared-context loss (`cpt.loss.plan_targets` / `shared_total`) and its
 CUDA-graph replay (`cpt.graphs`). The graph tests need a CUDA device and skip without one; the
 rest check on the CPU what a capture relies on: the same loss from padded batches and padded
 plans, and no value read back from the device during the passes."""
@@ -11,7 +11,7 @@ from contexts import context_config, sample_batch
 from tiny_models import make_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cpt import CPTModel, TrainConfig
+from cpt import CPTModel, TrainConfig, loss
 from cpt.data import CPTCollator
 from cpt.graphs import GraphedLoss, pad_batch
 from cpt.train import train
@@ -27,12 +27,21 @@ def _trained_model(arch: str = "llama", **kwargs) -> CPTModel:
     config = context_config(3, opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8)
     base_model = make_model(arch)
     # sdpa: transformers' eager attention makes a CPU tensor in its mask, which a capture refuses
-    base_model.config._attn_implementation = "sdpa"
+    base_model.set_attn_implementation("sdpa")
     model = CPTModel(base_model, config, **kwargs)
     torch.manual_seed(0)
     with torch.no_grad():
         model.delta.normal_(0, 0.01)
     return model
+
+
+def _plan_targets(model: CPTModel, *args, **kwargs) -> loss.Targets:
+    return loss.plan_targets(model.context, *args, **kwargs)
+
+
+def _shared_total(model: CPTModel, input_ids: torch.Tensor, targets: loss.Targets) -> torch.Tensor:
+    how = model.execution_plan("loss", *input_ids.shape, context_sharing="on")
+    return loss.shared_total(model.base_model, model.context, input_ids, targets, how)
 
 
 def _loss_and_grad(model: CPTModel, run) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -67,11 +76,11 @@ def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None
     model.context_sharing = "never"
     plain = _loss_and_grad(model, lambda: model(**batch).loss)
     for pad in (1, 8):
-        plan = model.shared_loss_plan(
+        plan = _plan_targets(model, 
             batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=pad
         )
         assert plan.keep.numel() % pad == 0
-        shared = _loss_and_grad(model, lambda p=plan: model.shared_loss_total(batch["input_ids"], p) / p.count)
+        shared = _loss_and_grad(model, lambda p=plan: _shared_total(model, batch["input_ids"], p) / p.count)
         _assert_same(shared, plain)
 
 
@@ -104,18 +113,18 @@ def test_plan_refuses_a_bad_target_padding() -> None:
     batch = sample_batch(2)
     for bad in (0, -8, 2.5, True):
         with pytest.raises(ValueError, match="pad_targets_to must be an integer >= 1"):
-            model.shared_loss_plan(batch["labels"], batch["input_type_mask"], pad_targets_to=bad)
+            _plan_targets(model, batch["labels"], batch["input_type_mask"], pad_targets_to=bad)
 
 
 def test_plan_counts_what_the_loss_averages_over() -> None:
     model = _trained_model()
     batch = sample_batch(4)
     out = model(**batch)
-    plan = model.shared_loss_plan(batch["labels"], batch["input_type_mask"], batch["attention_mask"])
+    plan = _plan_targets(model, batch["labels"], batch["input_type_mask"], batch["attention_mask"])
     assert plan.count == out.num_targets
     assert plan.attention_mask is not None  # odd rows are padded
     full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
-    unpadded = model.shared_loss_plan(full["labels"], full["input_type_mask"], full["attention_mask"])
+    unpadded = _plan_targets(model, full["labels"], full["input_type_mask"], full["attention_mask"])
     assert unpadded.attention_mask is None
 
 
@@ -123,17 +132,18 @@ def test_plan_counts_what_the_loss_averages_over() -> None:
 def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: bool) -> None:
     model = _trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
-    plan = model.shared_loss_plan(
+    plan = _plan_targets(model, 
         batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=8
     )
+    model.execution_plan("loss", 4, 9)  # the capability probe reads values: it runs once, before
     reads = _HostReads()
     with reads:
-        loss = model.shared_loss_total(batch["input_ids"], plan) / plan.count
+        loss = _shared_total(model, batch["input_ids"], plan) / plan.count
         loss.backward()
     assert reads.seen == []
     # and the check itself can fail: the plan does read values (on the CPU, before the passes)
     with reads:
-        model.shared_loss_plan(batch["labels"], batch["input_type_mask"], batch["attention_mask"])
+        _plan_targets(model, batch["labels"], batch["input_type_mask"], batch["attention_mask"])
     assert reads.seen
 
 
@@ -156,7 +166,7 @@ def test_graphs_refuse_a_cpu_model_and_train_refuses_graphs_on_cpu() -> None:
         {"input_ids": batch["input_ids"][i].tolist(), "input_type_mask": batch["input_type_mask"][i].tolist()}
         for i in range(2)
     ]
-    with pytest.raises(ValueError, match='cuda_graphs is "on" but the model is on cpu'):
+    with pytest.raises(ValueError, match="cuda_graphs is on but the model is not on a CUDA device"):
         train(model, items, TrainConfig(cuda_graphs="on", progress=False), collator=CPTCollator(pad_token_id=0))
     with pytest.raises(ValueError, match="cuda_graphs must be one of"):
         TrainConfig(cuda_graphs="yes")
@@ -237,14 +247,14 @@ def test_graphed_logits_match_eager_logits(arch: str) -> None:
 @needs_cuda
 def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkeypatch) -> None:
     model = _trained_model().cuda()
-    real = model.shared_loss_total
+    real = loss.shared_total
 
-    def reads_back(input_ids, plan):  # type: ignore[no-untyped-def]
-        total = real(input_ids, plan)
+    def reads_back(*args):  # type: ignore[no-untyped-def]
+        total = real(*args)
         float(total)  # a value read back from the GPU: fine eagerly, refused inside a capture
         return total
 
-    monkeypatch.setattr(model, "shared_loss_total", reads_back)
+    monkeypatch.setattr(loss, "shared_total", reads_back)
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
     model.context_sharing = "always"
@@ -256,8 +266,10 @@ def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkey
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
-def test_context_pass_runs_causal_sdpa_without_a_mask(monkeypatch, checkpointing: bool) -> None:
-    from cpt import attention
+def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> None:
+    from transformers import AttentionInterface
+
+    from cpt import _compat, attention
 
     model = _trained_model(activation_checkpointing=checkpointing)
     batch = sample_batch(4)
@@ -265,34 +277,37 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(monkeypatch, checkpointing
     plain = _loss_and_grad(model, lambda: model(**batch).loss)
     attention._register()
     masks: list[bool] = []
-    sdpa = attention.AttentionInterface._global_mapping[attention.CAUSAL_NAME]
+    sdpa = AttentionInterface()[attention.CAUSAL_NAME]
 
     def recording(module, query, key, value, attention_mask, **kwargs):  # type: ignore[no-untyped-def]
         masks.append(attention_mask is None)
         return sdpa(module, query, key, value, attention_mask, **kwargs)
 
-    monkeypatch.setitem(attention.AttentionInterface._global_mapping, attention.CAUSAL_NAME, recording)
-    model.context_sharing = "always"
-    shared = _loss_and_grad(model, lambda: model(**batch).loss)
-    _assert_same(shared, plain)
-    layers = model.base_model.config.num_hidden_layers
-    # every layer of the context pass, and again in the backward pass where layers recompute
-    assert masks == [True] * layers * (2 if checkpointing else 1)
-    assert model.base_model.config._attn_implementation == "sdpa"
-    cache = model.build_context_cache()
-    assert len(masks) == layers * (3 if checkpointing else 2) and cache.num_tokens == model.num_virtual_tokens
+    AttentionInterface.register(attention.CAUSAL_NAME, recording)
+    try:
+        model.context_sharing = "always"
+        shared = _loss_and_grad(model, lambda: model(**batch).loss)
+        _assert_same(shared, plain)
+        layers = model.base_model.config.num_hidden_layers
+        # every layer of the context pass, and again in the backward pass where layers recompute
+        assert masks == [True] * layers * (2 if checkpointing else 1)
+        assert _compat.attention_implementation(model.base_model) == "sdpa"
+        cache = model.build_context_cache()
+        assert len(masks) == layers * (3 if checkpointing else 2) and cache.num_tokens == model.num_virtual_tokens
+    finally:
+        AttentionInterface.register(attention.CAUSAL_NAME, sdpa)
 
 
 def test_models_without_sdpa_keep_their_own_context_attention() -> None:
-    from cpt import attention
+    from cpt import _compat, attention
 
     base_model = make_model("llama")  # eager attention
     with attention.causal_context(base_model):
-        assert base_model.config._attn_implementation == "eager"
-    base_model.config._attn_implementation = "sdpa"
+        assert _compat.attention_implementation(base_model) == "eager"
+    base_model.set_attn_implementation("sdpa")
     with attention.causal_context(base_model):
-        assert base_model.config._attn_implementation == attention.CAUSAL_NAME
-    assert base_model.config._attn_implementation == "sdpa"
+        assert _compat.attention_implementation(base_model) == attention.CAUSAL_NAME
+    assert _compat.attention_implementation(base_model) == "sdpa"
 
 
 @needs_cuda

@@ -46,7 +46,7 @@ def trained_model(
     config = build_context(tokenizer, CONTEXT, template)
     model = CPTModel(tiny_model(arch, len(tokenizer)), config)
     with torch.no_grad():
-        model.delta.copy_(torch.randn_like(model.delta) * model.trainable_rows)
+        model.delta.copy_(torch.randn_like(model.delta) * model.context.trainable_rows)
     return model
 
 
@@ -285,7 +285,10 @@ def test_generate_rejects_bad_arguments(texts, kwargs, message: str) -> None:
 def test_bucketed_batches_score_the_same(monkeypatch, tokenizer: PreTrainedTokenizerFast) -> None:
     """What classify does for CUDA graphs (pad to 8 tokens, logits from a multiple of 8), checked
     on the CPU with eager passes standing in for the replays."""
+    from dataclasses import replace
+
     import cpt.infer as infer
+    from cpt import passes
 
     model = trained_model("llama", tokenizer, SUFFIXES)
     reference = classify(model, tokenizer, TEXTS, LABELS, template=SUFFIXES, batch_size=3)
@@ -295,7 +298,9 @@ def test_bucketed_batches_score_the_same(monkeypatch, tokenizer: PreTrainedToken
         calls.append((ids.shape[1], int(positions[0])))
         return model.sample_logits(ids, mask, context_cache=context_cache, positions=positions)
 
-    monkeypatch.setattr(infer, "_graphed_logits", lambda *args: eager_stand_in)
+    facts = passes.facts
+    monkeypatch.setattr(passes, "facts", lambda *args: replace(facts(*args), device_type="cuda"))  # the plan: graphs
+    monkeypatch.setattr(infer, "GraphedLogits", lambda *args, **kwargs: eager_stand_in)
     bucketed = classify(model, tokenizer, TEXTS, LABELS, template=SUFFIXES, batch_size=3)
     assert calls and all(length % infer.SEQ_BUCKET == 0 and first % infer.SEQ_BUCKET == 0 for length, first in calls)
     assert bucketed.predictions == reference.predictions
@@ -304,9 +309,9 @@ def test_bucketed_batches_score_the_same(monkeypatch, tokenizer: PreTrainedToken
 
 def test_classify_refuses_graphs_where_they_cannot_run(tokenizer: PreTrainedTokenizerFast) -> None:
     model = trained_model("llama", tokenizer)
-    with pytest.raises(ValueError, match="cuda_graphs=True but the model is on cpu"):
+    with pytest.raises(ValueError, match="cuda_graphs is on but the model is not on a CUDA device"):
         classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=True)
-    with pytest.raises(ValueError, match="cuda_graphs=True but use_cache=False"):
+    with pytest.raises(ValueError, match="cuda_graphs is on but the context is neither shared nor cached"):
         classify(model, tokenizer, TEXTS[:1], LABELS, use_cache=False, cuda_graphs=True)
     assert classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=None).predictions  # auto: eager here
 
@@ -314,7 +319,7 @@ def test_classify_refuses_graphs_where_they_cannot_run(tokenizer: PreTrainedToke
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
 def test_classify_with_graphs_matches_eager_on_cuda(tokenizer: PreTrainedTokenizerFast) -> None:
     model = trained_model("llama", tokenizer, SUFFIXES)
-    model.base_model.config._attn_implementation = "sdpa"  # eager attention cannot be captured
+    model.base_model.set_attn_implementation("sdpa")  # eager attention cannot be captured
     model.cuda()
     texts = TEXTS * 4  # shapes repeat, so some are captured (on their second call)
     eager = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=False)
@@ -346,7 +351,7 @@ def test_cached_scoring_with_masked_context_positions(tokenizer: PreTrainedToken
     mask[1] = mask[3] = 0  # two context positions no one attends to
     model = CPTModel(tiny_model("llama", len(tokenizer)), dataclass_replace(config, cpt_mask=mask))
     with torch.no_grad():
-        model.delta.copy_(torch.randn_like(model.delta) * model.trainable_rows)
+        model.delta.copy_(torch.randn_like(model.delta) * model.context.trainable_rows)
     cached = classify(model, tokenizer, TEXTS, LABELS, batch_size=3)
     plain = classify(model, tokenizer, TEXTS, LABELS, use_cache=False)
     torch.testing.assert_close(cached.log_likelihoods, plain.log_likelihoods, **TOL)

@@ -89,6 +89,7 @@ def test_only_target_logits_are_built_and_labels_never_reach_the_base_model() ->
     base_model = make_model("llama")
     model = CPTModel(base_model, context_config())
     batch = sample_batch(4)
+    model.execution_plan("loss", 4, 9)  # the capability probe runs once per model, before the hooks
     seen_rows = []
     head = base_model.get_output_embeddings()
     head.register_forward_hook(lambda module, args, out: seen_rows.append(out.shape[:-1].numel()))
@@ -107,9 +108,11 @@ def test_only_target_logits_are_built_and_labels_never_reach_the_base_model() ->
 
 
 def test_auto_sharing_uses_plain_path_for_one_sample(monkeypatch) -> None:
+    from cpt import loss
+
     model = CPTModel(make_model("llama"), context_config())
     calls = []
-    monkeypatch.setattr(model, "shared_loss_total", lambda *a: calls.append("shared") or 1 / 0)
+    monkeypatch.setattr(loss, "shared_total", lambda *a: calls.append("shared") or 1 / 0)
     model(**sample_batch(1))
     assert calls == []
     with pytest.raises(ZeroDivisionError):
@@ -206,9 +209,11 @@ def test_unknown_sharing_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="context_sharing must be one of .* got 'sometimes'"):
         CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")
     model = CPTModel(make_model("llama"), context_config())
-    model.context_sharing = "sometimes"
-    with pytest.raises(ValueError, match="context_sharing must be one of"):
-        model(**sample_batch(2))
+    with pytest.raises(ValueError, match="shared_attention must be one of"):
+        model.shared_attention = "sometimes"  # checked when set, in the one vocabulary
+    assert model.shared_attention == "auto"
+    model.context_sharing, model.shared_attention = "never", True
+    assert (model.context_sharing, model.shared_attention) == ("off", "on")
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
@@ -231,12 +236,13 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(arch: str) ->
 
 
 def test_activation_checkpointing_recomputes_the_layers() -> None:
-    from cpt import checkpointing
+    from cpt import _compat, checkpointing
 
     base_model = make_model("llama")
     model = CPTModel(base_model, context_config(), activation_checkpointing=True)
+    model.execution_plan("loss", 2, 9)  # the capability probe runs once per model, before the hook
     calls = []
-    layer = checkpointing.decoder_layers(base_model)[0]
+    layer = _compat.decoder_layers(base_model)[0]
     layer.mlp.register_forward_pre_hook(lambda *a: calls.append(1))  # runs again on recompute
     model.context_sharing = "always"
     model(**sample_batch(2)).loss.backward()
@@ -249,27 +255,35 @@ def test_activation_checkpointing_recomputes_the_layers() -> None:
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "gpt2", "opt", "phi", "gpt_neox", "qwen2", "mistral"])
 def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> None:
+    import contextlib
+
     from cpt import attention
 
     calls = []
-    original = attention.shared_context_attention
-    monkeypatch.setattr(attention.AttentionInterface, "_global_mapping", dict(attention.AttentionInterface._global_mapping))
-    attention.AttentionInterface.register(attention.NAME, lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = attention.shared_context
+
+    @contextlib.contextmanager
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with original(*args, **kwargs) as shared:
+            yield shared
+        calls.append(shared.calls)  # layers that attended through it
+
+    monkeypatch.setattr(attention, "shared_context", counting)
     model = CPTModel(make_model(arch), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8),
                      context_sharing="always")
     with torch.no_grad():
         model.delta.normal_(0, 0.02)
     batch = sample_batch(4)
     results = {}
-    assert model._use_shared_attention(4, 9) is False  # auto: small contexts keep the cache path
+    assert model.execution_plan("loss", 4, 9).one_copy is False  # auto: small contexts keep the cache path
     for shared_attention in (True, False):
         model.shared_attention = shared_attention
         model.delta.grad = None
         calls.clear()
         loss = model(**batch).loss
         loss.backward()
-        results[shared_attention] = (loss.detach(), model.delta.grad.clone(), len(calls))
-    assert results[True][2] == 2 and results[False][2] == 0  # one call per layer of the sample pass
+        results[shared_attention] = (loss.detach(), model.delta.grad.clone(), list(calls))
+    assert results[True][2] == [2] and results[False][2] == []  # one call per layer of the sample pass
     torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=0)
     assert (results[True][1] - results[False][1]).norm() / results[False][1].norm() <= 1e-5
     cache = model.build_context_cache()
@@ -284,13 +298,14 @@ def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> N
     torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
 
 
-def test_models_outside_the_list_keep_the_cache_path() -> None:
-    from cpt import attention
+def test_the_capability_probe_refuses_models_outside_the_attention_interface() -> None:
+    from cpt import passes
 
-    for arch in ("bloom", "falcon"):
-        assert not attention.supports(make_model(arch), 20, 9)
-    gemma = make_model("gemma2")  # sliding window of 256 in the tiny config
-    assert attention.supports(gemma, 200, 56) and not attention.supports(gemma, 200, 57)
+    bloom = CPTModel(make_model("bloom"), context_config(), context_sharing="always", shared_attention=True)
+    assert passes.one_copy_exact(bloom.base_model) is False  # ALiBi, its own attention code
+    how = bloom.execution_plan("loss", 4, 9)
+    assert how.shared and not how.one_copy and how.why_not_one_copy.name == "NOT_EXACT"
+    assert passes.one_copy_exact(make_model("llama")) is True
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 from contexts import context_config, sample_batch
-from tiny_models import make_model
+from tiny_models import FAMILIES, OUTSIDE_THE_INTERFACE, make_model
 
 from cpt import CPTModel
 
@@ -62,15 +62,44 @@ def test_loss_and_gradient_match_peft(loss_type: str, batch_size: int, sharing: 
     _assert_loss_and_gradient_match(ours, theirs, encoder, sample_batch(batch_size))
 
 
-@pytest.mark.parametrize(
-    "arch", ["mistral", "qwen2", "gemma2", "gpt2", "opt", "gpt_neox", "bloom", "phi", "falcon"]
-)
-@pytest.mark.parametrize("shared_attention", [True, False])
-def test_shared_context_matches_peft_on_every_architecture(arch: str, shared_attention: bool) -> None:
+NO_PEFT = frozenset({"mpt", "xglm"})
+"""Families PEFT's CPT cannot wrap (it finds no head count in their configs): checked against
+cpt's own plain path, which the other families check against PEFT."""
+
+
+def _set_path(model: CPTModel, arch: str, path: str) -> None:
+    model.context_sharing = "never" if path == "plain" else "always"
+    model.shared_attention = path == "one copy"  # one copy of the context (cpt.attention) or B copies
+    how = model.execution_plan("loss", 3, 9)
+    assert how.shared == (path != "plain")
+    assert how.one_copy == (path == "one copy" and arch not in OUTSIDE_THE_INTERFACE)  # the capability probe
+
+
+@pytest.mark.parametrize("arch", sorted(set(FAMILIES) - NO_PEFT - {"llama"}))
+@pytest.mark.parametrize("path", ["plain", "shared", "one copy"])
+def test_every_family_matches_peft_on_every_path(arch: str, path: str) -> None:
     ours, theirs, encoder = _pair(arch, "decay")
-    ours.context_sharing = "always"
-    ours.shared_attention = shared_attention  # one copy of the context (cpt.attention) or B copies
+    _set_path(ours, arch, path)
     _assert_loss_and_gradient_match(ours, theirs, encoder, sample_batch(3))
+
+
+@pytest.mark.parametrize("arch", sorted(NO_PEFT))
+@pytest.mark.parametrize("path", ["shared", "one copy"])
+def test_families_peft_cannot_wrap_match_the_plain_path(arch: str, path: str) -> None:
+    model = CPTModel(make_model(arch), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8))
+    with torch.no_grad():
+        model.delta.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    batch = sample_batch(3)
+    results = []
+    for each in ("plain", path):
+        _set_path(model, arch, each)
+        model.delta.grad = None
+        loss = model(**batch).loss
+        loss.backward()
+        results.append((loss.item(), model.delta.grad.clone()))
+    (reference, reference_grad), (loss, grad) = results
+    assert abs(loss - reference) <= RTOL * abs(reference)
+    assert _rel(grad, reference_grad) <= RTOL
 
 
 def test_missing_type_mask_means_every_sample_token_is_a_label() -> None:

@@ -88,13 +88,13 @@ def mean_dataset_loss(model: CPTModel, dataset: CPTDataset, collator: CPTCollato
 def assert_invariants(model: CPTModel, base_model_state: dict[str, torch.Tensor]) -> None:
     """Frozen parts unchanged bit for bit, every row in its ball, label/separator rows zero."""
     embeddings = model.base_model.get_input_embeddings()
-    expected_base = embeddings(model.context_ids).detach().float()
+    expected_base = embeddings(model.context.ids).detach().float()
     assert torch.equal(model.base, expected_base)
     for name, tensor in model.base_model.state_dict().items():
         assert torch.equal(tensor, base_model_state[name]), name
     norms = torch.linalg.vector_norm(model.delta.detach(), dim=1)  # (N,)
     assert bool((norms <= model.epsilon + BALL_TOLERANCE).all()), (norms - model.epsilon).max()
-    frozen = ~is_trainable(model.context_codes)
+    frozen = ~is_trainable(model.context.codes)
     assert bool(frozen.any())
     assert bool((model.delta.detach()[frozen] == 0).all())
     assert model.delta.dtype == torch.float32
@@ -148,7 +148,7 @@ def test_invariants_after_training(context, dataset, collator, arch: str, monkey
     assert_invariants(model, frozen_state)
     # The test can fail: lr 1e-2 moves a row by ~1e-2 * sqrt(d) per step, beyond its radius.
     norms = torch.linalg.vector_norm(model.delta.detach(), dim=1)
-    on_boundary = is_trainable(model.context_codes)
+    on_boundary = is_trainable(model.context.codes)
     assert torch.allclose(norms[on_boundary], model.epsilon[on_boundary], rtol=1e-5, atol=0)
 
 

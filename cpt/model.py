@@ -19,7 +19,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt import checkpointing, loss, passes, plan
-from cpt.config import IGNORE_INDEX, CPTConfig, is_label
+from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
 from cpt.passes import ContextCache
 
@@ -42,7 +42,39 @@ class CPTOutput(ModelOutput):
     num_targets: int | None = None
 
 
-class CPTModel(nn.Module):
+Count = int | torch.Tensor | None
+Tensor = torch.Tensor | None
+
+
+class _TrainerSupport(nn.Module):
+    """What `transformers.Trainer` (and data parallelism, `cpt.distributed`) needs of a `CPTModel`.
+
+    `CPTModel.forward` takes ``num_items_in_batch``, the number of loss terms in the whole batch
+    this one is part of (all micro-batches of an optimizer step, on all ranks), as `Trainer`
+    passes it: the loss is then this batch's weighted sum over it, so the gradients summed over
+    micro-batches and ranks are those of the whole batch (None: this batch's own count). And
+    ``shift_labels``, this batch's loss targets (`loss_targets`), which
+    `cpt.callback.TrainerCollator` adds so that `Trainer` counts ``num_items_in_batch`` as CPT
+    does; they are only checked against the batch (ValueError if their count differs).
+    """
+
+    accepts_loss_kwargs = True  # Trainer then leaves the loss's normalisation to the model
+
+    def loss_targets(self, labels: torch.Tensor, input_type_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Mc + S) the ids the loss predicts per row, on the CPU (`cpt.loss.loss_targets`)."""
+        return loss.loss_targets(self.context, labels, input_type_mask)
+
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):  # type: ignore[no-untyped-def, override]
+        """The adapter's ``base`` and ``delta`` only, never the base model's weights (so
+        `transformers.Trainer` saves the adapter alone, tied embeddings or not)."""
+        return _adapter_state(self, destination, prefix, keep_vars)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def, override]
+        """Copies ``base`` and ``delta`` from a `state_dict` (RuntimeError on wrong keys or shapes)."""
+        return _load_adapter_state(self, state_dict, strict)
+
+
+class CPTModel(_TrainerSupport):
     """Wraps any `transformers` causal LM with a CPT context.
 
     The base model is frozen. The context's embeddings are ``base + delta`` (`cpt.context`).
@@ -112,47 +144,6 @@ class CPTModel(nn.Module):
         """The adapter's weights: ``base`` and ``delta``, each (N, d) float32, detached."""
         return {"base": self.base.detach(), "delta": self.delta.detach()}
 
-    def state_dict(  # type: ignore[no-untyped-def, override]
-        self, *, destination=None, prefix: str = "", keep_vars: bool = False
-    ):
-        """The adapter's tensors, ``base`` and ``delta``, not the frozen base model's weights
-        (they belong to the base model and load with it). So what `transformers.Trainer` saves
-        of a CPTModel is the adapter alone, and a model whose input and output embeddings share
-        one tensor saves without complaint."""
-        destination = {} if destination is None else destination
-        for name, tensor in (("base", self.base), ("delta", self.delta)):
-            destination[prefix + name] = tensor if keep_vars else tensor.detach()
-        return destination
-
-    def load_state_dict(  # type: ignore[no-untyped-def, override]
-        self, state_dict, strict: bool = True, assign: bool = False
-    ):
-        """Copies ``base`` and ``delta`` from a `state_dict` of a CPTModel of the same context.
-
-        Raises:
-            RuntimeError: with ``strict``, if keys are missing or unexpected (as `torch.nn`);
-                whatever the mode, if a tensor's shape differs.
-        """
-        from torch.nn.modules.module import _IncompatibleKeys
-
-        names = ("base", "delta")
-        missing = [name for name in names if name not in state_dict]
-        unexpected = [key for key in state_dict if key not in names]
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"CPTModel state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        with torch.no_grad():
-            for name in names:
-                if name in state_dict:
-                    target = getattr(self, name)
-                    value = state_dict[name]
-                    if tuple(value.shape) != tuple(target.shape):
-                        raise RuntimeError(
-                            f"CPTModel state_dict: {name} has shape {tuple(value.shape)}, "
-                            f"the model's is {tuple(target.shape)}"
-                        )
-                    target.copy_(value)
-        return _IncompatibleKeys(missing, unexpected)
-
     def context_embeddings(self) -> torch.Tensor:
         """(N, d) float32 context embeddings: frozen ``base`` + projected ``delta``."""
         return self.context.values()
@@ -183,19 +174,12 @@ class CPTModel(nn.Module):
         n = self.num_virtual_tokens
         return plan.resolve(purpose, chosen, facts, num_context=n, batch_size=batch_size, seq_len=seq_len, grad=grad)
 
-    accepts_loss_kwargs = True
-    """Tells `transformers.Trainer` that `forward` takes ``num_items_in_batch``: it then leaves
-    the loss's normalisation to the model, over the whole accumulated (and all-rank) batch."""
-
     def forward(
         self,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        input_type_mask: torch.Tensor | None = None,
-        *,
-        num_items_in_batch: int | torch.Tensor | None = None,
-        shift_labels: torch.Tensor | None = None,
+        input_type_mask: torch.Tensor | None = None, *, num_items_in_batch: Count = None, shift_labels: Tensor = None,
     ) -> CPTOutput:
         """Runs the model over ``[context ; sample]``: plan, passes, loss. The batch may be on the
         CPU (the shared path reads its targets there, not waiting for the GPU) or the device.
@@ -207,14 +191,6 @@ class CPTModel(nn.Module):
                 Given, the CPT loss is returned.
             input_type_mask: (B, S) type codes 0..4 of the samples; None treats every sample
                 token as a label, as PEFT does. Never modified.
-            num_items_in_batch: the number of loss terms in the whole batch this one is part of
-                (all micro-batches of an optimizer step, on all ranks), as `transformers.Trainer`
-                passes it; the loss is then this batch's weighted sum over it, so the gradients
-                summed over micro-batches and ranks are those of the whole batch. None: this
-                batch's own count (`loss_targets`).
-            shift_labels: (B, T) this batch's loss targets (`loss_targets`), which
-                `cpt.callback.TrainerCollator` adds so that `transformers.Trainer` counts
-                ``num_items_in_batch`` as CPT does; only checked against the batch.
 
         Returns:
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
@@ -224,7 +200,6 @@ class CPTModel(nn.Module):
                 batch without any label token.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
-        _check_num_items(num_items_in_batch)
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
         how = self.execution_plan("loss", *input_ids.shape)
@@ -238,35 +213,7 @@ class CPTModel(nn.Module):
         else:
             batch = (input_ids, attention_mask, labels, input_type_mask)
             total, count = loss.plain_total(self.base_model, self.context, *batch)
-        _check_shift_labels(shift_labels, count)
-        divisor = count if num_items_in_batch is None else num_items_in_batch  # the whole step's, for Trainer
-        return CPTOutput(loss=total / divisor, num_targets=count)
-
-    def loss_targets(self, labels: torch.Tensor, input_type_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The token ids the CPT loss predicts for each row of a batch, worked out on the CPU.
-
-        Their count (entries other than -100) is the batch's number of loss terms: what
-        ``num_items_in_batch`` sums over micro-batches and ranks.
-
-        Args:
-            labels: (B, S) target ids; -100 marks ignored positions.
-            input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
-
-        Returns:
-            (B, Mc + S) long: the context's Mc label tokens, then the sample's labels where they
-            are targets, -100 elsewhere.
-
-        Raises:
-            ValueError: on a negative type code.
-        """
-        cpu = torch.device("cpu")
-        labels = labels.to(cpu)
-        type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
-        loss.check_type_codes(type_mask)
-        codes = loss.sample_codes(self.context, labels, type_mask)  # (B, S)
-        targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
-        context = self.context.target_ids.to(cpu).expand(labels.shape[0], -1)  # (B, Mc)
-        return torch.cat([context, torch.where(targets, labels, IGNORE_INDEX)], dim=1)
+        return CPTOutput(loss=total / _divisor(count, num_items_in_batch, shift_labels), num_targets=count)
 
     # ------------------------------------------------------------------ inference
 
@@ -413,3 +360,38 @@ def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
             f"shift_labels counts {counted} loss terms but the batch has {count}: build the batches "
             "with cpt.callback.TrainerCollator for this model's context"
         )
+
+
+def _adapter_state(model: CPTModel, destination, prefix: str, keep_vars: bool):  # type: ignore[no-untyped-def]
+    destination = {} if destination is None else destination
+    for name, tensor in (("base", model.base), ("delta", model.delta)):
+        destination[prefix + name] = tensor if keep_vars else tensor.detach()
+    return destination
+
+
+def _load_adapter_state(model: CPTModel, state_dict, strict: bool):  # type: ignore[no-untyped-def]
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    names = ("base", "delta")
+    missing = [name for name in names if name not in state_dict]
+    unexpected = [key for key in state_dict if key not in names]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"CPTModel state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    with torch.no_grad():
+        for name in names:
+            if name in state_dict:
+                target, value = getattr(model, name), state_dict[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise RuntimeError(
+                        f"CPTModel state_dict: {name} has shape {tuple(value.shape)}, "
+                        f"the model's is {tuple(target.shape)}"
+                    )
+                target.copy_(value)
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def _divisor(count: int, num_items_in_batch: Count, shift_labels: Tensor) -> int | torch.Tensor:
+    """What the batch's weighted sum is divided by: its own count, or Trainer's whole-step one."""
+    _check_shift_labels(shift_labels, count)
+    _check_num_items(num_items_in_batch)
+    return count if num_items_in_batch is None else num_items_in_batch

@@ -114,7 +114,7 @@ def _run(base_model, tokenizer, template, labels, context, val, seed, setting) -
     result = train(model, CPTDataset(tokenizer, context, template), train_config,
                    collator=CPTCollator(tokenizer.pad_token_id), eval_fn=measure)
     trajectory += result.eval_history
-    rows = model.trainable_rows.squeeze(1)
+    rows = model.context.trainable_rows.squeeze(1)
     return {"n_context": n, "steps": steps, "trajectory": trajectory,
             "final_loss": result.losses[-1], "mean_delta_norm": float(model.delta.detach()[rows].norm(dim=1).mean()),
             "context_tokens": model.num_virtual_tokens}

@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "load_adapter": "cpt.adapter",
     "adapter_format": "cpt.adapter",
     "CPTProjectionCallback": "cpt.callback",
+    "CPTTrainer": "cpt.callback",
+    "TrainerCollator": "cpt.callback",
     "CODES_PER_EXAMPLE": "cpt.config",
     "CPTConfig": "cpt.config",
     "TokenRole": "cpt.config",
@@ -58,7 +60,7 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` does this lazily
     from cpt.adapter import adapter_format, load_adapter, save_adapter
-    from cpt.callback import CPTProjectionCallback
+    from cpt.callback import CPTProjectionCallback, CPTTrainer, TrainerCollator
     from cpt.config import CODES_PER_EXAMPLE, CPTConfig, TokenRole
     from cpt.data import (
         CPTCollator,

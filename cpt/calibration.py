@@ -15,47 +15,10 @@ that gives every content-free input the same probabilities for all labels is lef
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
-
 import torch
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
-    from cpt.data import Template
-    from cpt.model import CPTModel
 
 CONTENT_FREE_INPUTS: tuple[str, ...] = ("N/A", "", "[MASK]")
 """The content-free texts whose label probabilities are averaged into the prior (Zhao et al.)."""
-
-
-def content_free_prior(
-    model: CPTModel,
-    tokenizer: PreTrainedTokenizerBase,
-    labels: Sequence[str],
-    *,
-    template: Template | None = None,
-    inputs: Sequence[str] = CONTENT_FREE_INPUTS,
-    **classify_kwargs: Any,
-) -> torch.Tensor:
-    """The context's label probabilities for content-free inputs, averaged.
-
-    Args:
-        model: the `CPTModel` whose context is calibrated.
-        tokenizer: its tokenizer.
-        labels: the candidate labels, in column order.
-        template: the template the context was written with; the default `Template` if None.
-        inputs: the content-free texts, at least one.
-        **classify_kwargs: passed to `cpt.infer.classify` (``batch_size``, ``context_cache``...).
-
-    Returns:
-        (L,) float32 on the CPU, positive, summing to 1.
-    """
-    from cpt.infer import classify  # infer imports this module when asked to calibrate
-
-    result = classify(model, tokenizer, list(inputs), labels, template=template, **classify_kwargs)
-    return result.probabilities.mean(dim=0)
 
 
 def calibrate(probabilities: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -63,7 +26,7 @@ def calibrate(probabilities: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
 
     Args:
         probabilities: (..., L) label probabilities, each row summing to 1.
-        prior: (L,) the content-free prior (`content_free_prior`).
+        prior: (L,) the content-free prior (`cpt.infer.content_free_prior`).
 
     Returns:
         (..., L) calibrated probabilities, rows summing to 1, in the dtype of ``probabilities``.

@@ -176,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
         help=f"steps between checkpoints (with --checkpoint-dir; default {DEFAULT_CHECKPOINT_EVERY})",
     )
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --checkpoint-dir")
+    train.add_argument(
+        "--shard-base-model", action="store_true",
+        help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
+    )
     train.set_defaults(run=_run_train)
 
     evaluate = command(
@@ -370,6 +374,10 @@ def _run_train(args: argparse.Namespace) -> int:
         opt_weighted_loss_type=args.loss,
         opt_loss_decay_factor=args.decay,
     )
+    from cpt import distributed
+
+    if not distributed.is_main():  # under torchrun every rank holds the same adapter: rank 0 writes
+        return 0
     cpt_model.save_pretrained(args.output, format=args.format)
     print(json.dumps({
         "adapter": str(args.output),
@@ -399,14 +407,23 @@ def _run_eval(args: argparse.Namespace) -> int:
     texts = [e.text for e in test]
     template = template_of(cpt_model)
     _check_fits(cpt_model.base_model, cpt_model.num_virtual_tokens, tokenizer, template, texts, labels)
+    from cpt import distributed
+
     started = time.perf_counter()
-    result = _classify(
-        cpt_model, tokenizer, texts, labels, template, args.batch_size, not args.no_progress, args.calibrate
-    )
+    mine = distributed.share(texts)  # under torchrun each rank scores its share of the texts
+    predictions: list[str] = []
+    if mine:
+        progress = not args.no_progress and distributed.is_main()
+        predictions = _classify(
+            cpt_model, tokenizer, mine, labels, template, args.batch_size, progress, args.calibrate
+        ).predictions
+    predictions = distributed.gather(predictions)
+    if not distributed.is_main():
+        return 0
     gold = [e.label for e in test]
     print(json.dumps({
-        "accuracy": _accuracy(result.predictions, gold),
-        "macro_f1": macro_f1(result.predictions, gold, labels),
+        "accuracy": _accuracy(predictions, gold),
+        "macro_f1": macro_f1(predictions, gold, labels),
         "calibrated": args.calibrate,
         "examples": len(test),
         "seconds": round(time.perf_counter() - started, 1),
@@ -537,11 +554,12 @@ def _check_output(path: Path) -> None:
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
-    import torch
-
+    from cpt import distributed
     from cpt.loading import load_model_and_tokenizer
 
     device = _device(args.device)
+    if distributed.launched():  # torchrun or accelerate launch: join the group, one device per rank
+        device = str(distributed.init_from_env(device))
     model, tokenizer = load_model_and_tokenizer(args.model, device=device, dtype=args.dtype)
     return model, tokenizer, device
 
@@ -581,7 +599,8 @@ def _classify(
     probabilities = torch.cat([part.probabilities for part in parts])[back]
     prior = None
     if calibrate:
-        from cpt.calibration import calibrate as divide_by, content_free_prior
+        from cpt.calibration import calibrate as divide_by
+        from cpt.infer import content_free_prior
 
         prior = content_free_prior(cpt_model, tokenizer, labels, template=template, batch_size=batch_size)
         probabilities = divide_by(probabilities, prior)
@@ -608,6 +627,7 @@ def _train_config(args: argparse.Namespace, checkpoint_every: int | None = None)
         seed=args.seed,
         checkpoint_every=checkpoint_every,
         progress=not args.no_progress,
+        shard_base_model=getattr(args, "shard_base_model", False),  # `cpt train` only
     )
 
 

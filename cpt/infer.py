@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import passes
+from cpt import calibration, passes
 from cpt.data import Template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
@@ -145,16 +145,40 @@ def classify(
     probabilities = scores.softmax(dim=-1)  # (T, L)
     prior = None
     if calibrate:
-        from cpt.calibration import calibrate as divide_by, content_free_prior
-
         prior = content_free_prior(
             model, tokenizer, labels, template=template, batch_size=batch_size,
             context_cache=cache, use_cache=use_cache, cuda_graphs=cuda_graphs,
         )
-        probabilities = divide_by(probabilities, prior)
+        probabilities = calibration.calibrate(probabilities, prior)
     chosen = (probabilities if calibrate else scores).argmax(dim=-1)  # (T,)
     predictions = [labels[j] for j in chosen.tolist()]
     return Classification(predictions, probabilities, scores, list(labels), prior)
+
+
+def content_free_prior(
+    model: CPTModel,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: Sequence[str],
+    *,
+    template: Template | None = None,
+    inputs: Sequence[str] = calibration.CONTENT_FREE_INPUTS,
+    **classify_kwargs: Any,
+) -> torch.Tensor:
+    """The context's label probabilities for content-free inputs, averaged.
+
+    Args:
+        model: the `CPTModel` whose context is calibrated.
+        tokenizer: its tokenizer.
+        labels: the candidate labels, in column order.
+        template: the template the context was written with; the default `Template` if None.
+        inputs: the content-free texts, at least one.
+        **classify_kwargs: passed to `classify` (``batch_size``, ``context_cache``...).
+
+    Returns:
+        (L,) float32 on the CPU, positive, summing to 1.
+    """
+    result = classify(model, tokenizer, list(inputs), labels, template=template, **classify_kwargs)
+    return result.probabilities.mean(dim=0)
 
 
 @torch.no_grad()
@@ -407,7 +431,6 @@ def _continuation_log_probs(
     batch_size = texts.shape[0]
     if length == 1:
         return torch.zeros(batch_size, num_labels, device=cont_ids.device)
-    rows = batch_size * num_labels
     source = texts.repeat_interleave(num_labels)  # (rows,): row r holds text r // L, label r % L
     prefix = [  # one copy of each row's prefix (none where one batch-1 prefix serves all)
         (keys, values) if keys.shape[0] == 1 else (keys[source], values[source]) for keys, values in states

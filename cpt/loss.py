@@ -267,3 +267,27 @@ def require_targets(count: int) -> None:
             "the batch has no label token: no position has a type code that is a positive multiple "
             "of 4 with a label other than -100"
         )
+
+
+def loss_targets(context: Context, labels: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
+    """The token ids the CPT loss predicts for each row of a batch, worked out on the CPU; their
+    count (entries other than -100) is the batch's number of loss terms, what
+    ``num_items_in_batch`` sums over micro-batches and ranks.
+
+    Args:
+        context: the model's context.
+        labels: (B, S) target ids; -100 marks ignored positions.
+        input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
+
+    Returns:
+        (B, Mc + S) long: the context's Mc label tokens, then the sample's labels where they are
+        targets, -100 elsewhere.
+    """
+    cpu = torch.device("cpu")
+    labels = labels.to(cpu)
+    type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
+    check_type_codes(type_mask)
+    codes = sample_codes(context, labels, type_mask)  # (B, S)
+    targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
+    ids = context.target_ids.to(cpu).expand(labels.shape[0], -1)  # (B, Mc)
+    return torch.cat([ids, torch.where(targets, labels, IGNORE_INDEX)], dim=1)

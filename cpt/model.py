@@ -19,7 +19,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt import checkpointing, loss, passes, plan
-from cpt.config import CPTConfig
+from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_token_ids
 from cpt.passes import ContextCache
@@ -43,7 +43,74 @@ class CPTOutput(ModelOutput):
     num_targets: int | None = None
 
 
-class CPTModel(nn.Module):
+Count = int | torch.Tensor | None
+Tensor = torch.Tensor | None
+
+
+class _Conveniences(nn.Module):
+    """What PEFT users reach for on a `CPTModel`: its device and dtype, the base model, a parameter
+    count, generation with the trained context, and uploading the adapter."""
+
+    device = property(lambda self: passes.input_embeddings(self.base_model).weight.device, doc="Where inputs go.")
+    dtype = property(lambda self: passes.input_embeddings(self.base_model).weight.dtype,
+                     doc="The base model's parameter dtype; ``base`` and ``delta`` stay float32.")
+
+    def get_base_model(self) -> nn.Module:
+        """The wrapped (frozen) base model."""
+        return self.base_model
+
+    def print_trainable_parameters(self) -> None:
+        """Prints the trainable (``delta``) and total parameter counts, as PEFT models do."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / total:.4f}")
+
+    def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
+        """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
+        from cpt.data import Template
+        from cpt.infer import generate
+
+        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
+        kwargs.setdefault("template", template)
+        return generate(self, tokenizer, texts, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
+        """Uploads the adapter and a model card to ``repo_id`` (`cpt.hub.push_to_hub`); returns the URL."""
+        from cpt.hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
+
+class _TrainerSupport(nn.Module):
+    """What `transformers.Trainer` (and data parallelism, `cpt.distributed`) needs of a `CPTModel`.
+
+    `CPTModel.forward` takes ``num_items_in_batch``, the number of loss terms in the whole batch
+    this one is part of (all micro-batches of an optimizer step, on all ranks), as `Trainer`
+    passes it: the loss is then this batch's weighted sum over it, so the gradients summed over
+    micro-batches and ranks are those of the whole batch (None: this batch's own count). And
+    ``shift_labels``, this batch's loss targets (`loss_targets`), which
+    `cpt.callback.TrainerCollator` adds so that `Trainer` counts ``num_items_in_batch`` as CPT
+    does; they are only checked against the batch (ValueError if their count differs).
+    """
+
+    accepts_loss_kwargs = True  # Trainer then leaves the loss's normalisation to the model
+
+    def loss_targets(self, labels: torch.Tensor, input_type_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, Mc + S) the ids the loss predicts per row, on the CPU (`cpt.loss.loss_targets`)."""
+        return loss.loss_targets(self.context, labels, input_type_mask)
+
+    def state_dict(self, *, destination=None, prefix="", keep_vars=False):  # type: ignore[no-untyped-def, override]
+        """The adapter's ``base`` and ``delta`` only, never the base model's weights (so
+        `transformers.Trainer` saves the adapter alone, tied embeddings or not)."""
+        return _adapter_state(self, destination, prefix, keep_vars)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # type: ignore[no-untyped-def, override]
+        """Copies ``base`` and ``delta`` from a `state_dict` (RuntimeError on wrong keys or shapes)."""
+        return _load_adapter_state(self, state_dict, strict)
+
+
+class CPTModel(_TrainerSupport, _Conveniences):
     """Wraps any `transformers` causal LM with a CPT context.
 
     The base model is frozen. The context's embeddings are ``base + delta`` (`cpt.context`).
@@ -139,9 +206,8 @@ class CPTModel(nn.Module):
         by ``options`` (``cuda_graphs``, ``context_cache``)."""
         chosen = replace(self.options, **options) if options else self.options
         facts = passes.facts(self.base_model, self.delta.device)
-        grad = torch.is_grad_enabled()
-        n = self.num_virtual_tokens
-        return plan.resolve(purpose, chosen, facts, num_context=n, batch_size=batch_size, seq_len=seq_len, grad=grad)
+        return plan.resolve(purpose, chosen, facts, num_context=self.num_virtual_tokens, batch_size=batch_size,
+                            seq_len=seq_len, grad=torch.is_grad_enabled())
 
     def forward(
         self,
@@ -149,6 +215,9 @@ class CPTModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         input_type_mask: torch.Tensor | None = None,
+        *,
+        num_items_in_batch: Count = None,
+        shift_labels: Tensor = None,
     ) -> CPTOutput:
         """Runs the model over ``[context ; sample]``: plan, passes, loss. The batch may be on the
         CPU (the shared path reads its targets there, not waiting for the GPU) or the device.
@@ -160,6 +229,10 @@ class CPTModel(nn.Module):
                 Given, the CPT loss is returned.
             input_type_mask: (B, S) type codes 0..4 of the samples; None treats every sample
                 token as a label, as PEFT does. Never modified.
+            num_items_in_batch: the loss terms of the whole batch this one belongs to (every
+                micro-batch and rank, as `transformers.Trainer` passes it); the loss is this
+                batch's sum divided by it. None: this batch's own count.
+            shift_labels: this batch's loss targets (`loss_targets`), checked against it.
 
         Returns:
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
@@ -183,7 +256,7 @@ class CPTModel(nn.Module):
         else:
             batch = (input_ids, attention_mask, labels, input_type_mask)
             total, count = loss.plain_total(self.base_model, self.context, *batch)
-        return CPTOutput(loss=total / count, num_targets=count)
+        return CPTOutput(loss=total / _divisor(count, num_items_in_batch, shift_labels), num_targets=count)
 
     # ------------------------------------------------------------------ inference
 
@@ -252,64 +325,23 @@ class CPTModel(nn.Module):
     def from_pretrained(
         cls, base_model: nn.Module, path: str | Path, *, revision: str | None = None, **kwargs
     ) -> CPTModel:
-        """Loads an adapter in either layout (detected) onto ``base_model``, after checking every
-        file against it (`cpt.adapter.read_adapter`).
-
-        ``path`` is an adapter folder or a hub name (``org/name``, at ``revision``), resolved
-        by `cpt.hub.resolve_adapter`: from the local Hugging Face cache, else downloaded."""
+        """Loads an adapter in either layout onto ``base_model``, every file checked against it
+        (`cpt.adapter.read_adapter`). ``path`` is a folder or a hub name (``org/name``, at
+        ``revision``; `cpt.hub.resolve_adapter`: the local Hugging Face cache, else downloaded)."""
         from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
         embeddings = passes.input_embeddings(base_model)
-        vocab_size, hidden_size = embeddings.weight.shape
-
-        def embed(ids: torch.Tensor) -> torch.Tensor:
-            return embeddings(ids.to(embeddings.weight.device))  # as the context's base is made
-
-        files = read_adapter(
-            resolve_adapter(path, revision=revision),
-            hidden_size=int(hidden_size),
-            vocab_size=int(vocab_size),
-            embed=embed,
-        )
+        vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
+        embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
+        files = read_adapter(resolve_adapter(path, revision=revision), hidden_size=hidden_size,
+                             vocab_size=vocab_size, embed=embed)
         model = cls(base_model, files.config, **kwargs)
         model.task = files.task
         with torch.no_grad():
             model.base.copy_(files.base)
             model.delta.copy_(files.delta)
         return model
-
-    # ------------------------------------------------------------------ conveniences (as in PEFT)
-
-    device = property(lambda self: passes.input_embeddings(self.base_model).weight.device, doc="Where inputs go.")
-    dtype = property(lambda self: passes.input_embeddings(self.base_model).weight.dtype,
-                     doc="The base model's parameter dtype; ``base`` and ``delta`` stay float32.")
-
-    def get_base_model(self) -> nn.Module:
-        """The wrapped (frozen) base model."""
-        return self.base_model
-
-    def print_trainable_parameters(self) -> None:
-        """Prints the trainable (``delta``) and total parameter counts, as PEFT models do."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
-              f"trainable%: {100 * trainable / total:.4f}")
-
-    def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
-        """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
-        from cpt.data import Template
-        from cpt.infer import generate
-
-        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
-        kwargs.setdefault("template", template)
-        return generate(self, tokenizer, texts, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
-        """Uploads the adapter and a model card to ``repo_id`` (`cpt.hub.push_to_hub`); returns the URL."""
-        from cpt.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
 
 def _check_batch(
@@ -328,3 +360,58 @@ def _check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
+
+
+def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
+    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
+        return  # a tensor stays where it is: reading it would make the host wait for the device
+    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not (
+        num_items_in_batch >= 1
+    ):
+        raise ValueError(f"num_items_in_batch must be a number >= 1, got {num_items_in_batch!r}")
+
+
+def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
+    if shift_labels is None:
+        return
+    counted = int((shift_labels != IGNORE_INDEX).sum())
+    if counted != count:
+        raise ValueError(
+            f"shift_labels counts {counted} loss terms but the batch has {count}: build the batches "
+            "with cpt.callback.TrainerCollator for this model's context"
+        )
+
+
+def _adapter_state(model: CPTModel, destination, prefix: str, keep_vars: bool):  # type: ignore[no-untyped-def]
+    destination = {} if destination is None else destination
+    for name, tensor in (("base", model.base), ("delta", model.delta)):
+        destination[prefix + name] = tensor if keep_vars else tensor.detach()
+    return destination
+
+
+def _load_adapter_state(model: CPTModel, state_dict, strict: bool):  # type: ignore[no-untyped-def]
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    names = ("base", "delta")
+    missing = [name for name in names if name not in state_dict]
+    unexpected = [key for key in state_dict if key not in names]
+    if strict and (missing or unexpected):
+        raise RuntimeError(f"CPTModel state_dict: missing keys {missing}, unexpected keys {unexpected}")
+    with torch.no_grad():
+        for name in names:
+            if name in state_dict:
+                target, value = getattr(model, name), state_dict[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise RuntimeError(
+                        f"CPTModel state_dict: {name} has shape {tuple(value.shape)}, "
+                        f"the model's is {tuple(target.shape)}"
+                    )
+                target.copy_(value)
+    return _IncompatibleKeys(missing, unexpected)
+
+
+def _divisor(count: int, num_items_in_batch: Count, shift_labels: Tensor) -> int | torch.Tensor:
+    """What the batch's weighted sum is divided by: its own count, or Trainer's whole-step one."""
+    _check_shift_labels(shift_labels, count)
+    _check_num_items(num_items_in_batch)
+    return count if num_items_in_batch is None else num_items_in_batch

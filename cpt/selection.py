@@ -38,7 +38,7 @@ def example_spans(model: CPTModel, num_examples: int) -> list[tuple[int, int]]:
     Raises:
         ValueError: if the context does not hold ``num_examples`` examples.
     """
-    codes = model.context_codes.tolist()
+    codes = model.context.cpu_codes.tolist()
     starts = []
     for k in range(num_examples):
         first = next(

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cpt import graphs
+from cpt import distributed, graphs
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
@@ -78,6 +78,10 @@ class TrainConfig:
             is supported) and in full precision elsewhere; ``"bf16"`` forces bf16 autocast;
             ``"no"`` never autocasts. ``delta``, the optimizer and the projection stay float32.
         max_grad_norm: clip the gradient's L2 norm to this before each step; None never clips.
+        shard_base_model: with several processes (``torchrun``), shard the frozen decoder
+            layers across them with FSDP2 (`cpt.distributed.shard_base_model`), for a base model
+            too large for one device; no effect with one process. Does not combine with CUDA
+            graphs (``cuda_graphs="on"`` is refused, ``"auto"`` runs eagerly and says so).
         cuda_graphs: ``"auto"`` replays each step's forward and backward from a CUDA graph
             (`cpt.graphs`) when the model is on a CUDA device and shares its context, which
             removes the launch overhead that bounds small models; ``"on"`` requires it;
@@ -107,6 +111,7 @@ class TrainConfig:
     mixed_precision: MixedPrecision = "auto"
     max_grad_norm: float | None = 1.0  # transformers.Trainer's default, which PEFT's example uses
     cuda_graphs: CudaGraphs = "auto"
+    shard_base_model: bool = False  # one device holds the whole model unless asked
 
     def __post_init__(self) -> None:
         _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
@@ -119,8 +124,9 @@ class TrainConfig:
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
         _check_int("seed", self.seed, minimum=0)
-        if not isinstance(self.progress, bool):
-            raise ValueError(f"progress must be True or False, got {self.progress!r}")
+        for name in ("progress", "shard_base_model"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.mixed_precision not in MIXED_PRECISION_MODES:
             raise ValueError(
                 f"mixed_precision must be one of {MIXED_PRECISION_MODES}, got {self.mixed_precision!r}"
@@ -174,6 +180,11 @@ def train(
     of ``batch_size`` samples, clip, AdamW step on ``model.trainable_parameters()``, then
     ``model.project_()``. The base model is in eval mode throughout (frozen, no dropout).
 
+    In a process group of several ranks (``torchrun``, `cpt.distributed.init_from_env`), each
+    rank runs its share of every micro-batch (``batch_size`` is the whole batch) and the ranks
+    sum their gradients, so every rank trains the context one process would on the combined
+    batch; only rank 0 writes checkpoints and shows progress; ``eval_fn`` runs on every rank.
+
     Args:
         model: the model to train, in place; batches go to the device of ``model.delta``.
         dataset: indexable samples (e.g. `cpt.data.CPTDataset`), ``len`` >= 1.
@@ -210,6 +221,8 @@ def train(
     check_trainable(model.config)  # a row to train, and labels the loss can target
 
     model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
+    if config.shard_base_model and distributed.world_size() > 1:
+        distributed.shard_base_model(model)
     optimizer = make_optimizer(model, config)
     if resume_from is not None:
         state = load_checkpoint(resume_from, model, optimizer, config=config, num_samples=num_samples)
@@ -217,6 +230,11 @@ def train(
         state = TrainState()
         _seed_everything(config.seed)
 
+    if distributed.world_size() > 1:  # each rank takes its share of the same batches, from the same start
+        facts = {f"config.{name}": value for name, value in config.to_dict().items() if name != "progress"}
+        facts.update(num_samples=num_samples, step=state.step)
+        facts["context"] = (float(model.base.sum()), float(model.delta.detach().sum()))
+        distributed.check_same("what to train", facts)
     batches_per_epoch = math.ceil(num_samples / config.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
@@ -227,7 +245,8 @@ def train(
     saved_at = state.step if resume_from is not None else -1
 
     initial = min(state.step, total_steps)
-    bar = tqdm(total=total_steps, initial=initial, disable=not config.progress, desc="cpt", unit="step")
+    show = config.progress and distributed.is_main()  # one bar for all ranks
+    bar = tqdm(total=total_steps, initial=initial, disable=not show, desc="cpt", unit="step")
     size, accumulation = config.batch_size, config.gradient_accumulation_steps
     try:
         while state.step < total_steps:
@@ -247,14 +266,14 @@ def train(
                 if eval_fn is not None and _due(state.step, config.eval_every):
                     state.eval_history.append(_evaluate(model, eval_fn, state.step))
                 if folder is not None and _due(state.step, config.checkpoint_every):
-                    save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+                    _save_on_main(folder, model, optimizer, state, config, num_samples)
                     saved_at = state.step
                 if state.position == 0:
                     break  # a new epoch: a new order
     finally:
         bar.close()
     if folder is not None and saved_at != state.step:
-        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+        _save_on_main(folder, model, optimizer, state, config, num_samples)
 
     return TrainResult(
         losses=list(state.losses),
@@ -304,6 +323,9 @@ def _optimizer_step(
     """
     params = model.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
+    if distributed.world_size() > 1:
+        loss = _data_parallel_backward(model, dataset, collator, window, autocast, graphed)
+        return _finish_step(model, optimizer, config, params, loss, step)
     weighted_loss = torch.zeros((), dtype=torch.float32, device=model.delta.device)
     total_weight = 0
     for indices in window:
@@ -311,9 +333,7 @@ def _optimizer_step(
         # Each micro-batch counts by its label positions, so the window's loss and gradient are
         # those of one big batch (a lone micro-batch keeps its plain gradient: weight 1).
         if graphed is not None:
-            input_ids, plan = graphed.prepare(
-                batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
-            )
+            input_ids, plan = _prepare_graphed(graphed, batch)
             weight = plan.count if len(window) > 1 else 1
             loss = graphed.backward(input_ids, plan, scale=weight)
         else:
@@ -328,13 +348,53 @@ def _optimizer_step(
         for param in params:
             if param.grad is not None:
                 param.grad.div_(total_weight)
-    check_finite_step(weighted_loss, params, step)  # before the update: delta stays as it was
+    return _finish_step(model, optimizer, config, params, (weighted_loss / total_weight).item(), step)
+
+
+def _prepare_graphed(graphed: graphs.GraphedLoss, batch: Batch):  # type: ignore[no-untyped-def]
+    return graphed.prepare(
+        batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
+    )
+
+
+def _finish_step(
+    model: CPTModel, optimizer: torch.optim.Optimizer, config: TrainConfig, params: list, loss: float, step: int
+) -> float:
+    """Checks the loss and gradient are finite, clips the gradient, steps and projects; returns ``loss``."""
+    check_finite_step(torch.tensor(loss), params, step)  # before the update: delta stays as it was
     if config.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()
     model.project_()  # the "P" of PGD: every row back into its ball
     optimizer.zero_grad(set_to_none=True)
-    return (weighted_loss / total_weight).item()
+    return loss
+
+
+def _data_parallel_backward(
+    model: CPTModel,
+    dataset: Sequence[Any],
+    collator: Callable[[list[Any]], Batch],
+    window: list[list[int]],
+    autocast: Callable[[], Any],
+    graphed: graphs.GraphedLoss | None,
+) -> float:
+    """This rank's share of the step's forward and backward passes (`cpt.distributed`): the
+    gradient and the returned loss are those of the combined batch, on every rank."""
+
+    def run(batch: Batch, num_items: int, weight: float) -> torch.Tensor:
+        if graphed is not None:
+            input_ids, plan = _prepare_graphed(graphed, batch)
+            share = plan.count / num_items  # the graph's loss is normalised by this share's count
+            return graphed.backward(input_ids, plan, scale=weight * share) * share
+        with autocast():
+            output = model(**batch, num_items_in_batch=num_items)
+        (output.loss * weight if weight != 1 else output.loss).backward()
+        return output.loss.detach()
+
+    def collate(indices: Sequence[int]) -> Batch:
+        return collator([dataset[i] for i in indices])
+
+    return distributed.backward_share(model, window, collate, run)
 
 
 def _due(step: int, every: int | None) -> bool:
@@ -347,6 +407,13 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graph
     Raises:
         ValueError: for ``cuda_graphs="on"`` where graphs cannot run.
     """
+    if distributed.is_sharded(model) and config.cuda_graphs != "off":
+        reason = distributed.SHARDED_GRAPHS_OBSTACLE
+        if config.cuda_graphs == "on":
+            raise ValueError(f"cuda_graphs is \"on\" but {reason}")
+        if model.delta.is_cuda and distributed.is_main():
+            logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
+        return None
     how = model.execution_plan("train", config.batch_size, 1, cuda_graphs=config.cuda_graphs)
     return graphs.GraphedLoss(model, autocast=autocast) if how.graphs else None
 
@@ -375,8 +442,18 @@ def _report(bar: Any, state: TrainState, config: TrainConfig) -> None:
     running = sum(recent) / len(recent)
     bar.update(1)
     bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-    if state.step % config.log_every == 0:
+    if state.step % config.log_every == 0 and distributed.is_main():
         logger.info("step %d: loss %.6f (mean of the last %d steps)", state.step, running, len(recent))
+
+
+def _save_on_main(
+    folder: Path, model: CPTModel, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
+    num_samples: int,
+) -> None:
+    """Rank 0 writes the checkpoint (every rank holds the same state); the others wait for it."""
+    if distributed.is_main():
+        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+    distributed.barrier()
 
 
 def _seed_everything(seed: int) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt.data import CPTCollator, CPTDataset, ExampleLike, Template, as_example, build_context
+from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_example, build_context
 from cpt.model import CPTModel
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 

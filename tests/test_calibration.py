@@ -10,7 +10,8 @@ from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer
 
 from cpt import TrainConfig, build_context, fit
-from cpt.calibration import CONTENT_FREE_INPUTS, calibrate, content_free_prior
+from cpt.calibration import CONTENT_FREE_INPUTS, calibrate
+from cpt.infer import content_free_prior
 from cpt.data import Example, Template
 from cpt.infer import classify
 from cpt.metrics import accuracy, macro_f1
@@ -140,7 +141,7 @@ def test_example_spans_cover_the_context_in_order(base_model, tokenizer) -> None
     spans = example_spans(model, len(EXAMPLES))
     assert spans[0][0] == 0 and spans[-1][1] == model.num_virtual_tokens
     assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
-    codes = model.context_codes.tolist()
+    codes = model.context.cpu_codes.tolist()
     for k, (start, stop) in enumerate(spans):
         assert {c for c in codes[start:stop] if c} == {4 * k + 1, 4 * k + 2, 4 * k + 3, 4 * k + 4}
     with pytest.raises(ValueError, match="more than 3"):

@@ -76,9 +76,10 @@ def _checkpoint_step(model: CPTModel, folder: Path) -> int:
     return state.step
 
 
-def _forever(save, start: int) -> None:
+def _forever(save, start: int, started) -> None:  # type: ignore[no-untyped-def]
     """A writer's life: save version after version until killed."""
     torch.set_num_threads(1)
+    started.set()  # the kill's instant counts from here, not from the fork (slow on a loaded machine)
     version = start
     while True:
         save(version)
@@ -101,7 +102,9 @@ def _kill_repeatedly(save, load, path: Path, expected_files: list[str]) -> tuple
     window = 3 * (time.perf_counter() - started)  # kills land anywhere in the first few saves
     last, seen, leftovers = 0, {0}, 0
     for _ in range(KILLS):
-        writer = _fork(_forever, save, last + 1)
+        started = multiprocessing.get_context("fork").Event()
+        writer = _fork(_forever, save, last + 1, started)
+        assert started.wait(timeout=60)
         time.sleep(rng.uniform(0.0, window))
         os.kill(writer.pid, signal.SIGKILL)
         writer.join()

@@ -27,7 +27,7 @@ import torch
 
 EXAMPLE_ROLES: list[int] = [1] * 3 + [2] * 21 + [0] + [3] * 3 + [4] * 2 + [0] * 2
 """Roles of one rendered example of 32 tokens: input template (3), input (21), separator,
-output template (3), label (2), end (2). See SPEC §1."""
+output template (3), label (2), end (2). See docs/method.md."""
 
 EXAMPLE_LEN = len(EXAMPLE_ROLES)  # 32
 CODES_PER_EXAMPLE = 4  # example k of the context uses codes 4k+1 .. 4k+4
@@ -217,7 +217,7 @@ def synthetic_batch(
     seed: int = 1,
     attention_mask: bool = False,
 ) -> dict[str, torch.Tensor | None]:
-    """B samples of one 32-token example each, codes 0..4 unshifted (SPEC §1).
+    """B samples of one 32-token example each, codes 0..4 unshifted (docs/method.md).
 
     Returns:
         ``input_ids`` (B, 32), ``labels`` (= input_ids), ``input_type_mask`` (B, 32) and

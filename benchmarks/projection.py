@@ -1,4 +1,4 @@
-"""How fast is the projection of the CPT offsets onto their L2 balls (SPEC §3)?
+"""How fast is the projection of the CPT offsets onto their L2 balls?
 
 Compares, on the same (N, d) offsets and radii:
 

@@ -62,7 +62,7 @@ def plan(args: argparse.Namespace) -> list[Group]:
         proj.append("--quick")
     if args.suite == "cpu":
         proj += ["--device", "cpu", "--no-compile"]
-    groups = [Group("projection", proj, [], 60.0)]  # first: short, and SPEC §3 has a number for it
+    groups = [Group("projection", proj, [], 60.0)]  # first: short, and it has a target of its own
     for model in dict.fromkeys(c.model for c in cases):
         names = [c.name + (":cpt" if c.cpt_only else "") for c in cases if c.model == model]
         cap = 220.0 if model == "8b" else 150.0
@@ -203,7 +203,7 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
         )
     lines += [
         "",
-        "## Train step and inference (SPEC §5 cases)",
+        "## Train step and inference (the target cases)",
         "",
         "Random Llama-shaped weights, context of N tokens made of 32-token examples, B samples of 32 tokens. "
         "Step = forward + backward + AdamW (+ `project_()` for cpt; PEFT projects inside its forward). "
@@ -214,7 +214,7 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
         "(formula in `benchmarks/speed.py:cpt_step_flops`). cpt graph: the same step with forward and backward "
         "replayed from a CUDA graph (`cpt.graphs.GraphedLoss`, as `train` runs it on CUDA; the capture is a "
         "warm-up call), and inference replayed with `cpt.graphs.GraphedLogits`; \"graphs off\" means the "
-        "capture's check against the eager pass refused it. The last column repeats SPEC §5's H200 numbers.",
+        "capture's check against the eager pass refused it. The last column gives the H200 targets.",
         "",
         speed_bench.results_table(speed) if speed else "(no speed results)\n",
     ]
@@ -225,7 +225,7 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
             f"{big['cpt_train_ms']} ms, {big['cpt_tflops']} TFLOP/s.",
             "",
         ]
-    lines += ["## Projection (SPEC §3: compiled 0.13 ms vs PEFT eager 0.66 ms on H200)", ""]
+    lines += ["## Projection (target on an H200: compiled 0.13 ms vs PEFT eager 0.66 ms)", ""]
     if proj:
         first = proj[0]
         lines += [f"N = {first['N']}, d = {first['d']}, {first['dtype']}, {first['device']}.", ""]

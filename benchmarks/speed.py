@@ -94,7 +94,8 @@ SUITES: dict[str, list[Case]] = {
 }
 LONG_CASE = Case("8b", 16384, 8, cpt_only=True, checkpointing=True)
 
-SPEC_H200 = {  # SPEC §5 (H200, bf16): (PEFT step ms, cpt step ms, PEFT infer ms, cpt cached infer ms)
+# The targets set for these cases on an H200, bf16: (PEFT step ms, cpt step ms, PEFT infer ms, cpt cached infer ms).
+TARGET_H200 = {
     "1b:512:8": (78, 85, 27, 15),
     "1b:512:32": (280, 58, 100, 14),
     "1b:2048:8": (273, 65, 98, 12),
@@ -122,7 +123,7 @@ TABLE_COLUMNS = [
     ("graph_infer_ratio", "graph infer cpt/PEFT"),
     ("loss_rel_diff", "loss rel diff"),
     ("cpt_tflops", "cpt TFLOP/s"),
-    ("spec_h200", "SPEC H200 (PEFT/cpt step; infer)"),
+    ("target_h200", "target H200 (PEFT/cpt step; infer)"),
 ]
 
 
@@ -386,7 +387,7 @@ def run_case(model: torch.nn.Module, case: Case, args: argparse.Namespace) -> di
 
 
 def _derive(record: dict[str, Any], model: torch.nn.Module, context: SyntheticContext, case: Case) -> None:
-    """Ratios, loss agreement, TFLOP/s and the SPEC's H200 numbers for the same case."""
+    """Ratios, loss agreement, TFLOP/s and the H200 targets for the same case."""
     for kind in ("train", "infer"):
         peft_ms = record.get(f"peft_{kind}_ms")
         for prefix in ("", "graph_"):
@@ -405,10 +406,10 @@ def _derive(record: dict[str, Any], model: torch.nn.Module, context: SyntheticCo
         if isinstance(graph_ms, float):
             shared = cpt_step_flops(config, context, case.batch_size, EXAMPLE_LEN, True)
             record["cpt_graph_tflops"] = float(f"{shared / (graph_ms / 1e3) / 1e12:.4g}")
-    spec = SPEC_H200.get(case.name)
+    spec = TARGET_H200.get(case.name)
     if spec is not None:
         peft_step, cpt_step, peft_infer, cpt_infer = spec
-        record["spec_h200"] = f"{peft_step or 'OOM'}/{cpt_step}; {peft_infer}/{cpt_infer}"
+        record["target_h200"] = f"{peft_step or 'OOM'}/{cpt_step}; {peft_infer}/{cpt_infer}"
 
 
 def results_table(records: list[dict[str, Any]]) -> str:

@@ -121,6 +121,17 @@ def sliding_window(config: Any) -> int | None:
     return int(window) if window else None
 
 
+def max_positions(config: Any) -> int | None:
+    """The most positions the model can attend over (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None if its config sets no limit (ALiBi models such as BLOOM)."""
+    text_config = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(text_config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 def hf_checkpointing(model: torch.nn.Module) -> bool:
     """Whether `transformers`' own gradient checkpointing is on (it turns KV caches off)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # 5.24, then 5.17

@@ -636,10 +636,11 @@ def _check_fits(
 ) -> None:
     """Refuses a context of ``context_tokens`` plus the longest example that ``model`` (the base
     model) cannot take in."""
+    from cpt._compat import max_positions
     from cpt.data import render_example
 
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if not limit:
+    limit = max_positions(model.config)
+    if limit is None:
         return
     longest_label = max(labels, key=lambda label: len(tokenizer.encode(label, add_special_tokens=False)))
     longest = max((len(render_example(tokenizer, template, text, longest_label)) for text in texts), default=0)

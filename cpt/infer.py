@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import calibration, passes
+from cpt import _compat, calibration, passes
 from cpt.data import Template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
@@ -482,18 +482,8 @@ def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     return cache
 
 
-def _max_positions(model: CPTModel) -> int | None:
-    """The most positions the base model can attend over, or None if it sets no limit (ALiBi)."""
-    config = model.base_model.config
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
-
-
 def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
-    limit = _max_positions(model)
+    limit = _compat.max_positions(model.base_model.config)
     total = model.num_virtual_tokens + sample_tokens
     if limit is not None and total > limit:
         raise ValueError(
@@ -504,7 +494,7 @@ def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
 
 def _check_generation_fits(model: CPTModel, query_tokens: int, kwargs: dict[str, Any], index: int) -> None:
     """Refuses a generation whose new tokens would pass the model's maximum number of positions."""
-    limit = _max_positions(model)
+    limit = _compat.max_positions(model.base_model.config)
     prompt = model.num_virtual_tokens + query_tokens
     new = kwargs.get("max_new_tokens")
     total = prompt + new if isinstance(new, int) else kwargs.get("max_length")

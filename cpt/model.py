@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt import checkpointing, loss, passes, plan
+from cpt import _compat, checkpointing, loss, passes, plan
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_token_ids
@@ -132,8 +132,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
     Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
 
     Raises:
-        ValueError: if the context does not fit the model (ids outside the vocabulary) or an
-            option is not in the vocabulary.
+        ValueError: if the context does not fit the model (ids outside the vocabulary, more
+            tokens than its positions) or an option is not one of the choices.
     """
 
     context_sharing = plan.Option()
@@ -154,6 +154,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
         self.context = Context(config, passes.input_embeddings(base_model), compile_projection)
+        _check_positions(base_model, self.context.num_tokens, 0)
         self.base_model = base_model
         self.base_model.requires_grad_(False)
         if activation_checkpointing:
@@ -239,9 +240,11 @@ class CPTModel(_TrainerSupport, _Conveniences):
 
         Raises:
             ValueError: on shapes that differ from ``input_ids``, float ids, ids or labels
-                outside the vocabulary, negative type codes, or a batch without any label token.
+                outside the vocabulary, negative type codes, a batch without any label token, or
+                context and samples longer than the model's positions.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        _check_positions(self.base_model, self.num_virtual_tokens, int(input_ids.shape[1]))
         check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
@@ -360,6 +363,23 @@ def _check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
+
+
+def _check_positions(base_model: nn.Module, num_context: int, seq_len: int) -> None:
+    """Refuses a context (and samples of ``seq_len`` tokens after it) longer than the positions the
+    base model has: learned position tables fail with an index error, rotary ones run untrained."""
+    limit = _compat.max_positions(base_model.config)
+    if limit is None or num_context + seq_len <= limit:
+        return
+    if seq_len == 0:
+        raise ValueError(
+            f"the context has {num_context} tokens, more than the model's {limit} positions: "
+            "use fewer or shorter examples"
+        )
+    raise ValueError(
+        f"the context ({num_context} tokens) and samples of {seq_len} tokens need {num_context + seq_len} "
+        f"positions, more than the model's {limit}: use fewer or shorter examples"
+    )
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cpt import distributed, graphs
+from cpt import _compat, distributed, graphs
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
@@ -206,8 +206,9 @@ def train(
 
     Raises:
         ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a context
-            that cannot be trained (`cpt.config.check_trainable`), or a checkpoint that does not
-            match the model, the dataset or the config.
+            that cannot be trained (`cpt.config.check_trainable`), a sample that does not fit after
+            the context in the model's positions, or a checkpoint that does not match the model,
+            the dataset or the config.
         cpt.numerics.NonFiniteError: at the first step whose loss or gradient is NaN or infinite.
     """
     start_time = time.perf_counter()
@@ -219,6 +220,7 @@ def train(
     if num_samples == 0:
         raise ValueError("dataset is empty: nothing to train on")
     check_trainable(model.config)  # a row to train, and labels the loss can target
+    _check_samples_fit(model, dataset)
 
     model.eval()  # the base model is frozen: no dropout; delta still gets its gradient
     if config.shard_base_model and distributed.world_size() > 1:
@@ -454,6 +456,23 @@ def _save_on_main(
     if distributed.is_main():
         save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
     distributed.barrier()
+
+
+def _check_samples_fit(model: CPTModel, dataset: Sequence[Any]) -> None:
+    """Refuses, before the first step, a sample that would not fit after the context in the base
+    model's positions, naming it (the forward pass would refuse it only when its batch comes)."""
+    limit = _compat.max_positions(model.base_model.config)
+    samples = getattr(dataset, "samples", None)  # a CPTDataset: rendered once, lengths at hand
+    if limit is None or not isinstance(samples, Sequence):
+        return
+    n = model.num_virtual_tokens
+    for i, sample in enumerate(samples):
+        length = len(getattr(sample, "input_ids", ()))
+        if n + length > limit:
+            raise ValueError(
+                f"training sample {i} has {length} tokens: after the context of {n} tokens it needs "
+                f"{n + length} positions, more than the model's {limit}; use fewer or shorter examples"
+            )
 
 
 def _seed_everything(seed: int) -> None:

@@ -46,6 +46,46 @@ def test_generation_past_the_models_positions(arch: str) -> None:
     assert len(generate(model, tokenizer, ["good"], max_new_tokens=2, do_sample=False)) == 1
 
 
+def _with_positions(arch: str, limit: int) -> torch.nn.Module:
+    base_model = make_model(arch)
+    setattr(base_model.config, "n_positions" if arch == "gpt2" else "max_position_embeddings", limit)
+    return base_model
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary and learned positions
+def test_context_and_samples_past_the_models_positions(arch: str) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    config = build_context(tokenizer, [Example(t, label) for t, label in EXAMPLES])
+    n = config.num_virtual_tokens
+    with pytest.raises(ValueError, match=rf"the context has {n} tokens, more than the model's {n - 1} positions"):
+        CPTModel(_with_positions(arch, n - 1), config)
+
+    model = CPTModel(_with_positions(arch, n + 4), config)
+    ids = torch.full((2, 5), 5)
+    with pytest.raises(ValueError, match=rf"samples of 5 tokens need {n + 5} positions, more than the model's {n + 4}"):
+        model(ids, labels=ids)
+    with pytest.raises(ValueError, match="more than the model's"):
+        model(ids)
+    assert model(ids[:, :4], labels=ids[:, :4]).loss.isfinite()  # exactly at the limit
+
+
+def test_fit_names_the_training_sample_past_the_positions() -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    n = build_context(tokenizer, [Example(t, label) for t, label in EXAMPLES]).num_virtual_tokens
+    long_text = " ".join(["good movie"] * 20)
+    with pytest.raises(ValueError, match=rf"training sample 2 has \d+ tokens: after the context of {n} tokens"):
+        fit(_with_positions("gpt2", n + 12), tokenizer, EXAMPLES, train_examples=[*EXAMPLES, (long_text, "positive")],
+            train_config=TrainConfig(epochs=1, progress=False), selection=None)
+
+
+def test_a_model_without_a_position_limit_takes_any_length() -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    config = build_context(tokenizer, [Example(t, label) for t, label in EXAMPLES])
+    model = CPTModel(make_model("bloom"), config)  # ALiBi: no max_position_embeddings
+    ids = torch.full((1, 600), 5)
+    assert model(ids, labels=ids).loss.isfinite()
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -376,7 +376,7 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
     it stays there (its writer died), the complete old folder it moved aside is read.
 
     Raises:
-        ValueError: ``no <what> folder at <path>``, or what ``read`` raised on an unchanged
+        ValueError: ``no <what> folder at <path>`` (or ``<path> is a file``), or what ``read`` raised on an unchanged
             folder (an OSError turned into ``cannot read <what> <path>: ...``).
     """
     path = Path(path)
@@ -387,6 +387,8 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
         except (FileNotFoundError, NotADirectoryError):
             aside = sibling_names(path, OLD_TAG)
             if not aside or source != path:
+                if path.is_file():
+                    raise ValueError(f"{path} is a file, but {what}s are saved as folders") from None
                 raise ValueError(f"no {what} folder at {path}") from None
             if attempt < 3:
                 time.sleep(0.01 * 2**attempt)  # a fallback swap between its two renames

@@ -68,6 +68,9 @@ def test_missing_and_foreign_folders(tmp_path) -> None:
         CPTModel.from_pretrained(make_model("llama"), tmp_path / "nope")
     with pytest.raises(ValueError, match="holds no adapter"):
         CPTModel.from_pretrained(make_model("llama"), tmp_path)
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="weights.safetensors is a file, but adapters are saved as folders"):
+        CPTModel.from_pretrained(make_model("llama"), tmp_path / "weights.safetensors")
 
 
 def test_mismatched_model_is_named(trained: CPTModel, tmp_path) -> None:

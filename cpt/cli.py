@@ -260,6 +260,11 @@ def _train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=1, help="samples per step")
     parser.add_argument("--format", choices=("cpt", "peft"), default="cpt", help="the adapter's layout (peft: PEFT's, without the label set)")
+    parser.add_argument(
+        "--selection", choices=("leave-one-out", "none"), default="leave-one-out",
+        help="the context kept: the best of the untrained one and 4 points of the run by leave-one-out over "
+        "the context's examples (with 2 or more per label), or the last (none)",
+    )
     _progress_arg(parser)
 
 
@@ -305,7 +310,8 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     cpt_model, result = fit(
-        model, tokenizer, context, template=template, labels=data.labels, train_config=_train_config(args)
+        model, tokenizer, context, template=template, labels=data.labels, train_config=_train_config(args),
+        selection=_selection(args),
     )
     train_time = time.perf_counter() - t0
     t0 = time.perf_counter()
@@ -369,6 +375,7 @@ def _run_train(args: argparse.Namespace) -> int:
         train_config=_train_config(args, checkpoint_every=checkpoint_every),
         checkpoint_dir=args.checkpoint_dir,
         resume_from=resume_from,
+        selection=_selection(args),
         opt_projection_epsilon=args.epsilon,
         opt_projection_format_epsilon=args.format_epsilon,
         opt_weighted_loss_type=args.loss,
@@ -629,6 +636,10 @@ def _train_config(args: argparse.Namespace, checkpoint_every: int | None = None)
         progress=not args.no_progress,
         shard_base_model=getattr(args, "shard_base_model", False),  # `cpt train` only
     )
+
+
+def _selection(args: argparse.Namespace) -> str | None:
+    return None if args.selection == "none" else args.selection
 
 
 def _check_fits(

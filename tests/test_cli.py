@@ -381,3 +381,23 @@ def test_help_imports_neither_torch_nor_transformers() -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(("option", "expected"), [([], "leave-one-out"), (["--selection", "none"], None)])
+def test_train_passes_the_selection_to_fit(
+    option: list[str], expected: str | None, model_dir: Path, data_file: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import cpt.workflow
+
+    real_fit, seen = cpt.workflow.fit, []
+
+    def recording_fit(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(kwargs["selection"])
+        return real_fit(*args, **kwargs)
+
+    monkeypatch.setattr(cpt.workflow, "fit", recording_fit)
+    status = main([
+        "train", "--model", str(model_dir), "--data", str(data_file), "--per-class", "2", "--output",
+        str(tmp_path / "a"), "--max-steps", "2", "--no-progress", "--device", "cpu", "--test", "4", *option,
+    ])
+    assert status == 0 and seen == [expected]

@@ -510,11 +510,57 @@ def targets(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+PAIRED = (("icl", "ICL"), ("icl-cal", "ICL+cal"), ("zero-shot", "zero-shot"))
+"""What `paired_table` compares CPT with."""
+
+
+def paired_table(records: list[dict[str, Any]]) -> str:
+    """CPT's accuracy minus each baseline's on the same seed (same test set, same context), in
+    points: mean ± std over the seeds where both ran, and on how many seeds CPT was ahead; then
+    the mean of the cells' means per K and over every cell."""
+    runs = [r for r in records if "accuracy" in r]
+    by_key = {(r["dataset"], r["K"], r["seed"], r["method"]): r["accuracy"] for r in runs}
+    order = {name: i for i, name in enumerate(dict.fromkeys(r["dataset"] for r in runs))}
+    cells = sorted({(r["dataset"], r["K"]) for r in runs if r["method"] == "cpt"}, key=lambda c: (order[c[0]], c[1]))
+    header = "| data set | K | " + " | ".join(f"CPT - {name}" for _, name in PAIRED) + " | CPT ahead of ICL |"
+    lines = [header, "|" + "---|" * (len(PAIRED) + 3)]
+    means: dict[str, list[tuple[int, float]]] = {method: [] for method, _ in PAIRED}
+    for dataset, k in cells:
+        seeds = sorted(seed for (d, kk, seed, m) in by_key if (d, kk, m) == (dataset, k, "cpt"))
+        columns = []
+        for method, _ in PAIRED:
+            base_k = 0 if method == "zero-shot" else k
+            diffs = [by_key[(dataset, k, s, "cpt")] - by_key[(dataset, base_k, s, method)]
+                     for s in seeds if (dataset, base_k, s, method) in by_key]
+            columns.append(_signed_mean_std(diffs))
+            if diffs:
+                means[method].append((k, statistics.fmean(diffs)))
+        icl = [by_key[(dataset, k, s, "cpt")] - by_key[(dataset, k, s, "icl")] for s in seeds if (dataset, k, s, "icl") in by_key]
+        ahead = f"{sum(d > 0 for d in icl)} of {len(icl)}" if icl else "-"
+        lines.append(f"| {dataset} | {k} | " + " | ".join(columns) + f" | {ahead} |")
+    for k in sorted({k for _, k in cells}) + [None]:
+        name = "all cells" if k is None else f"mean over sets, K = {k}"
+        columns = []
+        for method, _ in PAIRED:
+            values = [m for kk, m in means[method] if k is None or kk == k]
+            columns.append(_signed_mean_std([statistics.fmean(values)]) if values else "-")
+        lines.append(f"| {name} | | " + " | ".join(columns) + " | |")
+    return "\n".join(lines) + "\n"
+
+
+def _signed_mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = round(100 * statistics.fmean(values), 1) + 0.0  # no "-0.0"
+    return f"{mean:+.1f}" if len(values) == 1 else f"{mean:+.1f} ± {100 * statistics.stdev(values):.1f}"
+
+
 def report(records: list[dict[str, Any]], methods: Sequence[str]) -> str:
-    """Accuracy and macro-F1 tables and the targets, in markdown."""
+    """Accuracy and macro-F1 tables, CPT's paired gains and the targets, in markdown."""
     return (
         "### Accuracy (%)\n\n" + markdown_table(records, methods)
         + "\n### Macro-F1 (%)\n\n" + markdown_table(records, methods, "macro_f1")
+        + "\n### CPT against each baseline, seed by seed (accuracy points)\n\n" + paired_table(records)
         + "\n### Targets\n\n" + targets(records)
     )
 

@@ -158,3 +158,18 @@ def test_markdown_table_shows_mean_and_std_over_seeds() -> None:
     ]
     table = accuracy.markdown_table(records, ["zero-shot", "icl"])
     assert "| d | 2 | 60.0 ± 14.1 | 70.0 ± 14.1 | 2 | 10 |" in table
+
+
+def test_paired_table_compares_cpt_with_each_baseline_on_the_same_seed() -> None:
+    def run(dataset, k, seed, method, acc):
+        return {"dataset": dataset, "K": k, "seed": seed, "method": method, "accuracy": acc, "n_test": 10}
+
+    records = [run("a", 0, 0, "zero-shot", 0.5), run("a", 0, 1, "zero-shot", 0.3)]
+    records += [run("a", 2, 0, "icl", 0.6), run("a", 2, 1, "icl", 0.4), run("a", 2, 2, "icl", 0.9)]
+    records += [run("a", 2, 0, "cpt", 0.7), run("a", 2, 1, "cpt", 0.3)]  # seed 2: no CPT, not paired
+    records += [run("b", 1, 0, "icl", 0.5), run("b", 1, 0, "cpt", 0.6), run("b", 1, 0, "icl-cal", 0.8)]
+    table = accuracy.paired_table(records)
+    assert "| a | 2 | +0.0 ± 14.1 | - | +10.0 ± 14.1 | 1 of 2 |" in table  # (+10, -10); (+20, +0)
+    assert "| b | 1 | +10.0 | -20.0 | - | 1 of 1 |" in table
+    assert "| mean over sets, K = 2 | | +0.0 | - | +10.0 | |" in table
+    assert "| all cells | | +5.0 | -20.0 | +10.0 | |" in table

@@ -208,7 +208,9 @@ def load_checkpoint(
         epoch=meta["epoch"],
         position=meta["position"],
         losses=[float(x) for x in meta["losses"]],
-        eval_history=[{k: _float_from_json(v) if k != "step" else v for k, v in e.items()} for e in meta["eval_history"]],
+        eval_history=[
+            {k: _float_from_json(v) if k != "step" else v for k, v in e.items()} for e in meta["eval_history"]
+        ],
     )
 
 
@@ -284,7 +286,8 @@ def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
     for name in ORDER_FIELDS:
         minimum = 0 if name == "seed" else 1
         if not is_int(config.get(name)) or config[name] < minimum:
-            raise ValueError(f"{where}: field 'config.{name}' must be an integer >= {minimum}, got {show(config.get(name))}")
+            got = show(config.get(name))
+            raise ValueError(f"{where}: field 'config.{name}' must be an integer >= {minimum}, got {got}")
     for name, minimum in (("step", 0), ("epoch", 0), ("position", 0), ("num_samples", 1)):
         value = meta.get(name)
         if not is_int(value) or value < minimum:
@@ -349,7 +352,8 @@ def _check_rng(tensors: dict[str, torch.Tensor], python_rng: Any, tensors_path: 
     for key in sorted(k for k in tensors if k.startswith("rng.")):
         tensor = tensors[key]
         if tensor.dtype != torch.uint8 or tensor.dim() != 1:
-            raise ValueError(f"{tensors_path}: tensor {key!r} must be a 1-D uint8 tensor, got {tensor.dtype} {tuple(tensor.shape)}")
+            got = f"{tensor.dtype} {tuple(tensor.shape)}"
+            raise ValueError(f"{tensors_path}: tensor {key!r} must be a 1-D uint8 tensor, got {got}")
     if "rng.torch" not in tensors or tensors["rng.torch"].shape != expected.shape:
         shape = tuple(tensors["rng.torch"].shape) if "rng.torch" in tensors else None
         raise ValueError(f"{tensors_path}: tensor 'rng.torch' must have shape {tuple(expected.shape)}, got {shape}")

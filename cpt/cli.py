@@ -256,10 +256,15 @@ def _label_names_arg(parser: argparse.ArgumentParser) -> None:
 def _train_args(parser: argparse.ArgumentParser) -> None:
     defaults = TRAIN_DEFAULTS
     parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training examples")
-    parser.add_argument("--max-steps", type=_int_at_least(1), default=None, help="exact number of optimizer steps (overrides --epochs)")
+    parser.add_argument(
+        "--max-steps", type=_int_at_least(1), default=None, help="exact number of optimizer steps (overrides --epochs)"
+    )
     parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
     parser.add_argument("--batch-size", type=_int_at_least(1), default=1, help="samples per step")
-    parser.add_argument("--format", choices=("cpt", "peft"), default="cpt", help="the adapter's layout (peft: PEFT's, without the label set)")
+    parser.add_argument(
+        "--format", choices=("cpt", "peft"), default="cpt",
+        help="the adapter's layout (peft: PEFT's, without the label set)",
+    )
     parser.add_argument(
         "--selection", choices=("leave-one-out", "none"), default="leave-one-out",
         help="the context kept: the best of the untrained one and 4 points of the run by leave-one-out over "

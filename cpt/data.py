@@ -297,7 +297,8 @@ def build_context(
     known = {f.name for f in fields(CPTConfig) if f.init}
     unknown = sorted(set(config_kwargs) - known)
     if unknown:
-        raise ValueError(f"unknown CPTConfig option {unknown[0]!r}; the options are {sorted(known - set(_CONTEXT_FIELDS))}")
+        options = sorted(known - set(_CONTEXT_FIELDS))
+        raise ValueError(f"unknown CPTConfig option {unknown[0]!r}; the options are {options}")
     clashing = [name for name in _CONTEXT_FIELDS if name in config_kwargs]
     if clashing:
         raise ValueError(

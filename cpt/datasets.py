@@ -180,8 +180,9 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
         ValueError: on an unknown name (listing the known ones), a missing, unreadable or
             over-large (1 GiB) file, a malformed JSONL line or CSV row (with its 1-based line
             number: bad JSON, JSON nested too deeply, a CSV row with more or fewer fields than the
-            header), missing columns or keys, a header naming a column twice, an empty data set, or a cached file that holds anything but ``([text], index)`` pairs
-            (a pickled global included).
+            header), missing columns or keys, a header naming a column twice, an empty data set,
+            or a cached file that holds anything but ``([text], index)`` pairs (a pickled global
+            included).
         ImportError: for a built-in set when ``StaICC`` is not installed, giving the pip command.
     """
     name = str(name_or_path)

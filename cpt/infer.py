@@ -222,8 +222,9 @@ def generate(
         ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
             replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
             has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
-            ``max_length``), do not fit the model's maximum number of positions (naming the text), or a text renders to no query tokens while the
-            context's last token carries a trained embedding.
+            ``max_length``), do not fit the model's maximum number of positions (naming the text),
+            or a text renders to no query tokens while the context's last token carries a trained
+            embedding.
     """
     texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
     reserved = {"input_ids", "inputs", "inputs_embeds", "attention_mask", "cache", "past_key_values"}

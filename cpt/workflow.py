@@ -149,7 +149,8 @@ def fit(
         selector = LeaveOneOut(tokenizer, context, label_set, template)
         first = {"step": 0, **selector(model)}
         if config.eval_every is None:
-            config = replace(config, eval_every=max(1, math.ceil(_total_steps(config, len(dataset)) / SELECTION_POINTS)))
+            every = math.ceil(_total_steps(config, len(dataset)) / SELECTION_POINTS)
+            config = replace(config, eval_every=max(1, every))
         eval_fn = _both(selector, eval_fn)
     result = train(
         model,

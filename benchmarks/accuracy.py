@@ -477,18 +477,24 @@ def markdown_table(records: list[dict[str, Any]], methods: Sequence[str], metric
 def targets(records: list[dict[str, Any]]) -> str:
     """The issue's targets, measured on the cells (data set, K) where CPT and ICL both ran.
 
-    Differences are of means over the seeds each method ran, in accuracy points.
+    A cell's difference is the mean over its seeds of CPT's accuracy minus the other method's on
+    the same seed (seeds where only one of the two ran are left out), in accuracy points.
     """
     runs = [r for r in records if "accuracy" in r]
+    by_key = {(r["dataset"], r["K"], r["seed"], r["method"]): r["accuracy"] for r in runs}
     cells = sorted({(r["dataset"], r["K"]) for r in runs if r["method"] == "cpt"})
+
+    def paired(dataset: str, k: int, method: str) -> float | None:
+        return _mean([cpt - by_key[(d, kk, s, method)] for (d, kk, s, m), cpt in by_key.items()
+                      if (d, kk, m) == (dataset, k, "cpt") and (d, kk, s, method) in by_key])
+
     rows = []
     for dataset, k in cells:
-        mean = {m: _mean(_accuracies(runs, dataset, k, m)) for m in ("icl", "icl-cal", "cpt")}
-        if mean["cpt"] is None or mean["icl"] is None:
+        against_icl = paired(dataset, k, "icl")
+        if against_icl is None:
             continue
         labels = next((r.get("labels") for r in runs if r["dataset"] == dataset and "labels" in r), None)
-        rows.append((dataset, k, labels, mean["cpt"] - mean["icl"],
-                     None if mean["icl-cal"] is None else mean["cpt"] - mean["icl-cal"]))
+        rows.append((dataset, k, labels, against_icl, paired(dataset, k, "icl-cal")))
     if not rows:
         return "No cell has both CPT and ICL.\n"
     gains = [r[3] for r in rows]
@@ -496,7 +502,7 @@ def targets(records: list[dict[str, Any]]) -> str:
     against_cal = [r[4] for r in rows if r[4] is not None]
     binary = [r[3] for r in rows if r[2] == 2]
     lines = [
-        f"Over {len(rows)} cells (data set, K); accuracy points, CPT minus the other method's mean over seeds.",
+        f"Over {len(rows)} cells (data set, K); accuracy points, CPT minus the other method on the same seeds.",
         "",
         "| measure | target | measured |",
         "|---|---|---|",

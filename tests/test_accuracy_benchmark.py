@@ -118,6 +118,7 @@ def test_targets_compare_cpt_with_icl_per_cell() -> None:
 
     records = [run("a", 1, s, "icl", 0.5) for s in (0, 1)] + [run("a", 1, s, "cpt", 0.7) for s in (0, 1)]
     records += [run("b", 1, 0, "icl", 0.6, 4), run("b", 1, 0, "cpt", 0.5, 4), run("b", 1, 0, "icl-cal", 0.4, 4)]
+    records.append(run("a", 1, 2, "icl", 0.0))  # a seed CPT has not run yet: not compared
     text = accuracy.targets(records)
     assert "| CPT - ICL, mean over cells | >= +10 | +5.0 |" in text
     assert "| worst cell, CPT - ICL | >= -2 | -10.0 (b, K = 1) |" in text

@@ -520,12 +520,12 @@ PAIRED = (("icl", "ICL"), ("icl-cal", "ICL+cal"), ("zero-shot", "zero-shot"))
 """What `paired_table` compares CPT with."""
 
 
-def paired_table(records: list[dict[str, Any]]) -> str:
-    """CPT's accuracy minus each baseline's on the same seed (same test set, same context), in
+def paired_table(records: list[dict[str, Any]], metric: str = "accuracy") -> str:
+    """CPT's ``metric`` minus each baseline's on the same seed (same test set, same context), in
     points: mean ± std over the seeds where both ran, and on how many seeds CPT was ahead; then
     the mean of the cells' means per K and over every cell."""
-    runs = [r for r in records if "accuracy" in r]
-    by_key = {(r["dataset"], r["K"], r["seed"], r["method"]): r["accuracy"] for r in runs}
+    runs = [r for r in records if metric in r]
+    by_key = {(r["dataset"], r["K"], r["seed"], r["method"]): r[metric] for r in runs}
     order = {name: i for i, name in enumerate(dict.fromkeys(r["dataset"] for r in runs))}
     cells = sorted({(r["dataset"], r["K"]) for r in runs if r["method"] == "cpt"}, key=lambda c: (order[c[0]], c[1]))
     header = "| data set | K | " + " | ".join(f"CPT - {name}" for _, name in PAIRED) + " | CPT ahead of ICL |"
@@ -567,6 +567,7 @@ def report(records: list[dict[str, Any]], methods: Sequence[str]) -> str:
         "### Accuracy (%)\n\n" + markdown_table(records, methods)
         + "\n### Macro-F1 (%)\n\n" + markdown_table(records, methods, "macro_f1")
         + "\n### CPT against each baseline, seed by seed (accuracy points)\n\n" + paired_table(records)
+        + "\n### The same in macro-F1 points\n\n" + paired_table(records, "macro_f1")
         + "\n### Targets\n\n" + targets(records)
     )
 

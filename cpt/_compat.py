@@ -132,6 +132,25 @@ def max_positions(config: Any) -> int | None:
     return None
 
 
+def check_positions(config: Any, context_tokens: int, sample_tokens: int = 0, what: str = "samples") -> None:
+    """Refuses a context of ``context_tokens``, followed by ``what`` of ``sample_tokens`` tokens,
+    that needs more positions than the model has: learned position tables fail with an index
+    error, rotary ones run on positions they were never trained on. One message for every caller."""
+    limit = max_positions(config)
+    total = context_tokens + sample_tokens
+    if limit is None or total <= limit:
+        return
+    if sample_tokens == 0:
+        raise ValueError(
+            f"the context has {context_tokens} tokens, more than the model's {limit} positions: "
+            "use fewer or shorter examples"
+        )
+    raise ValueError(
+        f"{what} ({sample_tokens} tokens) and the context ({context_tokens} tokens) need {total} positions, "
+        f"more than the model's {limit}: use fewer or shorter examples in the context, or shorter inputs"
+    )
+
+
 def hf_checkpointing(model: torch.nn.Module) -> bool:
     """Whether `transformers`' own gradient checkpointing is on (it turns KV caches off)."""
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # 5.24, then 5.17

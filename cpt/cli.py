@@ -652,20 +652,15 @@ def _check_fits(
 ) -> None:
     """Refuses a context of ``context_tokens`` plus the longest example that ``model`` (the base
     model) cannot take in."""
-    from cpt._compat import max_positions
+    from cpt._compat import check_positions
     from cpt.data import render_example
 
-    limit = max_positions(model.config)
-    if limit is None:
-        return
     longest_label = max(labels, key=lambda label: len(tokenizer.encode(label, add_special_tokens=False)))
     longest = max((len(render_example(tokenizer, template, text, longest_label)) for text in texts), default=0)
-    total = context_tokens + longest
-    if total > limit:
-        raise CLIError(
-            f"the context ({context_tokens} tokens) plus the longest example ({longest} tokens) "
-            f"is longer than the model's maximum length of {limit} tokens: use fewer or shorter examples"
-        )
+    try:
+        check_positions(model.config, context_tokens, longest, "the longest example")
+    except ValueError as error:
+        raise CLIError(str(error)) from None
 
 
 def _accuracy(predictions: Sequence[str], gold: Sequence[str]) -> float:

@@ -130,8 +130,8 @@ def classify(
     continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
     longest = max(len(ids) for ids in continuations)
     for i, query in enumerate(queries):
-        what = f"text {i} (query of {len(query)} tokens + continuation of up to {longest})"
-        _check_fits(model, len(query) + longest, what)
+        what = f"text {i} with the longest label"
+        _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(query) + longest, what)
 
     how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None
@@ -250,7 +250,7 @@ def generate(
     outputs: list[str] = []
     for i, text in enumerate(texts):
         query = render_query(tokenizer, template, text).input_ids
-        _check_fits(model, len(query), f"text {i} (query of {len(query)} tokens)")
+        _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(query), f"text {i}")
         _check_generation_fits(model, len(query), generation_kwargs, i)
         cached = n
         if not query:
@@ -481,16 +481,6 @@ def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
             f"{model.num_virtual_tokens}; build it with model.build_context_cache()"
         )
     return cache
-
-
-def _check_fits(model: CPTModel, sample_tokens: int, what: str) -> None:
-    limit = _compat.max_positions(model.base_model.config)
-    total = model.num_virtual_tokens + sample_tokens
-    if limit is not None and total > limit:
-        raise ValueError(
-            f"{what} after the context of {model.num_virtual_tokens} tokens needs {total} "
-            f"positions, more than the model's {limit}"
-        )
 
 
 def _check_generation_fits(model: CPTModel, query_tokens: int, kwargs: dict[str, Any], index: int) -> None:

@@ -154,7 +154,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
         self.context = Context(config, passes.input_embeddings(base_model), compile_projection)
-        _check_positions(base_model, self.context.num_tokens, 0)
+        _compat.check_positions(base_model.config, self.context.num_tokens)
         self.base_model = base_model
         self.base_model.requires_grad_(False)
         if activation_checkpointing:
@@ -244,7 +244,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
                 context and samples longer than the model's positions.
         """
         _check_batch(input_ids, attention_mask, labels, input_type_mask)
-        _check_positions(self.base_model, self.num_virtual_tokens, int(input_ids.shape[1]))
+        _compat.check_positions(self.base_model.config, self.num_virtual_tokens, int(input_ids.shape[1]))
         check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
@@ -363,23 +363,6 @@ def _check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
-
-
-def _check_positions(base_model: nn.Module, num_context: int, seq_len: int) -> None:
-    """Refuses a context (and samples of ``seq_len`` tokens after it) longer than the positions the
-    base model has: learned position tables fail with an index error, rotary ones run untrained."""
-    limit = _compat.max_positions(base_model.config)
-    if limit is None or num_context + seq_len <= limit:
-        return
-    if seq_len == 0:
-        raise ValueError(
-            f"the context has {num_context} tokens, more than the model's {limit} positions: "
-            "use fewer or shorter examples"
-        )
-    raise ValueError(
-        f"the context ({num_context} tokens) and samples of {seq_len} tokens need {num_context + seq_len} "
-        f"positions, more than the model's {limit}: use fewer or shorter examples"
-    )
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:

@@ -461,18 +461,12 @@ def _save_on_main(
 def _check_samples_fit(model: CPTModel, dataset: Sequence[Any]) -> None:
     """Refuses, before the first step, a sample that would not fit after the context in the base
     model's positions, naming it (the forward pass would refuse it only when its batch comes)."""
-    limit = _compat.max_positions(model.base_model.config)
     samples = getattr(dataset, "samples", None)  # a CPTDataset: rendered once, lengths at hand
-    if limit is None or not isinstance(samples, Sequence):
+    if not isinstance(samples, Sequence):
         return
-    n = model.num_virtual_tokens
     for i, sample in enumerate(samples):
         length = len(getattr(sample, "input_ids", ()))
-        if n + length > limit:
-            raise ValueError(
-                f"training sample {i} has {length} tokens: after the context of {n} tokens it needs "
-                f"{n + length} positions, more than the model's {limit}; use fewer or shorter examples"
-            )
+        _compat.check_positions(model.base_model.config, model.num_virtual_tokens, length, f"training sample {i}")
 
 
 def _seed_everything(seed: int) -> None:

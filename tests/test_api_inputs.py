@@ -62,7 +62,8 @@ def test_context_and_samples_past_the_models_positions(arch: str) -> None:
 
     model = CPTModel(_with_positions(arch, n + 4), config)
     ids = torch.full((2, 5), 5)
-    with pytest.raises(ValueError, match=rf"samples of 5 tokens need {n + 5} positions, more than the model's {n + 4}"):
+    needs = rf"samples \(5 tokens\) and the context \({n} tokens\) need {n + 5} positions, more than the model's {n + 4}"
+    with pytest.raises(ValueError, match=needs):
         model(ids, labels=ids)
     with pytest.raises(ValueError, match="more than the model's"):
         model(ids)
@@ -73,7 +74,7 @@ def test_fit_names_the_training_sample_past_the_positions() -> None:
     tokenizer = make_wordlevel_tokenizer()
     n = build_context(tokenizer, [Example(t, label) for t, label in EXAMPLES]).num_virtual_tokens
     long_text = " ".join(["good movie"] * 20)
-    with pytest.raises(ValueError, match=rf"training sample 2 has \d+ tokens: after the context of {n} tokens"):
+    with pytest.raises(ValueError, match=rf"training sample 2 \(\d+ tokens\) and the context \({n} tokens\) need"):
         fit(_with_positions("gpt2", n + 12), tokenizer, EXAMPLES, train_examples=[*EXAMPLES, (long_text, "positive")],
             train_config=TrainConfig(epochs=1, progress=False), selection=None)
 

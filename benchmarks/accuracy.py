@@ -74,6 +74,7 @@ if __package__ in (None, ""):  # run as a file: make `cpt` importable from the c
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cpt import CPTConfig, CPTModel, Template, TrainConfig, build_context, classify, fit  # noqa: E402
+from cpt.cli import HelpFormatter  # noqa: E402
 from cpt.data import CPTCollator, CPTDataset, Example  # noqa: E402
 from cpt.metrics import accuracy, macro_f1  # noqa: E402
 from cpt.train import epoch_order  # noqa: E402
@@ -642,7 +643,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.accuracy",
         description="Test accuracy of zero-shot, ICL, CPT (cpt.fit) and PEFT's CPT on StaICC data "
         "with the default model (SmolLM2-135M), K examples per class as the context.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--half", choices=list(HALVES), default="report",
                         help=f"which sets: dev = {' '.join(DEV_SETS)}; report = {' '.join(REPORT_SETS)}")

@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(USAGE_ERROR)
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default after its help, except where there is nothing to show."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -119,13 +119,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="cpt",
         description="Context-aware Prompt Tuning (arXiv 2410.17222) for Hugging Face causal LMs.",
-        formatter_class=_HelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+        return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
     demo = command(
         "demo",

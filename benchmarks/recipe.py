@@ -42,13 +42,18 @@ from cpt.workflow import CONTEXT_DEFAULTS  # noqa: E402
 
 N_TEST = 100  # the benchmark's test draw, skipped here so its examples stay unseen
 
-# name: (learning rate, steps: "E*n" epochs or a number, input/format epsilon, loss type, checkpoints)
+# name: learning rate, "steps" (a number) or "epochs" (over the n context examples), input/format epsilon,
+# loss type, and how many points along the run are measured
 SETTINGS: dict[str, dict[str, Any]] = {
     "old-default": {"lr": 1e-4, "epochs": 5, "eps": (0.2, 0.1), "loss": "decay", "points": 1},
     "lr1e-3": {"lr": 1e-3, "steps": 48, "eps": (1.0, 0.5), "loss": "decay", "points": 4},
     "lr1e-3-nodecay": {"lr": 1e-3, "steps": 48, "eps": (1.0, 0.5), "loss": "none", "points": 4},
     "lr3e-3": {"lr": 3e-3, "steps": 48, "eps": (1.0, 0.5), "loss": "decay", "points": 4},
     "lr1e-3-eps0.2": {"lr": 1e-3, "steps": 48, "eps": (0.2, 0.1), "loss": "decay", "points": 4},
+    # fit's defaults (10 epochs over the context's n examples), seen at 5 points; and the same with
+    # half the radii: what one example per label wants (the report half's weakest K)
+    "fit-default": {"lr": 1e-3, "epochs": 10, "eps": (1.0, 0.5), "loss": "decay", "points": 5},
+    "fit-eps0.5": {"lr": 1e-3, "epochs": 10, "eps": (0.5, 0.25), "loss": "decay", "points": 5},
 }
 
 
@@ -148,11 +153,16 @@ def summary(records: list[dict[str, Any]]) -> str:
             continue
         choices: dict[str, list[dict[str, float]]] = {"ICL (step 0)": [r["trajectory"][0] for r in runs]}
         steps = sorted({p["step"] for r in runs for p in r["trajectory"] if p["step"]})
+        lengths = {len(r["trajectory"]) for r in runs}
         if len(steps) <= 6:
             for step in steps:
                 points = [next((p for p in r["trajectory"] if p["step"] == step), None) for r in runs]
                 if all(points):
                     choices[f"step {step}"] = points  # type: ignore[assignment]
+        elif len(lengths) == 1:  # runs of different lengths (steps scale with n): the same fraction of each
+            last = lengths.pop() - 1
+            for i in range(1, last + 1):
+                choices[f"{i}/{last} of the steps"] = [r["trajectory"][i] for r in runs]
         choices["last"] = [r["trajectory"][-1] for r in runs]
         choices["LOO"] = [max(r["trajectory"], key=lambda p: (p["loo_log_prob"], -p["step"])) for r in runs]
         # fit's rule: leave-one-out only with 2 or more examples of every label, else the last

@@ -186,8 +186,7 @@ def _label_set(labels: Sequence[str]) -> list[str]:
 def _every_label_twice(context: Sequence[Example]) -> bool:
     """Whether leaving any one example out keeps its label in the context: without that, the
     held-out example's label is missing from what it is scored against, and the score says
-    nothing about the trained context (on trec with 1 example per label, it chose the untrained
-    context, 25 points below the trained one on validation data)."""
+    nothing about the trained context (docs/tuning.md has the measurement)."""
     counts: dict[str, int] = {}
     for example in context:
         counts[example.label] = counts.get(example.label, 0) + 1

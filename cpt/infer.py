@@ -129,9 +129,9 @@ def classify(
     queries = [render_query(tokenizer, template, text).input_ids for text in texts]
     continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
     longest = max(len(ids) for ids in continuations)
-    for i, query in enumerate(queries):
-        what = f"text {i} with the longest label"
-        _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(query) + longest, what)
+    i = max(range(len(queries)), key=lambda j: len(queries[j]))  # the first of the longest texts
+    what = f"text {i} with the longest label"
+    _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(queries[i]) + longest, what)
 
     how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None

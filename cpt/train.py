@@ -460,13 +460,15 @@ def _save_on_main(
 
 def _check_samples_fit(model: CPTModel, dataset: Sequence[Any]) -> None:
     """Refuses, before the first step, a sample that would not fit after the context in the base
-    model's positions, naming it (the forward pass would refuse it only when its batch comes)."""
+    model's positions, naming the longest (the forward pass would refuse it only when its batch
+    comes)."""
     samples = getattr(dataset, "samples", None)  # a CPTDataset: rendered once, lengths at hand
-    if not isinstance(samples, Sequence):
+    if not isinstance(samples, Sequence) or not samples:
         return
-    for i, sample in enumerate(samples):
-        length = len(getattr(sample, "input_ids", ()))
-        _compat.check_positions(model.base_model.config, model.num_virtual_tokens, length, f"training sample {i}")
+    lengths = [len(getattr(sample, "input_ids", ())) for sample in samples]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)  # the first of the longest
+    what = f"training sample {longest}"
+    _compat.check_positions(model.base_model.config, model.num_virtual_tokens, lengths[longest], what)
 
 
 def _seed_everything(seed: int) -> None:

@@ -8,9 +8,14 @@ H200). ``RESULTS.md`` (card, date, versions, tables) is rewritten after every gr
 interrupted run still leaves what it measured. If ``$OUT`` is set, ``RESULTS.md``,
 ``results.jsonl`` (every JSON line) and ``run.log`` (everything printed) are also written there.
 
+With ``--tests``, the project's test suite (all but the ``slow`` tests, which need the real
+default model) runs first on the same card, in parallel where pytest-xdist is installed, and its
+summary and failures head ``RESULTS.md``: the whole GPU checklist in one command.
+
 Usage (from the repository root)::
 
     bash benchmarks/run_gpu.sh            # = python -m benchmarks.run_gpu
+    bash benchmarks/run_gpu.sh --tests    # the test suite on the card, then the benchmarks
     python -m benchmarks.run_gpu --long   # adds 8B N=16384 B=8 (cpt only)
     python -m benchmarks.run_gpu --suite cpu --quick   # the driver's own smoke test, on CPU
 """
@@ -18,8 +23,10 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,6 +41,7 @@ from benchmarks import speed as speed_bench
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_PATH = REPO_ROOT / "benchmarks" / "RESULTS.md"
+_SUMMARY = re.compile(r"\d+ (passed|failed|error)")  # pytest's closing line
 MIN_RESTART_S = 45  # a fresh process needs imports, CUDA and a model before it measures anything
 
 
@@ -78,6 +86,24 @@ class Runner:
         self.failures: list[str] = []
         self.log_lines: list[str] = []
         self.out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+        self.tests: dict[str, Any] | None = None
+
+    def run_tests(self) -> None:
+        """The test suite on this machine (``-m "not slow"``), before the benchmarks; its time
+        does not count against ``--budget-s``."""
+        argv = ["-m", "pytest", "-q", "-m", "not slow", "-p", "no:cacheprovider", "-rfE"]
+        if importlib.util.find_spec("xdist") is not None:
+            argv += ["-n", str(self.args.test_workers)]
+        first = len(self.log_lines)
+        started = time.perf_counter()
+        rc, _ = self.run_process(argv, self.args.tests_s, "tests")
+        lines = self.log_lines[first:]
+        summary = next((line.strip("= ") for line in reversed(lines) if _SUMMARY.search(line)), "no summary line")
+        failed = [line for line in lines if line.startswith(("FAILED ", "ERROR "))]
+        self.tests = {"rc": rc, "summary": summary, "failed": failed, "wall_s": time.perf_counter() - started}
+        if rc != 0:
+            self.fail("tests", f"pytest exit status {rc}: {summary}")
+        self.start = time.perf_counter()  # the benchmarks' budget starts now
 
     def remaining_s(self) -> float:
         return self.args.budget_s - (time.perf_counter() - self.start)
@@ -152,7 +178,7 @@ class Runner:
         self.log_lines.append(line)
 
     def write(self, final: bool = False) -> str:
-        text = render(self.records, self.failures, time.perf_counter() - self.start, final)
+        text = render(self.records, self.failures, time.perf_counter() - self.start, final, self.tests)
         if self.args.suite == "gpu":  # a CPU smoke test never replaces the GPU results
             RESULTS_PATH.write_text(text, encoding="utf-8")
         if self.out_dir is not None:
@@ -179,8 +205,12 @@ def _parse(line: str) -> dict[str, Any] | None:
         return None
 
 
-def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float, final: bool) -> str:
-    """RESULTS.md: where and when, then the speed and projection tables."""
+def render(
+    records: list[dict[str, Any]], failures: list[str], elapsed_s: float, final: bool,
+    tests: dict[str, Any] | None = None,
+) -> str:
+    """RESULTS.md: where and when, the test suite's result if it ran, then the speed and
+    projection tables."""
     env = next((r for r in records if r.get("kind") == "environment"), {})
     models = [r for r in records if r.get("kind") == "model"]
     speed = [r for r in records if r.get("bench") == "speed" and "case" in r]
@@ -192,7 +222,7 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
         f"- Date: {env.get('date', 'unknown')}",
         f"- torch {env.get('torch')}, transformers {env.get('transformers')}, peft {env.get('peft')}, "
         f"Python {env.get('python')}, CUDA {env.get('cuda')}",
-        "- Command: `bash benchmarks/run_gpu.sh` (`python -m benchmarks.run_gpu`)"
+        f"- Command: `bash benchmarks/run_gpu.sh{' --tests' if tests is not None else ''}` (`python -m benchmarks.run_gpu`)"
         + ("" if final else " — partial, still running or interrupted"),
         f"- Wall time of the whole run: {elapsed_s:.0f} s",
     ]
@@ -201,6 +231,15 @@ def render(records: list[dict[str, Any]], failures: list[str], elapsed_s: float,
             f"- Model {model['model']}: {model['description']}, {model['parameters'] / 1e9:.3f} B parameters, "
             f"{model['dtype']}, built in {model['build_s']} s"
         )
+    if tests is not None:
+        lines += [
+            "",
+            "## The test suite on this card",
+            "",
+            f"`python -m pytest -q -m \"not slow\"` (`--tests`), {tests['wall_s']:.0f} s: **{tests['summary']}**"
+            f" (exit status {tests['rc']}).",
+        ]
+        lines += [""] + [f"- {line}" for line in tests["failed"]] if tests["failed"] else []
     lines += [
         "",
         "## Train step and inference (the target cases)",
@@ -250,13 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--long", action="store_true", help="add 8B N=16384 B=8 (cpt only, activation checkpointing)")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (speed's default: 5)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (speed's default: 2)")
-    parser.add_argument("--budget-s", type=float, default=330.0, help="wall-time budget of the whole run (default 330)")
+    parser.add_argument("--budget-s", type=float, default=330.0, help="wall-time budget of the benchmarks (default 330)")
+    parser.add_argument("--tests", action="store_true", help="run the test suite (not slow) first, on the same card")
+    parser.add_argument("--tests-s", type=float, default=300.0, help="time limit of the test suite (default 300)")
+    parser.add_argument("--test-workers", type=int, default=8, help="pytest-xdist workers, where it is installed (default 8)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     runner = Runner(args)
+    if args.tests:
+        runner.run_tests()
+        runner.write()
     for group in plan(args):
         runner.run_group(group)
         runner.write()

@@ -67,9 +67,17 @@ def init_from_env(device: str | None = None) -> torch.device:
 
     Returns:
         This process's device.
+
+    Raises:
+        ValueError: on CUDA, if this process's local rank has no GPU of its own.
     """
     use_cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ValueError(
+            f"this process has LOCAL_RANK {local_rank} but the machine has {torch.cuda.device_count()} CUDA "
+            "device(s): launch at most one process per GPU, or train on the CPU (device \"cpu\")"
+        )
     here = torch.device("cuda", local_rank) if use_cuda else torch.device(device or "cpu")
     if use_cuda:
         torch.cuda.set_device(here)
@@ -209,7 +217,9 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
 
     Args:
         model: the model to shard, in place.
-        **fsdp_kwargs: passed to ``fully_shard`` (e.g. ``mesh``, ``reshard_after_forward``).
+        **fsdp_kwargs: passed to ``fully_shard`` (e.g. ``mesh``, ``reshard_after_forward``). Without
+            a ``mesh``, every rank of the process group on the device type of the model's context
+            (FSDP2's own default would put a CPU model's shards on the GPU).
 
     Returns:
         The number of layers sharded.
@@ -229,6 +239,10 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
     layers = decoder_layers(model.base_model)
     if not layers:
         raise ValueError(f"{type(model.base_model).__name__} has no decoder layers to shard")
+    if "mesh" not in fsdp_kwargs:  # FSDP2's own default is the accelerator's: a CPU model would move to cuda:0
+        from torch.distributed.device_mesh import init_device_mesh
+
+        fsdp_kwargs["mesh"] = init_device_mesh(model.delta.device.type, (world_size(),))
     for layer in layers:
         fully_shard(layer, **fsdp_kwargs)
     if model.context_sharing == "auto":

@@ -363,7 +363,7 @@ def _finish_step(
     model: CPTModel, optimizer: torch.optim.Optimizer, config: TrainConfig, params: list, loss: float, step: int
 ) -> float:
     """Checks the loss and gradient are finite, clips the gradient, steps and projects; returns ``loss``."""
-    check_finite_step(torch.tensor(loss), params, step)  # before the update: delta stays as it was
+    check_finite_step(loss, params, step)  # before the update: delta stays as it was
     if config.max_grad_norm is not None:
         nn.utils.clip_grad_norm_(params, config.max_grad_norm)
     optimizer.step()

@@ -44,7 +44,9 @@ def launched(tmp_path_factory) -> Path:
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(HERE / "distributed_worker.py"), str(root), *cases.SCENARIOS,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    # The ranks train on the CPU (gloo), as the single-process references here do: hiding the GPUs
+    # keeps `Trainer` and FSDP2 off them too (on one GPU, rank 1 would ask for cuda:1).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]
     return root
@@ -90,6 +92,14 @@ def test_share_splits_contiguously_and_gather_inverts_it() -> None:
     assert distributed.world_size() == 1 and distributed.rank() == 0 and distributed.is_main()
 
 
+def test_a_rank_without_a_gpu_of_its_own_is_refused_before_anything_starts(monkeypatch) -> None:
+    monkeypatch.setenv("LOCAL_RANK", str(torch.cuda.device_count()))  # one past the last GPU
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"LOCAL_RANK \d+ but the machine has \d+ CUDA device"):
+        distributed.init_from_env("cuda")
+    assert not torch.distributed.is_initialized()
+
+
 def test_shard_base_model_needs_a_process_group() -> None:
     with pytest.raises(ValueError, match="process group"):
         distributed.shard_base_model(cases.fresh_model())
@@ -105,6 +115,8 @@ def test_sharded_model_refuses_cuda_graphs_and_trains_alone(tmp_path) -> None:
     try:
         model = cases.fresh_model()
         assert distributed.shard_base_model(model) == 2
+        sharded_weight = next(model.base_model.model.layers[0].parameters())
+        assert sharded_weight.device_mesh.device_type == "cpu"  # the model's device, not the machine's GPU
         assert distributed.is_sharded(model) and model.context_sharing == "on"  # shared on every rank
         tok = cases.tokenizer()
         dataset, collator = cases.CPTDataset(tok, cases.TRAINING), cases.CPTCollator(tok.pad_token_id)

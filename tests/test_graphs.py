@@ -11,7 +11,8 @@ from contexts import context_config, sample_batch
 from tiny_models import make_model
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cpt import CPTModel, TrainConfig, loss
+from cpt import CPTModel, TrainConfig
+from cpt import loss as cpt_loss
 from cpt.data import CPTCollator
 from cpt.graphs import GraphedLoss, pad_batch
 from cpt.train import train
@@ -35,13 +36,13 @@ def _trained_model(arch: str = "llama", **kwargs) -> CPTModel:
     return model
 
 
-def _plan_targets(model: CPTModel, *args, **kwargs) -> loss.Targets:
-    return loss.plan_targets(model.context, *args, **kwargs)
+def _plan_targets(model: CPTModel, *args, **kwargs) -> cpt_loss.Targets:
+    return cpt_loss.plan_targets(model.context, *args, **kwargs)
 
 
-def _shared_total(model: CPTModel, input_ids: torch.Tensor, targets: loss.Targets) -> torch.Tensor:
+def _shared_total(model: CPTModel, input_ids: torch.Tensor, targets: cpt_loss.Targets) -> torch.Tensor:
     how = model.execution_plan("loss", *input_ids.shape, context_sharing="on")
-    return loss.shared_total(model.base_model, model.context, input_ids, targets, how)
+    return cpt_loss.shared_total(model.base_model, model.context, input_ids, targets, how)
 
 
 def _loss_and_grad(model: CPTModel, run) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -247,14 +248,14 @@ def test_graphed_logits_match_eager_logits(arch: str) -> None:
 @needs_cuda
 def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkeypatch) -> None:
     model = _trained_model().cuda()
-    real = loss.shared_total
+    real = cpt_loss.shared_total
 
     def reads_back(*args):  # type: ignore[no-untyped-def]
         total = real(*args)
         float(total)  # a value read back from the GPU: fine eagerly, refused inside a capture
         return total
 
-    monkeypatch.setattr(loss, "shared_total", reads_back)
+    monkeypatch.setattr(cpt_loss, "shared_total", reads_back)
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
     model.context_sharing = "always"
@@ -339,3 +340,37 @@ def test_graph_replay_with_activation_checkpointing_matches_eager() -> None:
         loss, _ = graphed(**batch)
         _assert_same((loss, model.delta.grad.clone()), eager)
     assert graphed.enabled and graphed.captures == 1
+
+
+@needs_cuda
+def test_fit_trains_on_cuda_with_graphs_as_it_does_eagerly(monkeypatch) -> None:
+    """The whole workflow on a GPU: `fit` with graphs on, and with its defaults, trains the context
+    that eager training does (the NaN guard once crashed the first graphed step)."""
+    from tokenizers_util import make_bpe_tokenizer
+
+    from cpt import fit
+
+    tokenizer = make_bpe_tokenizer()
+    examples = [("a fine story", "positive"), ("an awful film", "negative"),
+                ("the actors were good", "positive"), ("dull and long", "negative")]
+    replays: list[int] = []
+    real = GraphedLoss.backward
+
+    def counted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        replays.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GraphedLoss, "backward", counted)
+    results = {}
+    for mode in ("off", "on", "auto"):
+        base_model = make_model("llama", vocab_size=len(tokenizer))
+        base_model.set_attn_implementation("sdpa")
+        config = TrainConfig(epochs=3, learning_rate=1e-2, cuda_graphs=mode, mixed_precision="no", progress=False)
+        model, result = fit(base_model.cuda(), tokenizer, examples, train_config=config, selection=None)
+        assert model.delta.is_cuda and len(result.losses) == result.steps > 0
+        results[mode] = (torch.tensor(result.losses), model.delta.detach().cpu())
+        if mode == "on":
+            assert replays, "cuda_graphs='on' ran no graphed step"
+    for mode in ("on", "auto"):
+        torch.testing.assert_close(results[mode][0], results["off"][0], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(results[mode][1], results["off"][1], rtol=1e-3, atol=1e-6)

@@ -7,9 +7,9 @@ import warnings
 import pytest
 import torch
 from contexts import context_config, sample_batch
-from tiny_models import FAMILIES, OUTSIDE_THE_INTERFACE, make_model
+from tiny_models import FAMILIES, ON_THE_INTERFACE_SINCE_5_17, make_model
 
-from cpt import CPTModel
+from cpt import CPTModel, passes
 
 peft = pytest.importorskip("peft")
 
@@ -72,7 +72,16 @@ def _set_path(model: CPTModel, arch: str, path: str) -> None:
     model.shared_attention = path == "one copy"  # one copy of the context (cpt.attention) or B copies
     how = model.execution_plan("loss", 3, 9)
     assert how.shared == (path != "plain")
-    assert how.one_copy == (path == "one copy" and arch not in OUTSIDE_THE_INTERFACE)  # the capability probe
+    # one copy wherever the capability probe finds it exact on the installed release; the parity
+    # assertions that follow then check the path it chose
+    assert how.one_copy == (path == "one copy" and passes.one_copy_exact(model.base_model))
+
+
+@pytest.mark.parametrize("arch", sorted(ON_THE_INTERFACE_SINCE_5_17))
+def test_the_probe_admits_every_family_on_the_attention_interface(arch: str) -> None:
+    """The probe is not merely cautious: the families whose attention one copy reproduces on every
+    supported release get one copy (a probe that refused them all would pass the parity tests)."""
+    assert passes.one_copy_exact(make_model(arch)) is True
 
 
 @pytest.mark.parametrize("arch", sorted(set(FAMILIES) - NO_PEFT - {"llama"}))

@@ -94,12 +94,13 @@ MORE_ARCHITECTURES: dict[str, tuple[str, str, dict]] = {
 
 FAMILIES = {**ARCHITECTURES, **MORE_ARCHITECTURES}
 
-OUTSIDE_THE_INTERFACE = frozenset({"bloom", "falcon", "gpt_neo", "xglm", "mpt"}) | (
-    frozenset({"gptj", "codegen"}) if tuple(int(p) for p in transformers.__version__.split(".")[:2]) < (5, 24) else frozenset()
-)
-"""Families whose attention one-copy attention does not reproduce (their own attention code,
-ALiBi, unscaled scores): the capability probe sends them to the cache path. GPT-J and CodeGen
-moved to the AttentionInterface between 5.17 and 5.24, and the probe follows."""
+ON_THE_INTERFACE_SINCE_5_17 = frozenset(FAMILIES) - {"bloom", "falcon", "gpt_neo", "xglm", "mpt", "gptj", "codegen"}
+"""Families whose attention went through `transformers`' AttentionInterface in 5.17, the oldest
+release pyproject.toml admits: one-copy attention reproduces them, so the capability probe must
+admit them on every release from then on. The others keep their own attention code (ALiBi,
+unscaled scores) in some releases and not in others (Falcon moved in 5.25, GPT-J and CodeGen
+between 5.17 and 5.24): for those, the probe's answer on the installed release is the truth,
+and the parity tests check whichever path it picks."""
 
 
 def make_model(

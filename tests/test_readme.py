@@ -4,6 +4,9 @@ each in a new virtual environment, the demo first."""
 import re
 from pathlib import Path
 
+import pytest
+from support import lower_bound
+
 ROOT = Path(__file__).resolve().parent.parent
 CI = ROOT / ".ci" / "run"
 
@@ -49,7 +52,17 @@ def test_ci_venvs_share_nothing_and_failures_fail() -> None:
     assert 'python3 -m venv "$work/$1"' in body and "--system-site-packages" not in text
     assert 'source "$work/$1/bin/activate"' in body and 'export CPT_HOME="$work/$1-cpt-home"' in body
     assert "export PIP_NO_CACHE_DIR=1" in text
-    assert 'transformers==5.17.0' in text  # the oldest transformers the project admits, tested too
+    # the oldest transformers the project admits is tested too, read from pyproject.toml
+    assert 'oldest="$(python3 tests/support.py oldest-transformers)"' in text
+    assert 'pip install -q "transformers==$oldest"' in text
+
+
+def test_the_oldest_transformers_comes_from_pyproject() -> None:
+    assert re.fullmatch(r"5\.\d+\.\d+", lower_bound("transformers"))
+    assert lower_bound("transformers", 'dependencies = [\n    "transformers>=5.17,<6",\n]\n') == "5.17.0"
+    assert lower_bound("torch", 'dependencies = [\n    "torch>=2.4",\n]\n') == "2.4.0"
+    with pytest.raises(ValueError, match="no lower bound for safetensors"):
+        lower_bound("safetensors", 'dependencies = [\n    "safetensors",\n]\n')
 
 
 def test_commands_pin_the_cpu_torch() -> None:

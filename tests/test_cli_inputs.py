@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,14 @@ def test_bad_devices(model_dir, data_file, tmp_path, capsys, no_training, device
 def test_output_that_is_a_file_or_under_one(model_dir, data_file, tmp_path, capsys, no_training) -> None:
     (tmp_path / "file").write_text("mine")
     line = _one_line(_train(model_dir, data_file, tmp_path / "file", "--device", "cpu"), capsys)
-    assert line.endswith("file is a file, not a folder")
+    assert line.endswith("/file: it is a file, not a folder")
     line = _one_line(_train(model_dir, data_file, tmp_path / "file" / "adapter", "--device", "cpu"), capsys)
     assert "file is a file, not a folder" in line
     assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_output_folder_not_writable(model_dir, data_file, tmp_path, capsys, no_training, monkeypatch) -> None:
-    monkeypatch.setattr("os.access", lambda path, mode: False)  # root may write anywhere: pretend
+    monkeypatch.setattr("os.access", lambda path, mode: not mode & os.W_OK)  # root may write anywhere: pretend
     line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu"), capsys)
     assert "is not writable" in line
 

@@ -239,8 +239,8 @@ def check_target(target: str | Path) -> Path:
     if os.path.islink(target):
         target = Path(os.path.realpath(target))
     existing = target
-    while not os.path.lexists(existing):  # False also where a parent cannot be searched
-        existing = existing.parent
+    while not os.path.lexists(existing) and existing != existing.parent:  # lexists: False also
+        existing = existing.parent  # where a parent cannot be searched
     if not os.path.isdir(existing):
         culprit = "it" if existing == target else existing
         raise ValueError(f"cannot write {target}: {culprit} is a file, not a folder")
@@ -268,15 +268,21 @@ def _access_problem(folder: Path) -> str | None:
 
 def _undeletable(folder: Path) -> Path | None:
     """The first folder under ``folder`` (itself included) whose entries this user cannot delete."""
-    me = os.geteuid() if hasattr(os, "geteuid") else None
-    for root, _, _ in os.walk(folder, onerror=_raise):
-        if not os.access(root, os.W_OK | os.X_OK) and os.stat(root).st_uid != me:  # the owner may chmod
+    unlisted: list[OSError] = []  # folders that cannot be listed
+    for root, _, _ in os.walk(folder, onerror=unlisted.append):
+        if not os.access(root, os.W_OK | os.X_OK) and not _mine(root):  # the owner may open it up
             return Path(root)
-    return None
+    return next((Path(e.filename) for e in unlisted if not _mine(e.filename)), None)
 
 
-def _raise(error: OSError) -> None:
-    raise ValueError(f"{error.filename} cannot be read: {error.strerror}")
+def _mine(path: str | Path) -> bool:
+    """Whether this user owns ``path`` (so may change its mode); True where the OS has no owners."""
+    if not hasattr(os, "geteuid"):
+        return True
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def write_folder(

@@ -306,7 +306,8 @@ def _read_peft(folder: _io.Folder, hidden_size: int) -> AdapterFiles:
         raise ValueError(f"{where}: field 'peft_type' must be \"CPT\", got {show(data.get('peft_type'))}")
     config = _config(data, where, None)
     _check_size(where, "token_dim", data.get("token_dim"), hidden_size, "hidden size")
-    raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights", weights_limit(1, config.num_virtual_tokens, hidden_size))
+    limit = weights_limit(1, config.num_virtual_tokens, hidden_size)
+    raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights", limit)
     weights_path = folder.path / PEFT_WEIGHTS_NAME
     tensors = _tensors(weights_path, raw, {PEFT_WEIGHTS_KEY}, config.num_virtual_tokens, hidden_size)
     # PEFT keeps only base + delta: the saved point becomes the new centre.

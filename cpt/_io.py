@@ -7,20 +7,27 @@ new one at every instant, never a mix and never nothing; the old folder (now at 
 name) is then deleted. Where the exchange is not supported (another OS, a file system without
 it) the old folder is renamed aside to ``.<name>.old-<id>`` and the new one renamed in, and
 `open_folder` bridges the instant between the two renames. Writers of folders that share a
-parent hold an ``fcntl.flock`` lock on that parent, so two writers never interleave, and a writer
-deletes only its own temporary folder plus those of writers that died (found under the lock,
-when no other writer can be running). Files get mode 0666 and folders 0777, less the umask.
+parent hold a lock on that parent (`locked`: ``flock`` on the folder on POSIX, ``msvcrt.locking``
+on a ``.cpt.lock`` file in it on Windows; both released by the OS when the holder dies, so no
+owner is ever stale), waiting at most `LOCK_TIMEOUT` seconds; two writers never interleave, and
+a writer deletes only its own temporary folder plus those of writers that died (found under the
+lock, when no other writer can be running). Files get mode 0666 and folders 0777, less the umask.
+`check_target` says up front whether a folder can be written, so callers can refuse a bad output
+before hours of training.
 
-Reading (`open_folder`): all files are read through one descriptor of the folder, so they come
-from one save even if a writer swaps the folder meanwhile; a read that fails because the folder
-was swapped under it (a file deleted with the old folder) is retried on the new folder.
+Reading (`open_folder`): where the OS opens files relative to a folder descriptor (POSIX), all
+files are read through one descriptor of the folder, so they come from one save even if a writer
+swaps the folder meanwhile; elsewhere (Windows) they are read by path, and a read during which the
+folder at the path changed is run again. A read that fails because the folder was swapped under
+it (a file deleted with the old folder) is retried on the new folder.
+
+No OS-specific module is needed to import this one: ``fcntl`` and ``msvcrt`` are used where present.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -34,6 +41,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+try:  # POSIX
+    import fcntl
+except ImportError:
+    fcntl = None  # type: ignore[assignment]
+try:  # Windows
+    import msvcrt
+except ImportError:
+    msvcrt = None  # type: ignore[assignment]
+
 T = TypeVar("T")
 
 TMP_TAG = "tmp"  # .<name>.tmp-<pid>-<hex>: a folder being built (or, after the swap, the old one)
@@ -41,6 +57,16 @@ OLD_TAG = "old"  # .<name>.old-<pid>-<hex>: the old folder, moved aside (fallbac
 READ_ATTEMPTS = 8  # a reader retries this often when the folder is swapped under it
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 _AT_FDCWD = -100
+LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer of the same parent folder
+LOCK_FILE = ".cpt.lock"  # the lock where a folder cannot be opened to lock it (Windows)
+_LOCK_POLL = 0.05  # seconds between tries of a held lock
+# Folder descriptors: read every file of a folder through one descriptor (POSIX; not Windows).
+DIR_FDS = (
+    hasattr(os, "O_DIRECTORY") and {os.open, os.stat} <= os.supports_dir_fd and os.listdir in os.supports_fd
+)
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+# Windows flushes a file only through a descriptor open for writing.
+_SYNC_FLAGS = os.O_RDONLY if os.name == "posix" else os.O_RDWR | _BINARY
 
 
 # ---------------------------------------------------------------------- modes
@@ -115,17 +141,148 @@ def sibling_names(target: Path, tag: str) -> list[Path]:
 
 
 @contextmanager
-def locked(folder: Path) -> Iterator[None]:
-    """Holds an exclusive ``flock`` on ``folder`` (which must exist) for the block."""
-    fd = os.open(folder, os.O_RDONLY)
+def locked(folder: Path) -> Iterator[bool]:
+    """Holds an exclusive lock on ``folder`` (which must exist) for the block.
+
+    The lock is ``flock`` on the folder itself where ``fcntl`` exists, else ``msvcrt.locking``
+    on the file `LOCK_FILE` in it; either is released by the OS when its holder dies. Yields
+    whether the lock is held: False (with a warning) where the file system has no locks.
+
+    Raises:
+        TimeoutError: if another process holds the lock for `LOCK_TIMEOUT` seconds.
+        ValueError: if ``folder`` cannot be opened (e.g. it is not readable).
+    """
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:  # e.g. a network file system without locks
-            warnings.warn(f"cannot lock {folder} ({error.strerror}); writing without the lock", stacklevel=3)
-        yield
+        fd = _lock_handle(folder)
+    except OSError as error:
+        raise ValueError(f"cannot lock the folder {folder}: {error.strerror or error}") from None
+    held = False
+    try:
+        held = _wait_for_lock(fd, folder)
+        yield held
     finally:
+        if held and fcntl is None and msvcrt is not None:
+            _unlock_msvcrt(fd)
         os.close(fd)  # releases the lock
+
+
+def _lock_handle(folder: Path) -> int:
+    if fcntl is not None:
+        return os.open(folder, os.O_RDONLY)  # the folder itself: nothing is left in it
+    return os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _BINARY, file_mode())
+
+
+def _wait_for_lock(fd: int, folder: Path) -> bool:
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while True:
+        try:
+            if _try_lock(fd):
+                return True
+        except OSError as error:  # e.g. a network file system without locks
+            warnings.warn(f"cannot lock {folder} ({error.strerror or error}); writing without the lock", stacklevel=4)
+            return False
+        if time.monotonic() >= deadline:
+            raise TimeoutError(
+                errno.ETIMEDOUT,
+                f"another process has held the lock on the folder {folder} for {LOCK_TIMEOUT:g} s "
+                "(a save into it still running?); try again when it is done",
+            )
+        time.sleep(_LOCK_POLL)
+
+
+def _try_lock(fd: int) -> bool:
+    """Takes the lock without waiting; False if another holder has it."""
+    if fcntl is not None:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+    if msvcrt is not None:
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)  # the file's first byte
+        except OSError as error:
+            if error.errno in (errno.EACCES, errno.EDEADLK):  # held by another
+                return False
+            raise
+        return True
+    raise OSError(errno.ENOLCK, "this system offers no file locks")
+
+
+def _unlock_msvcrt(fd: int) -> None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass  # closing releases it too
+
+
+def check_target(target: str | Path) -> Path:
+    """Checks, before anything is written, that `write_folder` can create or replace ``target``.
+
+    Callers that write at the end of a long run (training) call this first, so a bad path is
+    refused before the work rather than after it.
+
+    Returns:
+        ``target``, a link to a folder resolved to the folder.
+
+    Raises:
+        ValueError: ``cannot write <target>: ...``: the path names no folder of its own (``''``,
+            ``.``, ``..``, a root), it or a parent is a file, the folder to write in is not
+            readable or writable, or the old folder holds entries this user cannot delete.
+    """
+    target = Path(target)
+    if target.name in ("", ".."):
+        raise ValueError(
+            f"cannot write {str(target)!r}: it names no folder of its own; give one, such as {target / 'adapter'}"
+        )
+    if os.path.islink(target):
+        target = Path(os.path.realpath(target))
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:  # lexists: False also
+        existing = existing.parent  # where a parent cannot be searched
+    if not os.path.isdir(existing):
+        culprit = "it" if existing == target else existing
+        raise ValueError(f"cannot write {target}: {culprit} is a file, not a folder")
+    folder = target.parent if existing == target else existing  # where the new folder is made
+    problem = _access_problem(folder)
+    if problem:
+        raise ValueError(f"cannot write {target}: the folder {folder} {problem}")
+    if existing == target:
+        stuck = _undeletable(target)
+        if stuck:
+            raise ValueError(
+                f"cannot write {target}: the old folder cannot be replaced, as this user cannot delete "
+                f"what is in {stuck}; remove it, or write elsewhere"
+            )
+    return target
+
+
+def _access_problem(folder: Path) -> str | None:
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return "is not readable by this user"
+    if not os.access(folder, os.W_OK):
+        return "is not writable by this user"
+    return None
+
+
+def _undeletable(folder: Path) -> Path | None:
+    """The first folder under ``folder`` (itself included) whose entries this user cannot delete."""
+    unlisted: list[OSError] = []  # folders that cannot be listed
+    for root, _, _ in os.walk(folder, onerror=unlisted.append):
+        if not os.access(root, os.W_OK | os.X_OK) and not _mine(root):  # the owner may open it up
+            return Path(root)
+    return next((Path(e.filename) for e in unlisted if not _mine(e.filename)), None)
+
+
+def _mine(path: str | Path) -> bool:
+    """Whether this user owns ``path`` (so may change its mode); True where the OS has no owners."""
+    if not hasattr(os, "geteuid"):
+        return True
+    try:
+        return os.stat(path).st_uid == os.geteuid()
+    except OSError:
+        return False
 
 
 def write_folder(
@@ -150,25 +307,24 @@ def write_folder(
         ``target``.
 
     Raises:
-        ValueError: if ``target`` exists and is not a folder, or a file stands where a parent
-            folder should be.
+        ValueError: what `check_target` refuses, checked before anything is written.
+        TimeoutError: if another writer holds the parent's lock for `LOCK_TIMEOUT` seconds.
         OSError: if writing fails; ``target`` is then as it was and no temporary folder is left.
     """
-    target = Path(target)
-    if target.is_symlink():
-        target = Path(os.path.realpath(target))
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"cannot write {target}: it exists and is not a folder")
+    if if_missing and os.path.isdir(target):
+        return Path(target)  # e.g. a shared cache: used as it is, even where it cannot be written
+    target = check_target(target)
     _make_parents(target.parent)
-    with locked(target.parent):
+    with locked(target.parent) as held:
         recover(target)
-        for stale in sibling_names(target, TMP_TAG) + sibling_names(target, OLD_TAG):
-            _remove(stale)  # a writer that died: no live writer holds the lock we hold
+        if held:  # no live writer holds the lock we hold: these are dead writers' leftovers
+            for stale in sibling_names(target, TMP_TAG) + sibling_names(target, OLD_TAG):
+                _remove(stale)
         if if_missing and os.path.lexists(target):
             return target
         tmp = target.parent / f".{target.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
-        os.mkdir(tmp)
         try:
+            os.mkdir(tmp)
             fill(tmp)
             if keep is not None and target.is_dir():
                 _carry_over(target, tmp, keep)
@@ -197,23 +353,37 @@ def recover(target: Path) -> None:
 
 
 def _make_parents(folder: Path) -> None:
-    """Creates ``folder`` and its missing parents; a file in the way is a ValueError."""
-    if folder.is_dir():
-        return
-    for ancestor in (folder, *folder.parents):
-        if os.path.lexists(ancestor) and not ancestor.is_dir():
-            raise ValueError(f"cannot create the folder {folder}: {ancestor} is a file")
-    folder.mkdir(parents=True, exist_ok=True)
+    """Creates ``folder`` and its missing parents (`check_target` has ruled out a file in the way)."""
+    if not folder.is_dir():
+        folder.mkdir(parents=True, exist_ok=True)
 
 
 def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
+    """Deletes ``path`` (a folder with all it holds); warns, naming it, if it cannot."""
+    if os.path.isdir(path) and not os.path.islink(path):
         shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):  # e.g. a sub-folder without write permission: ours to open up
+            _open_up(path)
+            shutil.rmtree(path, ignore_errors=True)
     else:
         try:
-            path.unlink()
-        except FileNotFoundError:
+            os.unlink(path)
+        except OSError:
             pass
+    if os.path.lexists(path):
+        warnings.warn(f"cannot delete {path}; delete it by hand", stacklevel=3)
+
+
+def _open_up(folder: str | Path) -> None:
+    """Gives the owner full access to ``folder`` and the folders under it, so they can be deleted."""
+    try:
+        os.chmod(folder, stat.S_IRWXU)
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            _open_up(entry.path)
 
 
 def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
@@ -226,7 +396,7 @@ def _carry_over(old: Path, new: Path, keep: Callable[[str], bool]) -> None:
             continue
         try:
             os.link(source, new / entry.name, follow_symlinks=False)
-        except OSError:
+        except (OSError, NotImplementedError):  # no hard links here, or (Windows) not of a link
             shutil.copy2(source, new / entry.name, follow_symlinks=False)
 
 
@@ -238,10 +408,10 @@ def _seal(folder: Path) -> None:
             path = os.path.join(root, name)
             if os.path.islink(path):
                 continue
-            fd = os.open(path, os.O_RDONLY)
+            if stat.S_IMODE(os.lstat(path).st_mode) != files:
+                os.chmod(path, files)
+            fd = os.open(path, _SYNC_FLAGS)
             try:
-                if stat.S_IMODE(os.fstat(fd).st_mode) != files:
-                    os.fchmod(fd, files)
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -296,44 +466,55 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 class Folder:
-    """Read access to the files of one folder, through one descriptor (so, from one save)."""
+    """Read access to the files of one folder: through one descriptor (so, from one save) where
+    the OS allows (`DIR_FDS`), else by path (`open_folder` then checks the folder stayed put)."""
 
-    def __init__(self, path: Path, fd: int, opened: list[int] | None = None) -> None:
-        self.path = path
+    def __init__(self, path: Path, fd: int | None, opened: list[int] | None = None, at: Path | None = None) -> None:
+        self.path = path  # the name in messages
         self._fd = fd
+        self._at = path if at is None else at  # where it is read from without a descriptor
         self._opened = [] if opened is None else opened  # sub-folder descriptors, closed with this one
 
     def names(self) -> list[str]:
         """The entries of the folder, sorted."""
-        return sorted(os.listdir(self._fd))
+        return sorted(os.listdir(self._at if self._fd is None else self._fd))
+
+    def _mode(self, name: str) -> int:
+        if self._fd is None:
+            return os.lstat(self._at / name).st_mode
+        return os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode
 
     def is_file(self, name: str) -> bool:
         try:
-            return stat.S_ISREG(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
+            return stat.S_ISREG(self._mode(name))
         except FileNotFoundError:
             return False
 
     def is_dir(self, name: str) -> bool:
         try:
-            return stat.S_ISDIR(os.stat(name, dir_fd=self._fd, follow_symlinks=False).st_mode)
+            return stat.S_ISDIR(self._mode(name))
         except FileNotFoundError:
             return False
 
-    def read_bytes(self, name: str, what: str, limit: int | None = None) -> bytes:
-        """The bytes of the file ``name``.
+    def read_bytes(self, name: str, what: str, limit: int) -> bytes:
+        """The bytes of the file ``name``, checked against ``limit`` before any is read.
 
         Raises:
-            ValueError: ``<what> missing: <path>`` if it is not a regular file, or if it is
-                larger than ``limit`` bytes.
+            ValueError: ``<what> missing: <path>`` if it is not a regular file, or
+                ``<what> <path> is larger than ...`` if it holds more than ``limit`` bytes.
             FileNotFoundError: if it vanished between the check and the read (a swap).
         """
         if not self.is_file(name):
             raise ValueError(f"{what} missing: {self.path / name}")
-        fd = os.open(name, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0), dir_fd=self._fd)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _BINARY
+        fd = os.open(self._at / name, flags) if self._fd is None else os.open(name, flags, dir_fd=self._fd)
         with os.fdopen(fd, "rb") as f:
-            if limit is not None and os.fstat(f.fileno()).st_size > limit:
-                raise ValueError(f"{what} {self.path / name} is larger than {limit} bytes")
-            return f.read()
+            size = os.fstat(f.fileno()).st_size
+            if size > limit:
+                raise ValueError(
+                    f"{what} {self.path / name} is larger than it can be: {size} bytes, at most {limit} expected"
+                )
+            return f.read(limit + 1)  # a file that grew meanwhile is cut, and fails its checks
 
     def read_json(self, name: str, what: str, limit: int = 64 * 2**20) -> dict[str, Any]:
         """The JSON object in the file ``name``.
@@ -349,6 +530,8 @@ class Folder:
         """The sub-folder ``name`` (its descriptor is closed with this one's `open_folder`)."""
         if not self.is_dir(name):
             raise ValueError(f"{self.path / name} is missing or not a folder")
+        if self._fd is None:
+            return Folder(self.path / name, None, self._opened, self._at / name)
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
         self._opened.append(fd)
         return Folder(self.path / name, fd, self._opened)
@@ -372,7 +555,8 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
     """Runs ``read`` on the folder ``path``, seeing a single save of it.
 
     If ``read`` fails (ValueError, OSError) and the folder was swapped meanwhile, it is run
-    again on the new folder. A fallback swap caught between its two renames is waited for; if
+    again on the new folder; without folder descriptors (`DIR_FDS`), so is a read that succeeded
+    while the folder changed. A fallback swap caught between its two renames is waited for; if
     it stays there (its writer died), the complete old folder it moved aside is read.
 
     Raises:
@@ -383,11 +567,14 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
     source = path
     for attempt in range(READ_ATTEMPTS):
         try:
-            fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY)
+            before = os.stat(source)
+            if not stat.S_ISDIR(before.st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(source))
+            fd = os.open(source, os.O_RDONLY | os.O_DIRECTORY) if DIR_FDS else None
         except (FileNotFoundError, NotADirectoryError):
             aside = sibling_names(path, OLD_TAG)
             if not aside or source != path:
-                if path.is_file():
+                if os.path.isfile(path):
                     raise ValueError(f"{path} is a file, but {what}s are saved as folders") from None
                 raise ValueError(f"no {what} folder at {path}") from None
             if attempt < 3:
@@ -396,26 +583,60 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
                 source = max(aside, key=lambda p: p.stat().st_mtime)
             continue
         except OSError as error:
-            raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
-        folder = Folder(path, fd)
+            raise ValueError(f"cannot read {what} {path}: {_refusal(source, error)}") from None
+        if fd is not None:
+            before = os.fstat(fd)  # the folder read, even if swapped since the stat
+        folder = Folder(path, fd, at=source)
         try:
-            return read(folder)
+            result = read(folder)
         except (ValueError, OSError) as error:
-            if _same_folder(source, fd) or attempt + 1 == READ_ATTEMPTS:
+            if _same_folder(source, before) or attempt + 1 == READ_ATTEMPTS:
                 if isinstance(error, ValueError):
                     raise
                 raise ValueError(f"cannot read {what} {path}: {error}") from None
+            continue
         finally:
             for child in folder._opened:
                 os.close(child)
-            os.close(fd)
-    raise AssertionError("unreachable")
+            if fd is not None:
+                os.close(fd)
+        if fd is not None or _same_folder(source, before):
+            return result
+    raise ValueError(f"cannot read {what} {path}: it kept changing while being read ({READ_ATTEMPTS} tries)")
 
 
-def _same_folder(path: Path, fd: int) -> bool:
+def entry_kind(path: str | Path, what: str) -> str | None:
+    """What is at ``path`` (links followed): ``"folder"``, ``"file"``, ``"other"``, or None if nothing.
+
+    Raises:
+        ValueError: ``cannot read <what> <path>: the folder <f> is not readable by this user``
+            where permissions refuse the look (naming the folder that refuses), or another
+            OSError's reason.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {_refusal(path, error)}") from None
+    return "folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode) else "other"
+
+
+def _refusal(path: str | Path, error: OSError) -> str:
+    """Why ``path`` cannot be looked at: the first folder on its way this user may not open."""
+    if isinstance(error, PermissionError):
+        full = Path(os.path.abspath(path))
+        for folder in reversed(full.parents):  # from the root down: each must let us through
+            if not os.access(folder, os.X_OK):
+                return f"the folder {folder} is not readable by this user"
+        if os.path.isdir(full) and not os.access(full, os.R_OK | os.X_OK):
+            return f"the folder {full} is not readable by this user"
+    return str(error.strerror or error)
+
+
+def _same_folder(path: Path, before: os.stat_result) -> bool:
     try:
         now = os.stat(path)
     except OSError:
         return False
-    held = os.fstat(fd)
-    return (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+    return (now.st_dev, now.st_ino) == (before.st_dev, before.st_ino)

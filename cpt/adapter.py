@@ -56,6 +56,16 @@ enough for a model loaded in bfloat16 or float16, far below a different model's 
 
 MAX_CONFIG_BYTES = 64 * 2**20
 
+SAFETENSORS_HEADER_BYTES = 2**20
+"""Room a weights file may take beyond its tensors' bytes: the safetensors header (a few hundred
+bytes for cpt's and PEFT's files) with ample slack for another writer's metadata."""
+
+
+def weights_limit(num_tensors: int, rows: int, hidden_size: int) -> int:
+    """The most bytes a weights file of ``num_tensors`` float32 (rows, hidden_size) tensors may
+    hold: larger files are refused before they are read, so a huge file cannot exhaust memory."""
+    return num_tensors * rows * hidden_size * 4 + SAFETENSORS_HEADER_BYTES
+
 AdapterFormat = Literal["cpt", "peft"]
 
 
@@ -268,7 +278,8 @@ def _read_cpt(folder: _io.Folder, hidden_size: int, vocab_size: int) -> AdapterF
     task = meta.get("task")
     if task is not None:
         _check_task(task, where)
-    raw = folder.read_bytes(CPT_WEIGHTS_NAME, "adapter weights")
+    limit = weights_limit(2, config.num_virtual_tokens, hidden_size)
+    raw = folder.read_bytes(CPT_WEIGHTS_NAME, "adapter weights", limit)
     if hashlib.sha256(raw).hexdigest() != expected:
         raise ValueError(
             f"{folder.path / CPT_WEIGHTS_NAME} does not match {CPT_CONFIG_NAME} (checksum differs): "
@@ -295,7 +306,8 @@ def _read_peft(folder: _io.Folder, hidden_size: int) -> AdapterFiles:
         raise ValueError(f"{where}: field 'peft_type' must be \"CPT\", got {show(data.get('peft_type'))}")
     config = _config(data, where, None)
     _check_size(where, "token_dim", data.get("token_dim"), hidden_size, "hidden size")
-    raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights")
+    limit = weights_limit(1, config.num_virtual_tokens, hidden_size)
+    raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights", limit)
     weights_path = folder.path / PEFT_WEIGHTS_NAME
     tensors = _tensors(weights_path, raw, {PEFT_WEIGHTS_KEY}, config.num_virtual_tokens, hidden_size)
     # PEFT keeps only base + delta: the saved point becomes the new centre.

@@ -33,7 +33,15 @@ from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
 from cpt._fields import check_header, is_finite, is_int, is_number, show
-from cpt.adapter import CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, read_adapter_folder, write_adapter
+from cpt.adapter import (
+    CPT_CONFIG_NAME,
+    CPT_WEIGHTS_NAME,
+    MAX_CONFIG_BYTES,
+    SAFETENSORS_HEADER_BYTES,
+    read_adapter_folder,
+    weights_limit,
+    write_adapter,
+)
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -49,6 +57,9 @@ CHECKSUMMED_FILES = (f"{ADAPTER_DIR}/{CPT_CONFIG_NAME}", f"{ADAPTER_DIR}/{CPT_WE
 ORDER_FIELDS = ("seed", "batch_size", "gradient_accumulation_steps")
 """TrainConfig fields that decide which samples each step sees: a resume must keep them."""
 
+MAX_STATE_JSON_BYTES = 256 * 2**20  # steps' losses and evaluations: far more than a run writes
+OPTIMIZER_TENSORS = 4  # per-parameter tensors a trainer state may hold: AdamW keeps 2, 3 with amsgrad
+RNG_STATE_BYTES = 2**20  # the RNG states of the CPU and every GPU: a few KiB each
 _MT_STATE_LENGTH = 625  # Python's Mersenne Twister: 624 words and an index
 
 
@@ -168,9 +179,10 @@ def load_checkpoint(
             out of range, or a mismatch with the model, the config or the dataset.
     """
     weights = model.base_model.get_input_embeddings().weight
+    limits = _file_limits(int(model.delta.shape[0]), int(weights.shape[1]))
     loaded = _io.open_folder(
         folder,
-        lambda f: _read_checkpoint(f, int(weights.shape[1]), int(weights.shape[0])),
+        lambda f: _read_checkpoint(f, int(weights.shape[1]), int(weights.shape[0]), limits),
         "checkpoint",
     )
     meta, tensors, adapter = loaded
@@ -217,13 +229,25 @@ def load_checkpoint(
 # ---------------------------------------------------------------------- reading and checking
 
 
+def _file_limits(rows: int, hidden_size: int) -> dict[str, int]:
+    """The most bytes each checksummed file may hold for a context of ``rows`` x ``hidden_size``:
+    checked before a file is read, so a huge one is refused instead of exhausting memory."""
+    # optimizer moments may be float64: 8 bytes an entry
+    state = OPTIMIZER_TENSORS * rows * hidden_size * 8 + RNG_STATE_BYTES + SAFETENSORS_HEADER_BYTES
+    return {
+        f"{ADAPTER_DIR}/{CPT_CONFIG_NAME}": MAX_CONFIG_BYTES,
+        f"{ADAPTER_DIR}/{CPT_WEIGHTS_NAME}": weights_limit(2, rows, hidden_size),
+        STATE_TENSORS_NAME: state,
+    }
+
+
 def _read_checkpoint(
-    folder: _io.Folder, hidden_size: int, vocab_size: int
+    folder: _io.Folder, hidden_size: int, vocab_size: int, limits: Mapping[str, int]
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor], Any]:
     where = folder.path / STATE_JSON_NAME
     if not folder.is_file(STATE_JSON_NAME):
         raise ValueError(f"no complete checkpoint at {folder.path}: {STATE_JSON_NAME} is missing")
-    raw_meta = folder.read_bytes(STATE_JSON_NAME, "checkpoint state", 256 * 2**20)
+    raw_meta = folder.read_bytes(STATE_JSON_NAME, "checkpoint state", MAX_STATE_JSON_BYTES)
     meta = _io.parse_json_object(raw_meta, where, "checkpoint state")
     version = check_header(meta, where, STATE_FORMAT, CHECKPOINT_FORMAT_VERSION)
     if version < CHECKPOINT_FORMAT_VERSION:
@@ -248,7 +272,7 @@ def _read_checkpoint(
     for name in CHECKSUMMED_FILES:
         parent, _, leaf = name.rpartition("/")
         holder = folder.folder(parent) if parent else folder
-        contents[name] = holder.read_bytes(leaf, "checkpoint file", 2**36)
+        contents[name] = holder.read_bytes(leaf, "checkpoint file", limits[name])
         if _sha256(contents[name]) != checksums[name]:
             raise ValueError(
                 f"{folder.path / name} does not match {STATE_JSON_NAME} (checksum differs): the file was "

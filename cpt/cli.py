@@ -139,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     _label_names_arg(demo)
     demo.add_argument("--per-class", type=_int_at_least(1), default=2, help="context examples per label")
     demo.add_argument("--test", type=_int_at_least(1), default=200, help="held-out examples to score")
-    demo.add_argument("--output", type=Path, default=Path("cpt-demo-adapter"), help="adapter folder")
+    demo.add_argument("--output", type=_output_path, default=Path("cpt-demo-adapter"), help="adapter folder")
     demo.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
     _train_args(demo)
     demo.set_defaults(run=_run_demo)
@@ -161,7 +161,7 @@ def _parser() -> argparse.ArgumentParser:
         "--test", type=_int_at_least(0), default=200,
         help="examples held out (never trained on) for `cpt eval` with the same --data and --seed",
     )
-    train.add_argument("--output", type=Path, required=True, help="adapter folder to write")
+    train.add_argument("--output", type=_output_path, required=True, help="adapter folder to write")
     train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
     train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
     train.add_argument("--separator", default=" ", help="between input and output parts (default: one space)")
@@ -170,7 +170,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
     train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
     _train_args(train)
-    train.add_argument("--checkpoint-dir", type=Path, help="folder for training checkpoints (DIR/last)")
+    train.add_argument("--checkpoint-dir", type=_output_path, help="folder for training checkpoints (DIR/last)")
     train.add_argument(
         "--checkpoint-every", type=_int_at_least(1), default=None,
         help=f"steps between checkpoints (with --checkpoint-dir; default {DEFAULT_CHECKPOINT_EVERY})",
@@ -501,15 +501,19 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
 
 
 def _preflight(args: argparse.Namespace) -> None:
-    """What `demo` and `train` check before any data, model or training: the output folder, the
-    device and the learning rate (AdamW steps in float32, so it must fit one).
+    """What `demo` and `train` check before any data, model or training: the output and checkpoint
+    folders, the device and the learning rate (AdamW steps in float32, so it must fit one).
 
     Raises:
         CLIError: naming the option and the value.
     """
     import torch
 
-    _check_output(args.output)
+    _check_output("--output", args.output)
+    if getattr(args, "checkpoint_dir", None) is not None:
+        from cpt.checkpoint import LAST_CHECKPOINT_NAME
+
+        _check_output("--checkpoint-dir", args.checkpoint_dir / LAST_CHECKPOINT_NAME)
     _device(args.device)
     largest = float(torch.finfo(torch.float32).max)
     if not 0.0 < args.lr <= largest:  # NaN fails this too
@@ -545,24 +549,25 @@ def _device(name: str | None) -> str:
     return name
 
 
-def _check_output(path: Path) -> None:
-    """Refuses, before any training, an output folder that cannot be written.
+def _check_output(option: str, path: Path) -> None:
+    """Refuses, before any training, an output folder that cannot be written (`cpt._io.check_target`).
 
     Raises:
-        CLIError: if ``path`` is a file, a file stands where one of its parents should be, or the
-            nearest existing folder is not writable.
+        CLIError: naming the option, the path and the problem.
     """
-    if path.exists() and not path.is_dir():
-        raise CLIError(f"--output {path} is a file, not a folder")
-    existing = path
-    while not existing.exists():
-        if existing.is_symlink():
-            raise CLIError(f"--output {path}: {existing} is a broken link")
-        existing = existing.parent
-    if not existing.is_dir():
-        raise CLIError(f"--output {path}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise CLIError(f"--output {path}: {existing} is not writable")
+    from cpt import _io
+
+    try:
+        _io.check_target(path)
+    except ValueError as error:
+        raise CLIError(f"{option}: {error}") from None
+
+
+def _output_path(text: str) -> Path:
+    """An ``--output`` or ``--checkpoint-dir`` value; empty text names no folder."""
+    if not text:
+        raise argparse.ArgumentTypeError("an empty path names no folder")
+    return Path(text)
 
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:

@@ -13,6 +13,8 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from cpt import _io
+
 if TYPE_CHECKING:
     from cpt.model import CPTModel
 
@@ -244,7 +246,7 @@ def resolve_adapter(
     """
     local = Path(path).expanduser()
     name = os.fspath(path)
-    if local.exists() or not looks_like_hub_name(name):
+    if _io.entry_kind(local, "adapter") is not None or not looks_like_hub_name(name):
         return local
     try:
         return adapter_folder(name, revision=revision, token=token)

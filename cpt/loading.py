@@ -223,11 +223,12 @@ def _resolve(name: str, revision: str | None) -> tuple[str, dict[str, Any]]:
     if name == DEFAULT_MODEL:
         return str(default_model_path()), {}
     path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
+    kind = _io.entry_kind(path, "model")
+    if kind == "folder":
+        if _io.entry_kind(path / "config.json", "model") != "file":
             raise ValueError(f"cannot load model {name!r}: the folder has no config.json")
         return str(path), {}
-    if path.is_file():
+    if kind == "file":
         if path.suffix.lower() != GGUF_SUFFIX:
             raise ValueError(f"cannot load model {name!r}: not a folder or a {GGUF_SUFFIX} file")
         try:

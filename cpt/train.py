@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cpt import _compat, distributed, graphs
+from cpt import _compat, _io, distributed, graphs
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
@@ -205,7 +205,8 @@ def train(
         A `TrainResult` over the whole run.
 
     Raises:
-        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a context
+        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a
+            ``checkpoint_dir`` that cannot be written (`cpt._io.check_target`, before any step), a context
             that cannot be trained (`cpt.config.check_trainable`), a sample that does not fit after
             the context in the model's positions, or a checkpoint that does not match the model,
             the dataset or the config.
@@ -216,6 +217,8 @@ def train(
         raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
     if config.checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("checkpoint_every is set but checkpoint_dir is None: where would checkpoints go?")
+    if checkpoint_dir is not None:  # refused now, not at the first checkpoint
+        _io.check_target(Path(checkpoint_dir) / LAST_CHECKPOINT_NAME)
     num_samples = len(dataset)
     if num_samples == 0:
         raise ValueError("dataset is empty: nothing to train on")

@@ -9,8 +9,15 @@ from contexts import context_config, sample_batch
 from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 
-from cpt import CPTModel, adapter_format
-from cpt.adapter import CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, save_adapter
+from cpt import CPTModel, _io, adapter_format
+from cpt.adapter import (
+    CPT_CONFIG_NAME,
+    CPT_WEIGHTS_NAME,
+    PEFT_CONFIG_NAME,
+    PEFT_WEIGHTS_NAME,
+    save_adapter,
+    weights_limit,
+)
 
 
 @pytest.fixture
@@ -156,7 +163,7 @@ def test_a_failed_write_leaves_the_previous_adapter(trained: CPTModel, tmp_path,
 def test_saving_onto_a_file_is_refused(trained: CPTModel, tmp_path) -> None:
     target = tmp_path / "file"
     target.write_text("mine")
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(ValueError, match="is a file, not a folder"):
         trained.save_pretrained(target)
     assert target.read_text() == "mine"
 
@@ -275,3 +282,30 @@ def test_adapter_module_imports_no_model() -> None:
     imported = {n.module for n in top if isinstance(n, ast.ImportFrom)}
     imported |= {f"{n.module}.{a.name}" for n in top if isinstance(n, ast.ImportFrom) for a in n.names}
     assert "cpt.model" not in imported and "cpt.CPTModel" not in imported
+
+
+# ---------------------------------------------------------------------- sizes, and other systems
+
+
+@pytest.mark.parametrize("size", ["one byte over", 40 * 2**30])
+@pytest.mark.parametrize(("layout", "name", "tensors"), [("cpt", CPT_WEIGHTS_NAME, 2), ("peft", PEFT_WEIGHTS_NAME, 1)])
+def test_a_weights_file_larger_than_its_shapes_allow_is_refused_unread(
+    trained: CPTModel, tmp_path, layout: str, name: str, tensors: int, size
+) -> None:
+    trained.save_pretrained(tmp_path, format=layout)
+    rows, hidden = trained.delta.shape
+    if size == "one byte over":
+        size = weights_limit(tensors, rows, hidden) + 1
+    os.truncate(tmp_path / name, size)  # sparse: nothing is written to disk
+    with pytest.raises(ValueError, match=rf"adapter weights .*/{name} is larger than it can be: {size} bytes"):
+        CPTModel.from_pretrained(make_model("llama"), tmp_path)
+
+
+def test_saved_and_loaded_as_on_windows_and_macos(trained: CPTModel, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(_io, "_renameat2", False)  # macOS, Windows: the two-rename swap
+    monkeypatch.setattr(_io, "DIR_FDS", False)  # Windows: files opened by path
+    trained.save_pretrained(tmp_path / "a")
+    trained.save_pretrained(tmp_path / "a")  # a replacement, too
+    loaded = CPTModel.from_pretrained(make_model("llama"), tmp_path / "a")
+    assert torch.equal(loaded.context_embeddings(), trained.context_embeddings())
+    assert sorted(os.listdir(tmp_path)) == ["a"]

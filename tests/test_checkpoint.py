@@ -193,3 +193,21 @@ def test_training_stops_at_the_first_non_finite_step(context, dataset, collator,
         train(model, dataset, config, collator=collator, checkpoint_dir=tmp_path, resume_from=tmp_path / LAST_CHECKPOINT_NAME)
     assert torch.equal(model.delta, good)  # the update was not applied
     assert resume(context, tmp_path / LAST_CHECKPOINT_NAME).step == 2  # the last checkpoint is good
+
+
+@pytest.mark.parametrize("name", [STATE_TENSORS_NAME, f"{ADAPTER_DIR}/cpt_adapter.safetensors"])
+def test_a_file_larger_than_the_context_allows_is_refused_unread(context, folder: Path, name: str) -> None:
+    os.truncate(folder / name, 40 * 2**30)  # sparse: nothing is written to disk
+    with pytest.raises(ValueError, match=rf"checkpoint file .*/{name} is larger than it can be: {40 * 2**30} bytes"):
+        resume(context, folder)
+
+
+def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(
+    context, dataset, collator, tmp_path: Path
+) -> None:
+    (tmp_path / "file").write_text("mine")
+    model = CPTModel(make_model(), context)
+    before = model.delta.detach().clone()
+    with pytest.raises(ValueError, match=r"cannot write .*/file/last: .*/file is a file, not a folder"):
+        train(model, dataset, CONFIG, collator=collator, checkpoint_dir=tmp_path / "file")
+    assert torch.equal(model.delta.detach(), before)  # not one step was taken

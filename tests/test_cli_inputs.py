@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,10 @@ def _train(model_dir: Path, data_file: Path, output: Path, *extra: str) -> list[
 
 
 def _one_line(argv: list[str], capsys) -> str:
-    status = main(argv)
+    try:
+        status = main(argv)
+    except SystemExit as exit:  # argparse's own refusals
+        status = exit.code
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert status == 2 and len(lines) == 1 and "Traceback" not in err, err
@@ -53,16 +57,38 @@ def test_bad_devices(model_dir, data_file, tmp_path, capsys, no_training, device
 def test_output_that_is_a_file_or_under_one(model_dir, data_file, tmp_path, capsys, no_training) -> None:
     (tmp_path / "file").write_text("mine")
     line = _one_line(_train(model_dir, data_file, tmp_path / "file", "--device", "cpu"), capsys)
-    assert line.endswith("file is a file, not a folder")
+    assert line.endswith("/file: it is a file, not a folder")
     line = _one_line(_train(model_dir, data_file, tmp_path / "file" / "adapter", "--device", "cpu"), capsys)
     assert "file is a file, not a folder" in line
     assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_output_folder_not_writable(model_dir, data_file, tmp_path, capsys, no_training, monkeypatch) -> None:
-    monkeypatch.setattr("os.access", lambda path, mode: False)  # root may write anywhere: pretend
+    monkeypatch.setattr("os.access", lambda path, mode: not mode & os.W_OK)  # root may write anywhere: pretend
     line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu"), capsys)
     assert "is not writable" in line
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ("", "argument --output: an empty path names no folder"),
+        (".", "--output: cannot write '.': it names no folder of its own; give one, such as adapter"),
+        ("..", "--output: cannot write '..': it names no folder of its own; give one, such as ../adapter"),
+    ],
+)
+def test_outputs_that_name_no_folder(model_dir, data_file, tmp_path, capsys, no_training, monkeypatch, output, message) -> None:
+    monkeypatch.chdir(tmp_path)
+    line = _one_line(_train(model_dir, data_file, output, "--device", "cpu"), capsys)  # type: ignore[arg-type]
+    assert line.startswith(f"cpt train: error: {message}")
+    assert os.listdir(tmp_path) == []
+
+
+def test_checkpoint_dir_that_cannot_be_written(model_dir, data_file, tmp_path, capsys, no_training) -> None:
+    (tmp_path / "file").write_text("mine")
+    argv = _train(model_dir, data_file, tmp_path / "o", "--device", "cpu", "--checkpoint-dir", str(tmp_path / "file"))
+    line = _one_line(argv, capsys)
+    assert line == f"cpt train: error: --checkpoint-dir: cannot write {tmp_path}/file/last: {tmp_path}/file is a file, not a folder"
 
 
 @pytest.mark.parametrize("lr", ["1e39", "nan", "0", "-1"])

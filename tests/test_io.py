@@ -1,13 +1,23 @@
 """The one writer and the one reader of `cpt._io`: whole folders, swapped in at once."""
 
+import ast
+import errno
+import importlib
 import os
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
 import threading
+import types
 from pathlib import Path
 
 import pytest
 
 from cpt import _io
+
+LIMIT = 2**20  # bytes a test file may hold
 
 
 def _fill(files: dict[str, str]):
@@ -20,7 +30,7 @@ def _fill(files: dict[str, str]):
 
 
 def _read_all(folder: _io.Folder) -> dict[str, str]:
-    return {name: folder.read_bytes(name, "file").decode() for name in folder.names()}
+    return {name: folder.read_bytes(name, "file", LIMIT).decode() for name in folder.names()}
 
 
 def test_write_creates_then_replaces_the_whole_folder(tmp_path: Path) -> None:
@@ -112,9 +122,9 @@ def test_fallback_swap_without_exchange(tmp_path: Path, monkeypatch: pytest.Monk
 
 def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
     (tmp_path / "out").write_text("mine")
-    with pytest.raises(ValueError, match="exists and is not a folder"):
+    with pytest.raises(ValueError, match=r"cannot write .*/out: it is a file, not a folder"):
         _io.write_folder(tmp_path / "out", _fill({"a": "1"}))
-    with pytest.raises(ValueError, match=r"cannot create the folder .*/out/deeper: .*/out is a file"):
+    with pytest.raises(ValueError, match=r"cannot write .*/out/deeper/x: .*/out is a file, not a folder"):
         _io.write_folder(tmp_path / "out" / "deeper" / "x", _fill({"a": "1"}))
     assert (tmp_path / "out").read_text() == "mine"
 
@@ -125,17 +135,17 @@ def test_reader_retries_when_the_folder_is_swapped_under_it(tmp_path: Path) -> N
     calls = []
 
     def read(folder: _io.Folder) -> dict[str, str]:
-        first = folder.read_bytes("a", "file").decode()
+        first = folder.read_bytes("a", "file", LIMIT).decode()
         if not calls:  # a writer swaps the folder between this reader's two files
             calls.append(1)
             _io.write_folder(target, _fill({"a": "2", "b": "2"}))
-        return {"a": first, "b": folder.read_bytes("b", "file").decode()}
+        return {"a": first, "b": folder.read_bytes("b", "file", LIMIT).decode()}
 
     assert _io.open_folder(target, read, "thing") == {"a": "2", "b": "2"}  # never a mix
 
 
-def test_writers_take_turns_under_the_lock(tmp_path: Path) -> None:
-    target = tmp_path / "out"
+def _most_writers_at_once(target: Path) -> int:
+    """Four threads write ``target`` 20 times each; returns the most that were filling at once."""
     inside, overlap = [0], []
 
     def fill(n: int):
@@ -152,7 +162,11 @@ def test_writers_take_turns_under_the_lock(tmp_path: Path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
-    assert max(overlap) == 1  # never two writers filling at once
+    return max(overlap)
+
+
+def test_writers_take_turns_under_the_lock(tmp_path: Path) -> None:
+    assert _most_writers_at_once(tmp_path / "out") == 1  # never two writers filling at once
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
@@ -166,3 +180,259 @@ def test_a_write_error_names_the_folder(tmp_path: Path) -> None:
     with pytest.raises(PermissionError, match="cannot write"):
         _io.write_folder(tmp_path / "out", lambda folder: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     assert sorted(os.listdir(tmp_path)) == []
+
+
+# ---------------------------------------------------------------------- sizes
+
+
+@pytest.mark.parametrize("size", [LIMIT + 1, 40 * 2**30], ids=["one-byte-over", "40GiB"])
+def test_a_file_over_its_limit_is_refused_before_it_is_read(tmp_path: Path, size: int) -> None:
+    _io.write_folder(tmp_path / "out", _fill({"big": ""}))
+    os.truncate(tmp_path / "out" / "big", size)  # sparse: nothing is written to disk
+    with pytest.raises(ValueError, match=rf"file .*/out/big is larger than it can be: {size} bytes, at most {LIMIT}"):
+        _io.open_folder(tmp_path / "out", _read_all, "thing")
+
+
+# ---------------------------------------------------------------------- the lock
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """A second process that holds ``folder``'s writer lock until killed."""
+    code = "import sys, time; from cpt import _io\nwith _io.locked(sys.argv[1]):\n    print('held', flush=True); time.sleep(600)"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdout=subprocess.PIPE, text=True, env=env)
+    assert holder.stdout.readline() == "held\n"
+    return holder
+
+
+def _in_thread(action) -> list[BaseException]:  # type: ignore[no-untyped-def]
+    """Runs ``action`` and returns what it raised; a hang fails the test instead of stalling it."""
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            raised.append(error)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout=120)
+    assert not thread.is_alive(), "the writer hung waiting for the lock"
+    return raised
+
+
+def test_a_writer_waits_for_a_held_lock_only_so_long(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_io, "LOCK_TIMEOUT", 0.5)
+    _io.write_folder(tmp_path / "out", _fill({"a": "1"}))
+    holder = _hold_lock(tmp_path)
+    try:
+        raised = _in_thread(lambda: _io.write_folder(tmp_path / "out", _fill({"a": "2"})))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError)
+    assert f"another process has held the lock on the folder {tmp_path} for 0.5 s" in str(raised[0])
+    assert _io.open_folder(tmp_path / "out", _read_all, "thing") == {"a": "1"}
+    _io.write_folder(tmp_path / "out", _fill({"a": "3"}))  # the holder died: its lock went with it
+    assert _io.open_folder(tmp_path / "out", _read_all, "thing") == {"a": "3"}
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+# ---------------------------------------------------------------------- paths checked up front
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "/", "sub/.."])
+def test_a_path_that_names_no_folder_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(ValueError, match="names no folder of its own"):
+        _io.check_target(name)
+    with pytest.raises(ValueError, match="names no folder of its own"):
+        _io.write_folder(name, _fill({"a": "1"}))
+    assert sorted(os.listdir(tmp_path)) == ["sub"] and os.listdir(tmp_path / "sub") == []
+
+
+def test_check_target_accepts_what_write_folder_can_write(tmp_path: Path) -> None:
+    assert _io.check_target(tmp_path / "new" / "deeper") == tmp_path / "new" / "deeper"
+    _io.write_folder(tmp_path / "out", _fill({"a": "1"}))
+    (tmp_path / "link").symlink_to(tmp_path / "out")
+    assert _io.check_target(tmp_path / "link") == tmp_path / "out"
+    assert sorted(os.listdir(tmp_path)) == ["link", "out"]  # a check writes nothing
+
+
+# ---------------------------------------------------------------------- as another user
+
+NOBODY = 65534  # the unprivileged user a root test run acts as
+
+
+@pytest.fixture
+def shared(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A folder the user of `_as_user` owns: a fresh one owned by nobody when the tests run as root."""
+    if os.geteuid() != 0:
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="cpt-test-"))
+    os.chown(folder, NOBODY, NOBODY)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder)
+
+
+def _as_user(action) -> str:  # type: ignore[no-untyped-def]
+    """Runs ``action`` in a forked child as an unprivileged user (nobody when root, where permission
+    bits would not stop it; else this user); returns ``ok`` or ``<exception type>: <message>``."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        os.close(read)
+        try:
+            if os.geteuid() == 0:
+                os.setgid(NOBODY)
+                os.setuid(NOBODY)
+            action()
+            text = "ok"
+        except BaseException as error:  # noqa: BLE001 - reported to the parent
+            text = f"{type(error).__name__}: {error}"
+        os.write(write, text.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        text = pipe.read().decode()
+    os.waitpid(pid, 0)
+    return text
+
+
+def test_an_unreadable_parent_folder_is_named(shared: Path) -> None:
+    locked_away = shared / "private"
+    _io.write_folder(locked_away / "out", _fill({"a": "1"}))
+    os.chmod(locked_away, 0o000)  # as root, owned by root: closed to nobody
+    try:
+        wrote = _as_user(lambda: _io.write_folder(locked_away / "new", _fill({"a": "1"})))
+        read = _as_user(lambda: _io.open_folder(locked_away / "out", _read_all, "thing"))
+        looked = _as_user(lambda: _io.entry_kind(locked_away / "out", "thing"))
+    finally:
+        os.chmod(locked_away, 0o755)
+    assert wrote == f"ValueError: cannot write {locked_away}/new: the folder {locked_away} is not readable by this user"
+    assert read == f"ValueError: cannot read thing {locked_away}/out: the folder {locked_away} is not readable by this user"
+    assert looked == read
+    assert sorted(os.listdir(locked_away)) == ["out"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs a second user: the tests act as nobody when run as root")
+def test_an_old_folder_this_user_cannot_delete_is_refused_before_writing(shared: Path) -> None:
+    _io.write_folder(shared / "out", _fill({"a": "root's"}))  # root's folder, in nobody's
+    result = _as_user(lambda: _io.write_folder(shared / "out", _fill({"a": "nobody's"})))
+    assert result == (
+        f"ValueError: cannot write {shared}/out: the old folder cannot be replaced, as this user cannot "
+        f"delete what is in {shared}/out; remove it, or write elsewhere"
+    )
+    assert sorted(os.listdir(shared)) == ["out"]  # no temporary folder left behind
+    assert (shared / "out" / "a").read_text() == "root's"
+
+
+def test_read_only_folders_in_a_failed_or_dead_write_are_still_removed(shared: Path) -> None:
+    def fill_and_fail(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "f").write_text("x")
+        os.chmod(folder / "sub", 0o555)  # its owner cannot delete f without opening it up first
+        raise OSError("disk full")
+
+    def dead_writer_then_save() -> None:
+        stale = shared / ".out.tmp-12345-deadbeef"
+        stale.mkdir()
+        (stale / "sub").mkdir()
+        (stale / "sub" / "f").write_text("partial")
+        os.chmod(stale / "sub", 0o555)
+        _io.write_folder(shared / "out", _fill({"a": "2"}))
+
+    assert _as_user(lambda: _io.write_folder(shared / "out", fill_and_fail)) == "OSError: cannot write " + str(
+        shared / "out"
+    ) + ": disk full"
+    assert os.listdir(shared) == []
+    assert _as_user(dead_writer_then_save) == "ok"
+    assert sorted(os.listdir(shared)) == ["out"]
+
+
+# ---------------------------------------------------------------------- other operating systems
+
+
+def test_no_module_of_cpt_imports_an_os_specific_module_unguarded() -> None:
+    specific = {"fcntl", "msvcrt", "termios", "tty", "pty", "pwd", "grp", "resource", "posix", "nt", "winreg", "_winapi"}
+    found = []
+    for path in sorted((Path(__file__).parents[1] / "cpt").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded = {
+            id(node)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.Try)
+            and any(isinstance(h.type, ast.Name) and h.type.id == "ImportError" for h in block.handlers)
+            for node in ast.walk(block)
+        }
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if {n.split(".")[0] for n in names} & specific and id(node) not in guarded:
+                found.append(f"{path.name}:{node.lineno}")
+    assert found == []
+
+
+@pytest.fixture
+def without_fcntl(monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """`cpt._io` imported where ``fcntl`` does not exist (as on Windows)."""
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # an import of it now fails
+    importlib.reload(_io)
+    yield
+    monkeypatch.undo()
+    importlib.reload(_io)
+
+
+def test_io_imports_and_writes_without_fcntl(tmp_path: Path, without_fcntl: None) -> None:
+    assert _io.fcntl is None and _io.msvcrt is None  # neither lock exists: written without one
+    with pytest.warns(UserWarning, match="no file locks"):
+        _io.write_folder(tmp_path / "out", _fill({"a": "1"}))
+    assert _io.open_folder(tmp_path / "out", _read_all, "thing") == {"a": "1"}
+
+
+def _msvcrt_on_flock() -> types.SimpleNamespace:
+    """Windows' ``msvcrt.locking`` as documented (a held lock fails with EACCES), made of flock."""
+    real = importlib.import_module("fcntl")
+
+    def locking(fd: int, mode: int, nbytes: int) -> None:
+        assert nbytes == 1
+        if mode == 0:
+            real.flock(fd, real.LOCK_UN)
+            return
+        try:
+            real.flock(fd, real.LOCK_EX | real.LOCK_NB)
+        except BlockingIOError:
+            raise PermissionError(errno.EACCES, "Permission denied") from None
+
+    return types.SimpleNamespace(LK_UNLCK=0, LK_NBLCK=2, locking=locking)
+
+
+@pytest.fixture
+def like_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Windows paths: ``msvcrt`` for the lock, no folder descriptors, no RENAME_EXCHANGE."""
+    monkeypatch.setattr(_io, "fcntl", None)
+    monkeypatch.setattr(_io, "msvcrt", _msvcrt_on_flock())
+    monkeypatch.setattr(_io, "DIR_FDS", False)
+    monkeypatch.setattr(_io, "_renameat2", False)
+
+
+def test_the_windows_lock_lets_writers_take_turns_and_times_out(tmp_path: Path, like_windows: None, monkeypatch) -> None:
+    assert _most_writers_at_once(tmp_path / "out") == 1
+    assert sorted(os.listdir(tmp_path)) == [_io.LOCK_FILE, "out"]  # Windows cannot lock the folder itself
+    monkeypatch.setattr(_io, "LOCK_TIMEOUT", 0.2)
+    with _io.locked(tmp_path):
+        raised = _in_thread(lambda: _io.write_folder(tmp_path / "out", _fill({"n": "late"})))
+    assert len(raised) == 1 and isinstance(raised[0], TimeoutError) and str(tmp_path) in str(raised[0])
+
+
+def test_reading_by_path_never_mixes_two_saves(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_io, "DIR_FDS", False)  # as on Windows: files are opened by path
+    monkeypatch.setattr(_io, "_renameat2", False)  # as on macOS and Windows: the two-rename swap
+    test_reader_retries_when_the_folder_is_swapped_under_it(tmp_path)  # a read that mixed is run again
+    test_a_fallback_swap_killed_between_its_renames_is_recovered(tmp_path / "killed")
+    test_write_creates_then_replaces_the_whole_folder(tmp_path / "whole")

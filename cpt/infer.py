@@ -258,8 +258,8 @@ def generate(
 
     Raises:
         ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
-            replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
-            has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
+            replace the prompt or the cache, ``num_return_sequences`` or ``num_beams`` is not 1,
+            ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
             or a text renders to no query tokens while the context's last token carries a trained
             embedding; when sampling, if ``temperature`` is outside `TEMPERATURE_RANGE`, ``top_p``
@@ -561,13 +561,17 @@ class _FiniteScores(LogitsProcessor):
 
 
 def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
-    """Whether ``generate`` will sample; if so, refuses a temperature, ``top_p`` or ``top_k`` that
-    sampling cannot compute with (each read from ``kwargs``, else the generation config's)."""
+    """Whether ``generate`` will sample; refuses beam search (the context's cache holds one
+    sequence) and, when sampling, a temperature, ``top_p`` or ``top_k`` that sampling cannot
+    compute with. Each setting is read from ``kwargs``, else from the generation config."""
     config = kwargs.get("generation_config") or base_model.generation_config
 
     def setting(name: str) -> Any:
         return kwargs[name] if name in kwargs else getattr(config, name, None)
 
+    beams = setting("num_beams")
+    if beams not in (None, 1):
+        raise ValueError(f"num_beams must be 1 (the context's cache holds one sequence), got {show(beams)}")
     if not setting("do_sample"):
         return False
     low, high = TEMPERATURE_RANGE

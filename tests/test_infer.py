@@ -270,6 +270,7 @@ def test_generate_samples_with_generation_arguments() -> None:
         (["a"], {"input_ids": torch.tensor([[1]])}, "generate builds"),
         (["a"], {"past_key_values": None}, "generate builds"),
         (["a"], {"num_return_sequences": 2}, "num_return_sequences must be 1"),
+        (["a"], {"num_beams": 2}, r"num_beams must be 1 \(the context's cache holds one sequence\), got 2"),
     ],
 )
 def test_generate_rejects_bad_arguments(texts, kwargs, message: str) -> None:

@@ -373,7 +373,8 @@ def test_bad_values_are_one_line(argv: list[str], message: str, capsys) -> None:
 
 @pytest.mark.parametrize("value", ["-1", "1e-45", "1e-39", "3.5e38", "inf", "nan"])
 def test_temperature_beyond_what_sampling_computes(adapter: Path, model_dir: Path, value: str, capsys) -> None:
-    line = _error(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", value, "x"], capsys)
+    argv = ["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", value, "x"]
+    line = _error(argv, capsys)
     assert line == ("cpt generate: error: --temperature must be 0 (greedy) or a number in "
                     f"[1.1754943508222875e-38, 3.4028234663852886e+38], got {float(value)}")
 

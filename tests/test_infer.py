@@ -397,7 +397,8 @@ def test_classify_refuses_non_finite_scores_naming_the_text(device: str, use_cac
     texts = ["a fine story", BROKEN, "the"]
     assert classify(model, tokenizer, texts, LABELS, use_cache=use_cache).predictions  # sound before
     break_inputs(model, tokenizer, "Ω")
-    with pytest.raises(NonFiniteScoresError, match=r"^text 1 \('boring Ω'\): the model's label scores are NaN") as info:
+    message = r"^text 1 \('boring Ω'\): the model's label scores are NaN"
+    with pytest.raises(NonFiniteScoresError, match=message) as info:
         classify(model, tokenizer, texts, LABELS, use_cache=use_cache, batch_size=2)
     assert isinstance(info.value, ValueError) and (info.value.index, info.value.text) == (1, BROKEN)
 
@@ -444,7 +445,7 @@ def test_generate_samples_at_both_ends_of_the_temperature_range(device: str) -> 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"temperature": 1e-45}, r"temperature must be a number in \[1.1754943508222875e-38, 3.4028234663852886e\+38\]"),
+        ({"temperature": 1e-45}, r"temperature must be a number in \[1.1754943508222875e-38, 3.4028234663852886e\+38"),
         ({"temperature": 0.0}, "temperature must be a number in"),
         ({"temperature": float("nan")}, "temperature must be a number in"),
         ({"temperature": 1e39}, "temperature must be a number in"),

@@ -374,11 +374,12 @@ def test_seed_range_is_what_torch_generators_take(context, dataset, collator) ->
     with pytest.raises((ValueError, RuntimeError)):
         torch.Generator().manual_seed(MAX_SEED + 1)  # ...and the first it does not
     message = r"^seed must be an integer in \[0, 2\*\*64 - 1\], got "
+    data = LabelledData("d", EXAMPLES, sorted({e.label for e in EXAMPLES}))
     for seed in (MAX_SEED + 1, -1, 1.0, True):
         with pytest.raises(ValueError, match=message):
             TrainConfig(seed=seed)
         with pytest.raises(ValueError, match=message):  # the draws take the seeds training takes
-            split_examples(LabelledData("d", EXAMPLES, sorted({e.label for e in EXAMPLES})), per_class=0, n_test=1, seed=seed)
+            split_examples(data, per_class=0, n_test=1, seed=seed)
     result = train(fresh_model(context), dataset, quick_config(seed=MAX_SEED, max_steps=1), collator=collator)
     assert result.steps == 1
 

@@ -1,4 +1,5 @@
-"""Checks of fields read from JSON files, each failure one ValueError naming file, field, value."""
+"""Checks of fields read from JSON files, each failure one ValueError naming file, field, value;
+and of the values the API and the command line share with them (seeds)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,28 @@ def is_number(value: Any) -> bool:
 
 
 def is_finite(value: Any) -> bool:
-    """A number (`is_number`) that is neither NaN nor infinite."""
-    return is_number(value) and math.isfinite(value)
+    """A number (`is_number`) that is neither NaN nor infinite, nor an int too large for a float."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range, which math converts to first
+        return False
+
+
+MAX_SEED = 2**64 - 1
+"""The largest seed: torch's generators take an unsigned 64-bit integer (``torch.manual_seed``)."""
+
+
+def check_seed(name: str, value: Any) -> int:
+    """Returns ``value`` if it is an integer in [0, `MAX_SEED`], the seeds every generator takes.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if not is_int(value) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**64 - 1], got {show(value)}")
+    return value
 
 
 def show(value: Any) -> str:

@@ -105,6 +105,16 @@ def _int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _seed(text: str) -> int:
+    """A ``--seed``: an integer in [0, 2**64 - 1], the seeds every generator takes (`cpt._fields.MAX_SEED`)."""
+    from cpt._fields import MAX_SEED
+
+    value = _int_at_least(0)(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be <= 2**64 - 1, got {value}")
+    return value
+
+
 def _names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     if not all(names) or len(set(names)) != len(names):
@@ -140,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--per-class", type=_int_at_least(1), default=2, help="context examples per label")
     demo.add_argument("--test", type=_int_at_least(1), default=200, help="held-out examples to score")
     demo.add_argument("--output", type=_output_path, default=Path("cpt-demo-adapter"), help="adapter folder")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
+    demo.add_argument("--seed", type=_seed, default=0, help="seed of the draws and of training")
     _train_args(demo)
     demo.set_defaults(run=_run_demo)
 
@@ -224,7 +234,7 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_argument("--adapter", required=True, help="adapter folder or hub name")
     generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=20, help="tokens to generate per text")
     generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    generate.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    generate.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
     _progress_arg(generate)
     generate.add_argument("texts", nargs="+", help="texts to continue")
     generate.set_defaults(run=_run_generate)
@@ -243,7 +253,7 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="built-in dataset name or a .jsonl/.csv file")
     _label_names_arg(parser)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the draws and of training")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed of the draws and of training")
 
 
 def _label_names_arg(parser: argparse.ArgumentParser) -> None:
@@ -464,15 +474,22 @@ def _run_generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    if not args.temperature >= 0:
-        raise CLIError(f"--temperature must be >= 0, got {args.temperature}")
+    from cpt.infer import TEMPERATURE_RANGE, NonFiniteScoresError
+
+    low, high = TEMPERATURE_RANGE
+    if not (args.temperature == 0 or low <= args.temperature <= high):  # NaN fails this too
+        raise CLIError(f"--temperature must be 0 (greedy) or a number in [{low!r}, {high!r}], got {args.temperature}")
     cpt_model, tokenizer = _load_adapter(args)
     options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.temperature > 0}
     if args.temperature > 0:
         options["temperature"] = args.temperature
         torch.manual_seed(args.seed)
-    for text in tqdm(args.texts, desc="generating", unit="text", file=sys.stderr, disable=args.no_progress):
-        (generated,) = cpt_model.generate(tokenizer, [text], **options)
+    texts = tqdm(args.texts, desc="generating", unit="text", file=sys.stderr, disable=args.no_progress)
+    for i, text in enumerate(texts):
+        try:
+            (generated,) = cpt_model.generate(tokenizer, [text], **options)
+        except NonFiniteScoresError as error:  # named as the only text of its call: name it by the user's
+            raise error.at(i) from None
         tqdm.write(json.dumps({"text": text, "generated": generated}), file=sys.stdout)
     return 0
 
@@ -502,12 +519,12 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
 
 def _preflight(args: argparse.Namespace) -> None:
     """What `demo` and `train` check before any data, model or training: the output and checkpoint
-    folders, the device and the learning rate (AdamW steps in float32, so it must fit one).
+    folders, the device and the learning rate (`cpt.train.MAX_LEARNING_RATE`).
 
     Raises:
         CLIError: naming the option and the value.
     """
-    import torch
+    from cpt.train import MAX_LEARNING_RATE
 
     _check_output("--output", args.output)
     if getattr(args, "checkpoint_dir", None) is not None:
@@ -515,9 +532,8 @@ def _preflight(args: argparse.Namespace) -> None:
 
         _check_output("--checkpoint-dir", args.checkpoint_dir / LAST_CHECKPOINT_NAME)
     _device(args.device)
-    largest = float(torch.finfo(torch.float32).max)
-    if not 0.0 < args.lr <= largest:  # NaN fails this too
-        raise CLIError(f"--lr must be a number in (0, {largest:.4g}], got {args.lr}")
+    if not 0.0 < args.lr <= MAX_LEARNING_RATE:  # NaN fails this too
+        raise CLIError(f"--lr must be a number in (0, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {args.lr}")
 
 
 def _device(name: str | None) -> str:
@@ -602,14 +618,17 @@ def _classify(
     import torch
     from tqdm import tqdm
 
-    from cpt.infer import Classification, classify
+    from cpt.infer import Classification, NonFiniteScoresError, classify
 
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     parts = []
     with tqdm(total=len(texts), desc="scoring", unit="text", file=sys.stderr, disable=not progress) as bar:
         for start in range(0, len(order), batch_size):
             chunk = [texts[i] for i in order[start : start + batch_size]]
-            parts.append(classify(cpt_model, tokenizer, chunk, labels, template=template, batch_size=batch_size))
+            try:
+                parts.append(classify(cpt_model, tokenizer, chunk, labels, template=template, batch_size=batch_size))
+            except NonFiniteScoresError as error:  # named by its place in the pass: name it by the user's
+                raise error.at(order[start + error.index]) from None
             bar.update(len(chunk))
     back = torch.argsort(torch.tensor(order))  # position of each text in the sorted order
     predictions = [p for part in parts for p in part.predictions]

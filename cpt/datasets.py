@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt._fields import check_seed
 from cpt.data import Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
@@ -239,13 +240,13 @@ def split_examples(
         ``(context, train, test)``.
 
     Raises:
-        ValueError: if a count is negative or not an int, or there are not enough examples (of a
-            label, for the context).
+        ValueError: if a count is negative or not an int, ``seed`` is not an integer in
+            [0, 2**64 - 1], or there are not enough examples (of a label, for the context).
     """
     for arg, value in (("per_class", per_class), ("n_test", n_test), ("n_train", n_train)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{arg} must be an int >= 0, got {value!r}")
-    rng = random.Random(seed)
+    rng = random.Random(check_seed("seed", seed))  # the seeds training takes, so one serves both
     order = _unique_texts(data.examples)
     rng.shuffle(order)
     if len(order) < n_test:

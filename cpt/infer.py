@@ -23,8 +23,10 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from cpt import _compat, calibration, passes
+from cpt._fields import is_int, is_number, show
 from cpt.data import Template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
@@ -32,6 +34,35 @@ from cpt.passes import ContextCache
 if TYPE_CHECKING:
     from cpt.model import CPTModel
     from transformers import PreTrainedTokenizerBase
+
+
+SCORES_DTYPE = torch.float32
+"""The dtype of the scores inference reads: `classify`'s log-probabilities, and the next-token
+scores ``transformers``' ``generate`` casts the logits to before sampling."""
+
+TEMPERATURE_RANGE = (torch.finfo(SCORES_DTYPE).tiny, torch.finfo(SCORES_DTYPE).max)
+"""The sampling temperatures `generate` takes: a positive normal float32 (a subnormal one may be
+flushed to zero) that is finite. Any of them is computable, since `generate` shifts each step's
+scores to a maximum of 0 before they are divided by it (the best token's score stays 0, the others
+go to at worst minus infinity)."""
+
+
+class NonFiniteScoresError(ValueError):
+    """The model's scores for a text hold NaN or infinity, so no label or token can be chosen
+    from them (broken weights, or activations that overflowed their dtype).
+
+    Attributes:
+        index: the text's position among the texts of the call.
+        text: the text.
+    """
+
+    def __init__(self, index: int, text: str, what: str) -> None:
+        self.index, self.text, self.what = index, text, what
+        super().__init__(f"{_text_name(index, text)}: {what}")
+
+    def at(self, index: int) -> NonFiniteScoresError:
+        """The same error for the text at ``index`` of a larger list (a caller that passed a part)."""
+        return NonFiniteScoresError(index, self.text, self.what)
 
 
 @dataclass
@@ -114,6 +145,7 @@ def classify(
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
+        NonFiniteScoresError: a ValueError naming the first text with a NaN or infinite score.
     """
     texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
@@ -141,6 +173,7 @@ def classify(
         scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
     else:
         scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id)
+    _check_finite_scores(scores, texts)
 
     probabilities = scores.softmax(dim=-1)  # (T, L)
     prior = None
@@ -205,6 +238,11 @@ def generate(
     is a single token), as every example of the context ends with it; a final stop token is not
     part of the returned text.
 
+    Each step's scores are watched for what no token can be chosen from (a NaN, plus infinity, or
+    every token ruled out) on the device, and read back once per text: such a text is refused,
+    not decoded into garbage. When sampling, the scores are shifted to a maximum of 0 first, which
+    leaves the distribution as it is and keeps every temperature of `TEMPERATURE_RANGE` finite.
+
     Args:
         model: a trained `CPTModel`.
         tokenizer: the tokenizer the context was made with.
@@ -220,11 +258,13 @@ def generate(
 
     Raises:
         ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
-            replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
-            has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
+            replace the prompt or the cache, ``num_return_sequences`` or ``num_beams`` is not 1,
+            ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
             or a text renders to no query tokens while the context's last token carries a trained
-            embedding.
+            embedding; when sampling, if ``temperature`` is outside `TEMPERATURE_RANGE`, ``top_p``
+            outside [0, 1] or ``top_k`` not an integer >= 0.
+        NonFiniteScoresError: a ValueError naming the first text whose scores were not finite.
     """
     texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
     reserved = {"input_ids", "inputs", "inputs_embeds", "attention_mask", "cache", "past_key_values"}
@@ -237,6 +277,8 @@ def generate(
     template = Template() if template is None else template
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
+    sampling = _check_sampling(base_model, generation_kwargs)
+    processors = list(generation_kwargs.pop("logits_processor", None) or [])
     device = model.delta.device
     n = model.num_virtual_tokens
 
@@ -269,7 +311,16 @@ def generate(
         attention_mask = torch.cat(
             [model.context.mask, torch.ones(len(query), dtype=torch.long, device=device)]
         ).unsqueeze(0)  # (1, N + Q)
-        sequences = passes.generate(base_model, input_ids, attention_mask, tensors, **generation_kwargs)
+        guard = _FiniteScores(shift=sampling)  # after the user's processors, before the samplers'
+        sequences = passes.generate(
+            base_model, input_ids, attention_mask, tensors,
+            logits_processor=LogitsProcessorList([*processors, guard]), **generation_kwargs,
+        )
+        if not guard.all_finite():  # the one read of the flag for this text
+            raise NonFiniteScoresError(
+                i, text, "the model's next-token scores held NaN or infinity (or ruled out every token) "
+                "during generation; its weights, or activations overflowing their dtype, are at fault",
+            )
         new = sequences[0, input_ids.shape[1] :].tolist()
         if new and new[-1] in stops:
             new = new[:-1]
@@ -470,6 +521,80 @@ def _strings(name: str, values: Sequence[str]) -> list[str]:
         if not isinstance(value, str):
             raise ValueError(f"{name}[{k}] must be a string, got {value!r}")
     return values
+
+
+def _check_finite_scores(scores: torch.Tensor, texts: list[str]) -> None:
+    """Refuses the first text with a NaN or infinite score in the (T, L) table, on the host
+    already: no read from the device beyond the one per batch that brought the scores back."""
+    finite = torch.isfinite(scores).all(dim=1)  # (T,)
+    if not bool(finite.all()):
+        i = int((~finite).nonzero()[0])
+        raise NonFiniteScoresError(
+            i, texts[i], "the model's label scores are NaN or infinite, so no label can be chosen; its "
+            "weights, or activations overflowing their dtype (float16), are at fault",
+        )
+
+
+class _FiniteScores(LogitsProcessor):
+    """Watches each generation step's scores for a row no token can be chosen from (a NaN, plus
+    infinity, or every token at minus infinity): a flag that stays on the device, so the steps
+    run without reading it back. Such a row becomes zeros (decoding goes on, to be refused after).
+
+    With ``shift``, every row is shifted to a maximum of 0: sampling's softmax is unchanged, and
+    the temperature's division that follows leaves the best token at 0 and the others at worst at
+    minus infinity, never NaN.
+    """
+
+    def __init__(self, shift: bool) -> None:
+        self.shift = shift
+        self.finite: torch.Tensor | None = None  # () bool, on the scores' device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        top = scores.amax(dim=-1, keepdim=True)  # (B, 1): NaN where a score is NaN
+        usable = torch.isfinite(top)  # (B, 1)
+        self.finite = usable.all() if self.finite is None else self.finite & usable.all()
+        return torch.where(usable, scores - top if self.shift else scores, 0.0)  # (B, V)
+
+    def all_finite(self) -> bool:
+        """True if every step so far had usable scores (reads the flag back once)."""
+        return self.finite is None or bool(self.finite)
+
+
+def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether ``generate`` will sample; refuses beam search (the context's cache holds one
+    sequence) and, when sampling, a temperature, ``top_p`` or ``top_k`` that sampling cannot
+    compute with. Each setting is read from ``kwargs``, else from the generation config."""
+    config = kwargs.get("generation_config") or base_model.generation_config
+
+    def setting(name: str) -> Any:
+        return kwargs[name] if name in kwargs else getattr(config, name, None)
+
+    beams = setting("num_beams")
+    if beams not in (None, 1):
+        raise ValueError(f"num_beams must be 1 (the context's cache holds one sequence), got {show(beams)}")
+    if not setting("do_sample"):
+        return False
+    low, high = TEMPERATURE_RANGE
+    temperature, top_p, top_k = setting("temperature"), setting("top_p"), setting("top_k")
+    if temperature is not None and not (is_number(temperature) and low <= temperature <= high):
+        raise ValueError(
+            f"temperature must be a number in [{low!r}, {high!r}] (the float32 scores' normal range; "
+            f"do_sample=False for greedy decoding), got {show(temperature)}"
+        )
+    if top_p is not None and not (is_number(top_p) and 0 <= top_p <= 1):
+        raise ValueError(f"top_p must be a number in [0, 1], got {show(top_p)}")
+    if top_k is not None and not (is_int(top_k) and top_k >= 0):
+        raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {show(top_k)}")
+    return True
+
+
+def _text_name(index: int, text: str) -> str:
+    """``text 3 ('the first words'...)``: a text named by its index and the start of it."""
+    shown = repr(text[:_TEXT_PREFIX]) + ("..." if len(text) > _TEXT_PREFIX else "")
+    return f"text {index} ({shown})"
+
+
+_TEXT_PREFIX = 30  # characters of a text that a message shows
 
 
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:

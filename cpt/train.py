@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpt import _compat, _io, distributed, graphs
+from cpt._fields import check_seed, is_finite, show
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
@@ -52,13 +53,37 @@ CudaGraphs = Choice
 Batch = dict[str, torch.Tensor]
 EvalFn = Callable[[CPTModel], Mapping[str, float]]
 
+ADAM_BETAS = (0.9, 0.999)
+"""AdamW's moment decays (torch's defaults, as PEFT's example and ``transformers.Trainer`` use)."""
+
+
+def _largest_learning_rate() -> float:
+    """The largest rate whose first AdamW step size, ``lr / (1 - beta1)``, is a float32.
+
+    AdamW steps ``delta`` (float32) by ``lr / (1 - beta1 ** t)`` times the normalised moment; the
+    bias correction ``1 - beta1 ** t`` is smallest at step 1, and torch converts the step size to
+    the parameter's dtype, so a larger rate fails at the first step.
+    """
+    largest, correction = torch.finfo(torch.float32).max, 1 - ADAM_BETAS[0]
+    rate = largest * correction
+    while rate / correction > largest:  # float64 rounding: settle on the exact boundary
+        rate = math.nextafter(rate, 0.0)
+    while math.nextafter(rate, math.inf) / correction <= largest:
+        rate = math.nextafter(rate, math.inf)
+    return rate
+
+
+MAX_LEARNING_RATE = _largest_learning_rate()
+"""The largest learning rate AdamW can step float32 parameters with (about 3.4e37)."""
+
 
 @dataclass
 class TrainConfig:
     """How `train` optimises a CPT context.
 
     Args:
-        learning_rate: AdamW's step size.
+        learning_rate: AdamW's step size, at most `MAX_LEARNING_RATE` (the first step divides it
+            by ``1 - beta1``, and the quotient must be a float32).
         epochs: passes over the dataset; ignored when ``max_steps`` is set.
         batch_size: samples per forward pass (micro-batch).
         gradient_accumulation_steps: micro-batches per optimizer step.
@@ -67,7 +92,7 @@ class TrainConfig:
         max_steps: if set, train for exactly this many optimizer steps, cycling epochs as
             needed (as in ``transformers``); ``epochs`` is then ignored.
         seed: seeds the sample order (with the epoch) and, on a fresh run, the global torch and
-            Python RNGs.
+            Python RNGs; an integer in [0, 2**64 - 1] (torch's generators take 64 bits).
         eval_every: call ``eval_fn`` every this many optimizer steps; None never.
         checkpoint_every: save a checkpoint every this many optimizer steps; None only at the end
             (when a ``checkpoint_dir`` is given).
@@ -114,7 +139,7 @@ class TrainConfig:
     shard_base_model: bool = False  # one device holds the whole model unless asked
 
     def __post_init__(self) -> None:
-        _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False)
+        _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False, maximum=MAX_LEARNING_RATE)
         _check_number("weight_decay", self.weight_decay, minimum=0.0, inclusive=True)
         if self.max_grad_norm is not None:
             _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
@@ -123,7 +148,7 @@ class TrainConfig:
         for name in ("max_steps", "eval_every", "checkpoint_every"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1)
-        _check_int("seed", self.seed, minimum=0)
+        check_seed("seed", self.seed)
         for name in ("progress", "shard_base_model"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -292,7 +317,7 @@ def train(
 def make_optimizer(model: CPTModel, config: TrainConfig) -> torch.optim.AdamW:
     """AdamW over ``model.trainable_parameters()`` with the config's learning rate and decay."""
     return torch.optim.AdamW(
-        model.trainable_parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        model.trainable_parameters(), lr=config.learning_rate, betas=ADAM_BETAS, weight_decay=config.weight_decay
     )
 
 
@@ -484,12 +509,14 @@ def _seed_everything(seed: int) -> None:
 # ---------------------------------------------------------------------- validation
 
 
-def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value >= minimum if inclusive else value > minimum)
-    if not ok:
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, maximum: float | None = None) -> None:
+    ok = is_finite(value) and (value >= minimum if inclusive else value > minimum)
+    if not ok or (maximum is not None and value > maximum):
+        if maximum is not None:
+            bound = f"in {'[' if inclusive else '('}{minimum}, {maximum!r}]"
+        else:
+            bound = f">= {minimum}" if inclusive else f"> {minimum}"
+        raise ValueError(f"{name} must be a finite number {bound}, got {show(value)}")
 
 
 def _check_int(name: str, value: Any, *, minimum: int) -> None:

@@ -371,9 +371,72 @@ def test_bad_values_are_one_line(argv: list[str], message: str, capsys) -> None:
     assert line.startswith(f"cpt {argv[0]}: error: {message}")
 
 
-def test_negative_temperature(adapter: Path, model_dir: Path, capsys) -> None:
-    line = _error(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", "-1", "x"], capsys)
-    assert line == "cpt generate: error: --temperature must be >= 0, got -1.0"
+@pytest.mark.parametrize("value", ["-1", "1e-45", "1e-39", "3.5e38", "inf", "nan"])
+def test_temperature_beyond_what_sampling_computes(adapter: Path, model_dir: Path, value: str, capsys) -> None:
+    argv = ["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", value, "x"]
+    line = _error(argv, capsys)
+    assert line == ("cpt generate: error: --temperature must be 0 (greedy) or a number in "
+                    f"[1.1754943508222875e-38, 3.4028234663852886e+38], got {float(value)}")
+
+
+def test_temperature_at_the_ends_of_its_range(adapter: Path, model_dir: Path, capsys) -> None:
+    argv = ["generate", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu", "--no-progress",
+            "--max-new-tokens", "3", "a fine story"]
+    outputs = []
+    for temperature in ("0", "1.1754943508222875e-38", "3.4028234663852886e+38"):
+        assert main([*argv, "--temperature", temperature]) == 0
+        outputs.append(_last_json(capsys)["generated"])
+    assert outputs[1] == outputs[0]  # the coldest sampling is greedy
+
+
+@pytest.mark.parametrize("command", [
+    ["train", "--data", "d", "--output", "o"], ["demo"], ["eval", "--adapter", "a", "--data", "d"],
+    ["generate", "--adapter", "a", "t"],
+])
+def test_seed_beyond_what_generators_take_names_the_option(command: list[str], capsys) -> None:
+    assert _usage_error([*command, "--seed", str(2**64)], capsys) == (
+        f"cpt {command[0]}: error: argument --seed: must be <= 2**64 - 1, got {2**64} (see cpt {command[0]} --help)"
+    )
+    assert _usage_error([*command, "--seed", "-1"], capsys).startswith(
+        f"cpt {command[0]}: error: argument --seed: must be >= 0, got -1"
+    )
+
+
+@pytest.fixture(scope="module")
+def broken_model_dirs(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny model with NaN input embeddings for the bytes of "Ω" (only texts holding it turn
+    NaN), and with every output weight infinite (every text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    folders = {}
+    for name in ("omega", "all"):
+        model = AutoModelForCausalLM.from_pretrained(model_dir)
+        with torch.no_grad():
+            if name == "omega":
+                model.get_input_embeddings().weight[tokenizer.encode("Ω", add_special_tokens=False)] = torch.nan
+            else:
+                model.lm_head.weight.mul_(torch.inf)
+        folders[name] = tmp_path_factory.mktemp(f"broken-{name}")
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
+def test_non_finite_scores_are_refused_naming_the_text(
+    broken_model_dirs: dict[str, Path], adapter: Path, data_file: Path, capsys
+) -> None:
+    omega = ["--model", str(broken_model_dirs["omega"]), "--adapter", str(adapter), "--device", "cpu", "--no-progress"]
+    assert main(["predict", *omega, "a fine story"]) == 0  # a text without it scores
+    assert sum(_last_json(capsys)["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    # longest first, one a pass: "boring Ω" is the first of its pass, and the second text given
+    line = _error(["predict", *omega, "--batch-size", "1", "a fine story", "boring Ω"], capsys)
+    assert line.startswith("cpt predict: error: text 1 ('boring Ω'): the model's label scores are NaN or infinite")
+    line = _error(["generate", *omega, "--max-new-tokens", "2", "a fine story", "boring Ω"], capsys)
+    assert line.startswith("cpt generate: error: text 1 ('boring Ω'): the model's next-token scores held NaN")
+    line = _error(["eval", "--model", str(broken_model_dirs["all"]), "--adapter", str(adapter), "--data",
+                   str(data_file), "--test", "6", "--device", "cpu", "--no-progress"], capsys)
+    assert line.startswith("cpt eval: error: text ") and "label scores are NaN or infinite" in line
 
 
 def test_help_imports_neither_torch_nor_transformers() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from test_cli import data_file, model_dir  # noqa: F401 - the tiny model folder 
 import cpt.workflow
 from cpt import _io
 from cpt.cli import main
+from cpt.train import MAX_LEARNING_RATE
 
 
 @pytest.fixture
@@ -91,10 +93,15 @@ def test_checkpoint_dir_that_cannot_be_written(model_dir, data_file, tmp_path, c
     assert line == f"cpt train: error: --checkpoint-dir: cannot write {tmp_path}/file/last: {tmp_path}/file is a file, not a folder"
 
 
-@pytest.mark.parametrize("lr", ["1e39", "nan", "0", "-1"])
-def test_learning_rates_float32_cannot_hold(model_dir, data_file, tmp_path, capsys, no_training, lr: str) -> None:
+@pytest.mark.parametrize("lr", ["1e39", "3.5e37", repr(math.nextafter(MAX_LEARNING_RATE, math.inf)), "nan", "0", "-1"])
+def test_learning_rates_adamw_cannot_step(model_dir, data_file, tmp_path, capsys, no_training, lr: str) -> None:
     line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu", "--lr", lr), capsys)
-    assert "--lr must be a number in (0, 3.403e+38]" in line
+    assert f"--lr must be a number in (0, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {float(lr)}" in line
+
+
+def test_learning_rate_at_the_bound_trains(model_dir, data_file, tmp_path, no_training) -> None:
+    with pytest.raises(AssertionError, match="training started"):  # past every check
+        main(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu", "--lr", repr(MAX_LEARNING_RATE)))
 
 
 def test_unreadable_data(model_dir, tmp_path, capsys, no_training, monkeypatch) -> None:

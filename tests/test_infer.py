@@ -270,6 +270,7 @@ def test_generate_samples_with_generation_arguments() -> None:
         (["a"], {"input_ids": torch.tensor([[1]])}, "generate builds"),
         (["a"], {"past_key_values": None}, "generate builds"),
         (["a"], {"num_return_sequences": 2}, "num_return_sequences must be 1"),
+        (["a"], {"num_beams": 2}, r"num_beams must be 1 \(the context's cache holds one sequence\), got 2"),
     ],
 )
 def test_generate_rejects_bad_arguments(texts, kwargs, message: str) -> None:
@@ -371,3 +372,93 @@ def test_classify_runs_each_query_once_with_the_cache(monkeypatch, arch: str) ->
     assert calls == [1]
     expected = brute_force_table(model, tokenizer, SUFFIXES, texts)
     torch.testing.assert_close(cached.log_likelihoods, expected, **TOL)
+
+
+# ------------------------------------------------------------ non-finite scores and sampling bounds
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+BROKEN = "boring Ω"  # its bytes "Ω" appear in no other text, label, template or context
+
+
+def break_inputs(model: CPTModel, tokenizer: PreTrainedTokenizerFast, text: str) -> None:
+    """NaN input embeddings for the tokens of ``text``: only the sequences holding them turn NaN
+    (llama's output layer is not tied to its embeddings)."""
+    with torch.no_grad():
+        model.base_model.get_input_embeddings().weight[tokenizer.encode(text, add_special_tokens=False)] = torch.nan
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_classify_refuses_non_finite_scores_naming_the_text(device: str, use_cache: bool) -> None:
+    from cpt.infer import NonFiniteScoresError
+
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("llama", tokenizer).to(device)
+    texts = ["a fine story", BROKEN, "the"]
+    assert classify(model, tokenizer, texts, LABELS, use_cache=use_cache).predictions  # sound before
+    break_inputs(model, tokenizer, "Ω")
+    message = r"^text 1 \('boring Ω'\): the model's label scores are NaN"
+    with pytest.raises(NonFiniteScoresError, match=message) as info:
+        classify(model, tokenizer, texts, LABELS, use_cache=use_cache, batch_size=2)
+    assert isinstance(info.value, ValueError) and (info.value.index, info.value.text) == (1, BROKEN)
+
+
+def test_classify_refuses_infinite_logits() -> None:
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("llama", tokenizer)
+    with torch.no_grad():
+        model.base_model.lm_head.weight.mul_(torch.inf)  # every logit +-inf (or NaN)
+    with pytest.raises(ValueError, match=r"^text 0 \('the plot was thin but the acto'\.\.\.\): .*NaN or infinite"):
+        classify(model, tokenizer, [TEXTS[3], TEXTS[0]], LABELS)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampling", [{"do_sample": False}, {"do_sample": True, "top_k": 5}])
+def test_generate_refuses_non_finite_scores_naming_the_text(device: str, sampling: dict) -> None:
+    from cpt.infer import NonFiniteScoresError
+
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("llama", tokenizer).to(device)
+    break_inputs(model, tokenizer, "Ω")
+    first = generate(model, tokenizer, ["a fine story"], max_new_tokens=4, **sampling)  # the rest still runs
+    with pytest.raises(NonFiniteScoresError, match=r"^text 1 \('boring Ω'\): the model's next-token scores held NaN"):
+        generate(model, tokenizer, ["a fine story", BROKEN], max_new_tokens=4, **sampling)
+    if not sampling["do_sample"]:
+        assert generate(model, tokenizer, ["a fine story"], max_new_tokens=4) == first
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_generate_samples_at_both_ends_of_the_temperature_range(device: str) -> None:
+    from cpt.infer import TEMPERATURE_RANGE
+
+    tokenizer = make_bpe_tokenizer()
+    model = trained_model("llama", tokenizer).to(device)
+    with torch.no_grad():
+        model.base_model.lm_head.weight.mul_(1e3)  # logits of a real model's size: x / 1e-38 overflows
+    low, high = TEMPERATURE_RANGE
+    greedy = generate(model, tokenizer, TEXTS[:2], max_new_tokens=5, do_sample=False)
+    assert generate(model, tokenizer, TEXTS[:2], max_new_tokens=5, do_sample=True, temperature=low) == greedy
+    hot = generate(model, tokenizer, TEXTS[:2], max_new_tokens=5, do_sample=True, temperature=high)
+    assert all(isinstance(text, str) for text in hot)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"temperature": 1e-45}, r"temperature must be a number in \[1.1754943508222875e-38, 3.4028234663852886e\+38"),
+        ({"temperature": 0.0}, "temperature must be a number in"),
+        ({"temperature": float("nan")}, "temperature must be a number in"),
+        ({"temperature": 1e39}, "temperature must be a number in"),
+        ({"temperature": "hot"}, "temperature must be a number in"),
+        ({"top_p": 1.5}, r"top_p must be a number in \[0, 1\], got 1.5"),
+        ({"top_p": float("nan")}, r"top_p must be a number in \[0, 1\]"),
+        ({"top_k": -1}, "top_k must be an integer >= 0"),
+        ({"top_k": True}, "top_k must be an integer >= 0"),
+    ],
+)
+def test_generate_refuses_sampling_settings_it_cannot_compute(kwargs: dict, message: str) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    model = trained_model("llama", tokenizer)
+    with pytest.raises(ValueError, match=message):
+        generate(model, tokenizer, TEXTS[:1], max_new_tokens=2, do_sample=True, **kwargs)
+    generate(model, tokenizer, TEXTS[:1], max_new_tokens=2, do_sample=False, **kwargs)  # greedy reads none of them

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -332,6 +333,55 @@ def test_train_rejects_bad_arguments(context, dataset, collator) -> None:
         train(model, [], quick_config(), collator=collator)
     with pytest.raises(ValueError, match="TrainConfig"):
         train(model, dataset, {"epochs": 1}, collator=collator)
+
+
+def test_learning_rate_bound_is_what_adamw_can_step(context, dataset, collator) -> None:
+    from cpt.train import ADAM_BETAS, MAX_LEARNING_RATE
+
+    at, beyond = MAX_LEARNING_RATE, math.nextafter(MAX_LEARNING_RATE, math.inf)
+    for rate in (at, beyond):  # torch's AdamW itself: its first step computes exactly up to the bound
+        param = torch.nn.Parameter(torch.zeros(3))
+        param.grad = torch.tensor([1.0, -2.0, 0.0])
+        optimizer = torch.optim.AdamW([param], lr=rate, betas=ADAM_BETAS)
+        if rate == at:
+            optimizer.step()
+            assert bool(torch.isfinite(param.detach()).all()) and float(param.detach().abs().max()) > 1e37
+        else:
+            with pytest.raises(RuntimeError, match="overflow"):
+                optimizer.step()
+    message = f"learning_rate must be a finite number in (0.0, {at!r}], got {beyond!r}"
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        TrainConfig(learning_rate=beyond)
+    model = fresh_model(context)
+    base_model_state = snapshot(model.base_model)
+    result = train(model, dataset, quick_config(learning_rate=at, max_steps=2), collator=collator)
+    assert result.steps == 2 and all(math.isfinite(loss) for loss in result.losses)
+    assert_invariants(model, base_model_state)  # projected back into the balls, finite
+
+
+@pytest.mark.parametrize("value", [10**400, -(10**400)])
+def test_numbers_beyond_float_are_refused(value: int) -> None:
+    for field in ("learning_rate", "weight_decay", "max_grad_norm"):
+        with pytest.raises(ValueError, match=f"^{field} must be a finite number"):
+            TrainConfig(**{field: value})
+
+
+def test_seed_range_is_what_torch_generators_take(context, dataset, collator) -> None:
+    from cpt._fields import MAX_SEED
+    from cpt.datasets import LabelledData, split_examples
+
+    torch.Generator().manual_seed(MAX_SEED)  # the largest seed torch takes...
+    with pytest.raises((ValueError, RuntimeError)):
+        torch.Generator().manual_seed(MAX_SEED + 1)  # ...and the first it does not
+    message = r"^seed must be an integer in \[0, 2\*\*64 - 1\], got "
+    data = LabelledData("d", EXAMPLES, sorted({e.label for e in EXAMPLES}))
+    for seed in (MAX_SEED + 1, -1, 1.0, True):
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(seed=seed)
+        with pytest.raises(ValueError, match=message):  # the draws take the seeds training takes
+            split_examples(data, per_class=0, n_test=1, seed=seed)
+    result = train(fresh_model(context), dataset, quick_config(seed=MAX_SEED, max_steps=1), collator=collator)
+    assert result.steps == 1
 
 
 # ---------------------------------------------------------------------- transformers.Trainer

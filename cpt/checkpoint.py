@@ -158,14 +158,20 @@ def save_checkpoint(
         The folder.
 
     Raises:
-        ValueError: if ``state`` does not fit ``config`` and ``num_samples``, the weights are not
-            finite, or ``folder`` is a file.
+        ValueError: if ``state`` does not fit ``config`` and ``num_samples``, the optimizer's state
+            is not that of ``state.step`` steps, the weights are not finite, or ``folder`` is a
+            file.
     """
     folder = Path(folder)
     config_dict = config.to_dict()
     state_json = _state_json(state, num_samples, fingerprint)
     _check_state(folder / STATE_JSON_NAME, state_json, config_dict)
     tensors, optimizer_json = _optimizer_to_tensors(optimizer)
+    # what a resume would refuse is not written: the optimizer's state must be that of the steps
+    _optimizer_from_tensors(
+        {**state_json, "optimizer": optimizer_json}, tensors, optimizer, folder / STATE_JSON_NAME,
+        folder / STATE_TENSORS_NAME, set(),
+    )
     tensors.update(_rng_tensors())
     if state.selection is not None and state.selection.best_delta is not None:
         tensors[SELECTION_TENSOR] = state.selection.best_delta
@@ -673,7 +679,7 @@ def _same_kind(value: Any, like: Any, below_one: bool = False) -> bool:
     if is_number(like):
         return is_finite(value) and 0 <= value and (not below_one or value < 1)
     if isinstance(like, (list, tuple)):
-        return isinstance(value, list) and len(value) == len(like) and all(
+        return isinstance(value, (list, tuple)) and len(value) == len(like) and all(
             _same_kind(v, w, below_one) for v, w in zip(value, like)
         )
     return False

@@ -227,7 +227,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(context, folder: Path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(_io, "write_bytes", crash)
-    state = TrainState(step=1, epoch=0, position=1, losses=[1.0])
+    state = TrainState()  # step 0: a fresh optimizer's state
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(folder, model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     monkeypatch.undo()
@@ -241,6 +241,10 @@ def test_an_inconsistent_state_is_not_saved(context, tmp_path: Path) -> None:
     model = CPTModel(make_model(), context)
     with pytest.raises(ValueError, match="field 'step' is 99, but epoch 0 and position 0 mean 0 steps"):
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), TrainState(step=99), CONFIG, num_samples=3)
+    assert not (tmp_path / "c").exists()
+    state = TrainState(step=1, epoch=0, position=1, losses=[1.0])  # but the optimizer never stepped
+    with pytest.raises(ValueError, match=r"field 'optimizer.state' must hold the parameters \['0'\] after 1 steps, got \[\]"):
+        save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
 
 

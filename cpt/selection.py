@@ -148,7 +148,7 @@ class LeaveOneOut:
         metrics = leave_one_out(model, self.tokenizer, self.examples, self.labels, template=self.template)
         score, calls = metrics["loo_log_prob"], self.state.calls
         if score > self.state.best_score:
-            self.state = Selection(calls + 1, calls, score, model.delta.detach().clone())
+            self.state = Selection(calls + 1, best_call=calls, best_score=score, best_delta=model.delta.detach().clone())
         else:
             self.state = replace(self.state, calls=calls + 1)
         return metrics

@@ -261,12 +261,11 @@ def train(
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
     graphed = _graphed_loss(model, config, autocast is not nullcontext)
-    save = None
-    if folder is not None:
 
-        def save() -> None:
-            state.selection = None if selector is None else selector.state
-            _save_on_main(folder, model, optimizer, state, config, num_samples, data)
+    def save() -> None:  # with the selection's state as it is now (each evaluation changes it)
+        state.selection = None if selector is None else selector.state
+        _save_on_main(folder, model, optimizer, state, config, num_samples, data)
+
     saved_at = state.step if resume_from is not None else -1
 
     initial = min(state.step, total_steps)
@@ -290,14 +289,14 @@ def train(
                 _report(bar, state, config)
                 if eval_fn is not None and _due(state.step, config.eval_every):
                     state.eval_history.append(_evaluate(model, eval_fn, state.step))
-                if save is not None and _due(state.step, config.checkpoint_every):
+                if folder is not None and _due(state.step, config.checkpoint_every):
                     save()
                     saved_at = state.step
                 if state.position == 0:
                     break  # a new epoch: a new order
     finally:
         bar.close()
-    if save is not None and saved_at != state.step:
+    if folder is not None and saved_at != state.step:
         save()
 
     return TrainResult(

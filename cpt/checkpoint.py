@@ -22,6 +22,7 @@ it changes the model, the optimizer, an RNG or the selection.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from collections.abc import Mapping, Sequence
@@ -124,7 +125,7 @@ def fingerprint(context: Any, dataset: Sequence[Any]) -> dict[str, str]:
     """
     samples = hashlib.sha256()
     for i in range(len(dataset)):
-        samples.update(_io.json_bytes(_plain(dataset[i], f"training sample {i}")))
+        samples.update(_sample_bytes(dataset[i], i))
     context_fields = {name: getattr(context, name) for name in _CONTEXT_FIELDS}
     return {"context": _sha256(_io.json_bytes(context_fields)), "samples": samples.hexdigest()}
 
@@ -741,6 +742,17 @@ def _python_rng_from_json(data: list[Any]) -> tuple:
 
 def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _sample_bytes(sample: Any, index: int) -> bytes:
+    """One training sample as compact JSON, one line (lists of numbers go straight through)."""
+    def text(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    try:
+        return (text(sample) + "\n").encode()
+    except (TypeError, ValueError):  # tensors, arrays; or NaN, which _plain names
+        return (text(_plain(sample, f"training sample {index}")) + "\n").encode()
 
 
 def _plain(value: Any, what: str) -> Any:

@@ -26,6 +26,7 @@ from cpt.checkpoint import (
     STATE_TENSORS_NAME,
     TrainState,
     _sha256,
+    fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
@@ -317,6 +318,15 @@ def test_resume_refuses_other_training_data_of_the_same_size(tokenizer, context,
         train(model, CPTDataset(tokenizer, relabelled), CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
               resume_from=folder)
     assert torch.equal(model.delta, torch.zeros_like(model.delta))  # nothing loaded
+
+
+def test_the_fingerprint_reads_what_training_reads(context, dataset) -> None:
+    as_tensors = [{k: torch.tensor(v) for k, v in dataset[i].items()} for i in range(len(dataset))]
+    assert fingerprint(context, as_tensors) == fingerprint(context, dataset)  # the same ids and codes
+    shifted = [{**dataset[i], "input_type_mask": [0, *dataset[i]["input_type_mask"][1:]]} for i in range(len(dataset))]
+    assert fingerprint(context, shifted)["samples"] != fingerprint(context, dataset)["samples"]
+    with pytest.raises(ValueError, match=r"cannot fingerprint training sample 1 for a checkpoint: it holds nan"):
+        fingerprint(context, [dataset[0], {"input_ids": [math.nan]}])
 
 
 def test_resume_refuses_another_selection_option(context, dataset, collator, folder: Path, tokenizer) -> None:

@@ -434,7 +434,8 @@ def _check_selection_field(where: Path, value: Any, evaluations: int) -> None:
             f"and one before training), got {show(calls)}"
         )
     if best_call is not None and not (is_int(best_call) and 0 <= best_call < calls):
-        raise ValueError(f"{where}: field 'selection.best_call' must be null or in 0..{calls - 1}, got {show(best_call)}")
+        got = show(best_call)
+        raise ValueError(f"{where}: field 'selection.best_call' must be null or in 0..{calls - 1}, got {got}")
     if (best_call is None and score != "-inf") or (best_call is not None and not is_finite(score)):
         wanted = '"-inf" (nothing kept yet)' if best_call is None else "a finite number"
         raise ValueError(f"{where}: field 'selection.best_score' must be {wanted}, got {show(score)}")
@@ -607,7 +608,9 @@ def _optimizer_from_tensors(
             got = sorted(entry) if isinstance(entry, dict) else show(entry)
             raise ValueError(f"{where}: field {label!r} must hold {sorted(reference)}, got {got}")
         state[param_id] = {
-            name: _optimizer_entry(where, tensors_where, f"{label}.{name}", entry[name], want, tensors, meta["step"], used)
+            name: _optimizer_entry(
+                where, tensors_where, f"{label}.{name}", entry[name], want, tensors, meta["step"], used
+            )
             for name, want in reference.items()
         }
     return {"state": state, "param_groups": current}

@@ -148,7 +148,8 @@ class LeaveOneOut:
         metrics = leave_one_out(model, self.tokenizer, self.examples, self.labels, template=self.template)
         score, calls = metrics["loo_log_prob"], self.state.calls
         if score > self.state.best_score:
-            self.state = Selection(calls + 1, best_call=calls, best_score=score, best_delta=model.delta.detach().clone())
+            best = model.delta.detach().clone()
+            self.state = Selection(calls + 1, best_call=calls, best_score=score, best_delta=best)
         else:
             self.state = replace(self.state, calls=calls + 1)
         return metrics

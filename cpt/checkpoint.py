@@ -65,6 +65,7 @@ class _Missing:
 
 _MISSING = _Missing()  # what a message shows for a field that is not there
 FINGERPRINT_PARTS = ("context", "samples")
+_FINGERPRINT_WHAT = ("a different context", "different training samples (token ids or type codes)")
 _CONTEXT_FIELDS = ("cpt_token_ids", "cpt_tokens_type_mask", "cpt_mask")  # what the context trains on
 _NON_NEGATIVE_MOMENTS = ("step", "exp_avg_sq", "max_exp_avg_sq")  # Adam's step count, second moments
 
@@ -467,11 +468,10 @@ def _check_fits_the_run(
         saved = meta["fingerprint"]
         if saved is None:
             raise ValueError(f"cannot resume from {folder}: it records no fingerprint of its data to compare")
-        for part in FINGERPRINT_PARTS:
+        for part, what in zip(FINGERPRINT_PARTS, _FINGERPRINT_WHAT, strict=True):
             if saved[part] != fingerprint[part]:
-                what = "context" if part == "context" else "training samples (token ids or type codes)"
                 raise ValueError(
-                    f"cannot resume from {folder}: it was trained with another {what} "
+                    f"cannot resume from {folder}: it was trained on {what} "
                     f"(SHA-256 {saved[part][:12]}..., this run's {fingerprint[part][:12]}...)"
                 )
     if selection is not None and selection != (meta["selection"] is not None):

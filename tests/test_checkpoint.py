@@ -310,11 +310,11 @@ def test_fit_resumed_with_leave_one_out_ends_where_an_uninterrupted_run_ends(tok
 def test_resume_refuses_other_training_data_of_the_same_size(tokenizer, context, folder: Path) -> None:
     others = [Example("boring", "negative"), Example("great", "positive"), Example("thin", "negative")]
     model = CPTModel(make_model(), context)
-    with pytest.raises(ValueError, match=r"cannot resume from .*/last: it was trained with another training samples"):
+    with pytest.raises(ValueError, match=r"cannot resume from .*/last: it was trained on different training samples"):
         train(model, CPTDataset(tokenizer, others), CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
               resume_from=folder)
     relabelled = [Example(e.text, "negative" if e.label == "positive" else "positive") for e in EXAMPLES]
-    with pytest.raises(ValueError, match=r"another training samples \(token ids or type codes\)"):
+    with pytest.raises(ValueError, match=r"different training samples \(token ids or type codes\)"):
         train(model, CPTDataset(tokenizer, relabelled), CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
               resume_from=folder)
     assert torch.equal(model.delta, torch.zeros_like(model.delta))  # nothing loaded

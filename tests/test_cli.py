@@ -473,7 +473,7 @@ def test_resume_refuses_other_data_of_the_same_size(selection_run, tmp_path: Pat
     _interrupted(_selection_argv(selection_run, tmp_path / "a", tmp_path / "checkpoints"), monkeypatch)
     line = _error([*_selection_argv(selection_run, tmp_path / "a", tmp_path / "checkpoints", "other"), "--resume"], capsys)
     assert line.startswith(f"cpt train: error: cannot resume from {tmp_path / 'checkpoints' / 'last'}: it was trained "
-                           "with another training samples")
+                           "on different training samples")
 
 
 @pytest.mark.parametrize(

@@ -3,25 +3,29 @@
 Layout::
 
     adapter/                    the adapter in cpt's layout (`cpt.adapter.write_adapter`)
-    trainer_state.safetensors   optimizer tensors (``optimizer.<param>.<name>``) and RNG states
-                                (``rng.torch``, ``rng.cuda.<i>``)
-    trainer_state.json          step, epoch, position, config, losses, evaluations, optimizer
-                                param groups and scalars, Python RNG state, the SHA-256 of every
-                                other file, and its own (``state_sha256``)
+    trainer_state.safetensors   optimizer tensors (``optimizer.<param>.<name>``), RNG states
+                                (``rng.torch``, ``rng.cuda.<i>``) and the best context kept so far
+                                (``selection.best_delta``, with a selection)
+    trainer_state.json          step, epoch, position, config, losses, evaluations, the selection's
+                                state, the fingerprint of the context and training samples,
+                                optimizer param groups and scalars, Python RNG state, the SHA-256
+                                of every other file, and its own (``state_sha256``)
 
 No pickle: safetensors for tensors, JSON for the rest. `save_checkpoint` replaces the folder as a
 whole (`cpt._io.write_folder`: a crash or a reader sees the previous checkpoint or the new one,
 and two runs saving into one folder take turns under a lock). `load_checkpoint` checks every field
-and its range, every file's checksum and the fit to the model, the config and the data set before
-it changes the model, the optimizer or an RNG.
+and its range, every file's checksum, the optimizer state against what the optimizer itself keeps,
+the RNG states against fresh generators, and the fit to the model, the config and the data before
+it changes the model, the optimizer, an RNG or the selection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,7 +51,8 @@ if TYPE_CHECKING:
     from cpt.model import CPTModel
 
 STATE_FORMAT = "cpt-trainer-state"
-CHECKPOINT_FORMAT_VERSION = 2  # 2: checksums of every file; 1 checked the tensors file only
+CHECKPOINT_FORMAT_VERSION = 3  # 3: selection state, data fingerprint; 2: checksums of every file
+_OLDER_FORMATS_LACK = {1: "checksums of every file", 2: "the selection state and the data fingerprint"}
 ADAPTER_DIR = "adapter"  # the adapter, in cpt's layout (base and delta apart)
 STATE_TENSORS_NAME = "trainer_state.safetensors"  # optimizer moments, RNG states
 STATE_JSON_NAME = "trainer_state.json"  # step, epoch, ..., and the checksums of the other files
@@ -61,6 +66,37 @@ MAX_STATE_JSON_BYTES = 256 * 2**20  # steps' losses and evaluations: far more th
 OPTIMIZER_TENSORS = 4  # per-parameter tensors a trainer state may hold: AdamW keeps 2, 3 with amsgrad
 RNG_STATE_BYTES = 2**20  # the RNG states of the CPU and every GPU: a few KiB each
 _MT_STATE_LENGTH = 625  # Python's Mersenne Twister: 624 words and an index
+SELECTION_TENSOR = "selection.best_delta"
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "nothing (the field is missing)"
+
+
+_MISSING = _Missing()  # what a message shows for a field that is not there
+FINGERPRINT_PARTS = ("context", "samples")
+_FINGERPRINT_WHAT = ("a different context", "different training samples (token ids or type codes)")
+_CONTEXT_FIELDS = ("cpt_token_ids", "cpt_tokens_type_mask", "cpt_mask")  # what the context trains on
+_NON_NEGATIVE_MOMENTS = ("step", "exp_avg_sq", "max_exp_avg_sq")  # Adam's step count, second moments
+
+
+@dataclass
+class Selection:
+    """The best context an evaluation kept so far (`cpt.selection.LeaveOneOut`): part of what a
+    run returns, so a checkpoint carries it.
+
+    Attributes:
+        calls: evaluations so far.
+        best_call: which of them scored best (0-based); None while none scored above -inf.
+        best_score: its score.
+        best_delta: its ``delta``, (N, d); None with ``best_call``.
+    """
+
+    calls: int = 0
+    best_call: int | None = None
+    best_score: float = -math.inf
+    best_delta: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,6 +109,7 @@ class TrainState:
         position: batches of that epoch already consumed.
         losses: per-step losses so far (one per step).
         eval_history: evaluations so far, each ``{"step": s, name: value, ...}``.
+        selection: the selection's state, if the run keeps one.
     """
 
     step: int = 0
@@ -80,6 +117,29 @@ class TrainState:
     position: int = 0
     losses: list[float] = field(default_factory=list)
     eval_history: list[dict[str, float]] = field(default_factory=list)
+    selection: Selection | None = None
+
+
+def fingerprint(context: Any, dataset: Sequence[Any]) -> dict[str, str]:
+    """SHA-256 digests of what a run trains on, for a resume to compare.
+
+    Args:
+        context: the model's `CPTConfig` (its token ids, type codes and mask are hashed).
+        dataset: the training samples, in order: mappings such as `cpt.data.CPTDataset`'s
+            (``input_ids``, ``input_type_mask``); every key and value is hashed.
+
+    Returns:
+        ``{"context": hex digest, "samples": hex digest}``.
+
+    Raises:
+        ValueError: if a sample holds something other than numbers, strings, lists, mappings
+            and tensors (naming its index).
+    """
+    samples = hashlib.sha256()
+    for i in range(len(dataset)):
+        samples.update(_sample_bytes(dataset[i], i))
+    context_fields = {name: getattr(context, name) for name in _CONTEXT_FIELDS}
+    return {"context": _sha256(_io.json_bytes(context_fields)), "samples": samples.hexdigest()}
 
 
 def save_checkpoint(
@@ -90,6 +150,7 @@ def save_checkpoint(
     config: Any,
     *,
     num_samples: int,
+    fingerprint: Mapping[str, str] | None = None,
 ) -> Path:
     """Writes a resumable training state into ``folder``, replacing it as a whole.
 
@@ -101,22 +162,32 @@ def save_checkpoint(
         folder: the checkpoint folder to create or replace.
         model: the model being trained (saved as it is: delta is projected after every step).
         optimizer: its optimizer (`cpt.train.make_optimizer`).
-        state: where the run stands.
+        state: where the run stands, the selection's state included.
         config: the run's `cpt.train.TrainConfig` (recorded, and checked on resume).
         num_samples: the dataset's length (checked on resume).
+        fingerprint: the data's `fingerprint` (checked on resume).
 
     Returns:
         The folder.
 
     Raises:
-        ValueError: if ``state`` does not fit ``config`` and ``num_samples``, the weights are not
-            finite, or ``folder`` is a file.
+        ValueError: if ``state`` does not fit ``config`` and ``num_samples``, the optimizer's state
+            is not that of ``state.step`` steps, the weights are not finite, or ``folder`` is a
+            file.
     """
     folder = Path(folder)
     config_dict = config.to_dict()
-    _check_state(folder / STATE_JSON_NAME, _state_json(state, num_samples), config_dict)
+    state_json = _state_json(state, num_samples, fingerprint)
+    _check_state(folder / STATE_JSON_NAME, state_json, config_dict)
     tensors, optimizer_json = _optimizer_to_tensors(optimizer)
+    # what a resume would refuse is not written: the optimizer's state must be that of the steps
+    _optimizer_from_tensors(
+        {**state_json, "optimizer": optimizer_json}, tensors, optimizer, folder / STATE_JSON_NAME,
+        folder / STATE_TENSORS_NAME, set(),
+    )
     tensors.update(_rng_tensors())
+    if state.selection is not None and state.selection.best_delta is not None:
+        tensors[SELECTION_TENSOR] = state.selection.best_delta
     state_tensors = safetensors_bytes(
         {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata={"format": STATE_FORMAT}
     )
@@ -136,7 +207,7 @@ def save_checkpoint(
         meta = {
             "format": STATE_FORMAT,
             "format_version": CHECKPOINT_FORMAT_VERSION,
-            **_state_json(state, num_samples),
+            **state_json,
             "config": config_dict,
             "optimizer": optimizer_json,
             "python_rng": python_rng,
@@ -155,6 +226,8 @@ def load_checkpoint(
     *,
     config: Any | None = None,
     num_samples: int | None = None,
+    fingerprint: Mapping[str, str] | None = None,
+    selection: bool | None = None,
 ) -> TrainState:
     """Restores a checkpoint into ``model``, ``optimizer`` and the global RNGs.
 
@@ -166,52 +239,43 @@ def load_checkpoint(
         folder: a folder written by `save_checkpoint`.
         model: a model with the same context and base model as the one saved.
         optimizer: a fresh optimizer over ``model.trainable_parameters()``.
-        config: if given, its ``seed``, ``batch_size`` and ``gradient_accumulation_steps`` must
-            equal the saved ones (they decide the sample order).
+        config: if given, the saved config must be a valid one of its class, and its ``seed``,
+            ``batch_size`` and ``gradient_accumulation_steps`` must equal the saved ones (they
+            decide the sample order).
         num_samples: if given, must equal the saved dataset length.
+        fingerprint: if given, must equal the saved `fingerprint` (the same context and samples).
+        selection: if given, whether this run keeps a selection state: the checkpoint must hold
+            one exactly then.
 
     Returns:
-        The `TrainState` to continue from.
+        The `TrainState` to continue from, the selection's state included.
 
     Raises:
-        ValueError: one problem, naming the file, the field and the value: a missing or
-            incomplete checkpoint, a file whose checksum differs, a field of the wrong type or
-            out of range, or a mismatch with the model, the config or the dataset.
+        ValueError: one problem, naming the folder or file, the field and the value: a missing
+            or incomplete checkpoint, a file whose checksum differs, a field of the wrong type or
+            out of range, an optimizer or RNG state its optimizer or generator would not take, or
+            a mismatch with the model, the config, the data or the selection.
     """
     weights = model.base_model.get_input_embeddings().weight
     limits = _file_limits(int(model.delta.shape[0]), int(weights.shape[1]))
-    loaded = _io.open_folder(
+    meta, tensors, adapter = _io.open_folder(
         folder,
         lambda f: _read_checkpoint(f, int(weights.shape[1]), int(weights.shape[0]), limits),
         "checkpoint",
     )
-    meta, tensors, adapter = loaded
     where = Path(folder) / STATE_JSON_NAME
-    saved_config = meta["config"]
-    if config is not None:
-        for name in ORDER_FIELDS:
-            if saved_config[name] != getattr(config, name):
-                raise ValueError(
-                    f"cannot resume from {folder}: it was trained with {name}={saved_config[name]!r}, "
-                    f"the config has {name}={getattr(config, name)!r} (the sample order would differ)"
-                )
-    if num_samples is not None and meta["num_samples"] != num_samples:
-        raise ValueError(
-            f"cannot resume from {folder}: it was trained on {meta['num_samples']} samples, "
-            f"the dataset has {num_samples}"
-        )
+    tensors_where = Path(folder) / STATE_TENSORS_NAME
     _check_adapter_matches(Path(folder) / ADAPTER_DIR, adapter, model)
-    optimizer_state = _optimizer_from_tensors(meta["optimizer"], tensors, tuple(model.delta.shape), where)
+    _check_fits_the_run(Path(folder), meta, config, num_samples, fingerprint, selection)
+    used = {k for k in tensors if k.startswith("rng.")}
+    optimizer_state = _optimizer_from_tensors(meta, tensors, optimizer, where, tensors_where, used)
+    restored = _selection_from_json(meta["selection"], tensors, model.delta, tensors_where, used)
+    unexpected = sorted(set(tensors) - used)
+    if unexpected:
+        raise ValueError(f"{tensors_where} has unexpected tensors {unexpected}")
 
-    hyper = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    previous = optimizer.state_dict()
-    try:
-        optimizer.load_state_dict(optimizer_state)
-    except (ValueError, KeyError, RuntimeError, TypeError) as error:
-        optimizer.load_state_dict(previous)
-        raise ValueError(f"cannot load the optimizer state of {folder}: {error}") from None
-    for group, values in zip(optimizer.param_groups, hyper):
-        group.update(values)  # the current config's hyper-parameters
+    # everything is checked: from here on nothing refuses
+    optimizer.load_state_dict(optimizer_state)
     with torch.no_grad():
         model.delta.copy_(adapter.delta)
     _restore_rng(tensors, meta["python_rng"])
@@ -223,6 +287,7 @@ def load_checkpoint(
         eval_history=[
             {k: _float_from_json(v) if k != "step" else v for k, v in e.items()} for e in meta["eval_history"]
         ],
+        selection=restored,
     )
 
 
@@ -252,8 +317,8 @@ def _read_checkpoint(
     version = check_header(meta, where, STATE_FORMAT, CHECKPOINT_FORMAT_VERSION)
     if version < CHECKPOINT_FORMAT_VERSION:
         raise ValueError(
-            f"{folder.path} was written by an older cpt (format {version}, which did not checksum every "
-            "file): it cannot be checked, start a fresh run"
+            f"{folder.path} was written by an older cpt (format {version}, without "
+            f"{_OLDER_FORMATS_LACK[version]}): it cannot be resumed exactly, start a fresh run"
         )
     recorded = meta.get("state_sha256")
     body = {k: v for k, v in meta.items() if k != "state_sha256"}
@@ -290,21 +355,29 @@ def _read_checkpoint(
     return meta, tensors, adapter
 
 
-def _state_json(state: TrainState, num_samples: int) -> dict[str, Any]:
+def _state_json(state: TrainState, num_samples: int, fingerprint: Mapping[str, str] | None) -> dict[str, Any]:
+    selection = state.selection
     return {
         "step": state.step,
         "epoch": state.epoch,
         "position": state.position,
         "num_samples": num_samples,
+        "fingerprint": None if fingerprint is None else dict(fingerprint),
         "losses": list(state.losses),
         "eval_history": [
             {k: (v if k == "step" else _float_to_json(v)) for k, v in entry.items()} for entry in state.eval_history
         ],
+        "selection": None if selection is None else {
+            "calls": selection.calls,
+            "best_call": selection.best_call,
+            "best_score": _float_to_json(selection.best_score),
+        },
     }
 
 
 def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
-    """Checks step, epoch, position, samples, losses, evaluations and the order fields."""
+    """Checks step, epoch, position, samples, fingerprint, losses, evaluations, the selection and
+    the order fields."""
     if not isinstance(config, dict):
         raise ValueError(f"{where}: field 'config' must be an object, got {show(config)}")
     for name in ORDER_FIELDS:
@@ -330,6 +403,7 @@ def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
             f"{where}: field 'step' is {step}, but epoch {epoch} and position {position} mean "
             f"{epoch * steps_per_epoch + position // accumulation} steps ({steps_per_epoch} per epoch)"
         )
+    _check_fingerprint_field(where, meta.get("fingerprint", _MISSING))
     losses = meta.get("losses")
     if not isinstance(losses, list) or len(losses) != step:
         length = len(losses) if isinstance(losses, list) else show(losses)
@@ -340,14 +414,108 @@ def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
     history = meta.get("eval_history")
     if not isinstance(history, list):
         raise ValueError(f"{where}: field 'eval_history' must be a list, got {show(history)}")
+    previous = 0
     for i, entry in enumerate(history):
-        if not isinstance(entry, dict) or not is_int(entry.get("step")) or not 1 <= entry["step"] <= step:
+        if not isinstance(entry, dict) or not is_int(entry.get("step")) or not previous < entry["step"] <= step:
             raise ValueError(
-                f"{where}: field 'eval_history[{i}]' must be an object with a 'step' in 1..{step}, got {show(entry)}"
+                f"{where}: field 'eval_history[{i}]' must be an object with a 'step' in {previous + 1}..{step}, "
+                f"got {show(entry)}"
             )
+        previous = entry["step"]
         for key, value in entry.items():
-            if key != "step" and not (is_number(value) or value in ("nan", "inf", "-inf")):
+            if key != "step" and not _is_float_json(value):
                 raise ValueError(f"{where}: field 'eval_history[{i}].{key}' must be a number, got {show(value)}")
+    _check_selection_field(where, meta.get("selection", _MISSING), len(history))
+
+
+def _check_fingerprint_field(where: Path, value: Any) -> None:
+    ok = value is None or (
+        isinstance(value, dict)
+        and sorted(value) == sorted(FINGERPRINT_PARTS)
+        and all(isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef") for v in value.values())
+    )
+    if not ok:
+        raise ValueError(
+            f"{where}: field 'fingerprint' must be null or map {list(FINGERPRINT_PARTS)} to SHA-256 hex digests, "
+            f"got {show(value)}"
+        )
+
+
+def _check_selection_field(where: Path, value: Any, evaluations: int) -> None:
+    """null (no selection), or ``{"calls": n, "best_call": null or 0..n-1, "best_score": ...}``:
+    "-inf" while ``best_call`` is null, else a finite number. The selection scores at each of the
+    ``evaluations`` and at most once before (`cpt.workflow.fit` scores the untrained context)."""
+    if value is None:
+        return
+    if not isinstance(value, dict) or sorted(value) != ["best_call", "best_score", "calls"]:
+        raise ValueError(
+            f"{where}: field 'selection' must be null or an object with 'calls', 'best_call' and 'best_score', "
+            f"got {show(value)}"
+        )
+    calls, best_call, score = value["calls"], value["best_call"], value["best_score"]
+    if not is_int(calls) or not evaluations <= calls <= evaluations + 1:
+        raise ValueError(
+            f"{where}: field 'selection.calls' must be {evaluations} or {evaluations + 1} (one per evaluation, "
+            f"and one before training), got {show(calls)}"
+        )
+    if best_call is not None and not (is_int(best_call) and 0 <= best_call < calls):
+        got = show(best_call)
+        raise ValueError(f"{where}: field 'selection.best_call' must be null or in 0..{calls - 1}, got {got}")
+    if (best_call is None and score != "-inf") or (best_call is not None and not is_finite(score)):
+        wanted = '"-inf" (nothing kept yet)' if best_call is None else "a finite number"
+        raise ValueError(f"{where}: field 'selection.best_score' must be {wanted}, got {show(score)}")
+
+
+def _check_fits_the_run(
+    folder: Path,
+    meta: dict[str, Any],
+    config: Any,
+    num_samples: int | None,
+    fingerprint: Mapping[str, str] | None,
+    selection: bool | None,
+) -> None:
+    """Checks the checkpoint belongs to this run: its config, data and selection."""
+    if config is not None:
+        _check_config(folder / STATE_JSON_NAME, meta["config"], config)
+        for name in ORDER_FIELDS:
+            if meta["config"][name] != getattr(config, name):
+                raise ValueError(
+                    f"cannot resume from {folder}: it was trained with {name}={meta['config'][name]!r}, "
+                    f"the config has {name}={getattr(config, name)!r} (the sample order would differ)"
+                )
+    if num_samples is not None and meta["num_samples"] != num_samples:
+        raise ValueError(
+            f"cannot resume from {folder}: it was trained on {meta['num_samples']} samples, "
+            f"the dataset has {num_samples}"
+        )
+    if fingerprint is not None:
+        saved = meta["fingerprint"]
+        if saved is None:
+            raise ValueError(f"cannot resume from {folder}: it records no fingerprint of its data to compare")
+        for part, what in zip(FINGERPRINT_PARTS, _FINGERPRINT_WHAT, strict=True):
+            if saved[part] != fingerprint[part]:
+                raise ValueError(
+                    f"cannot resume from {folder}: it was trained on {what} "
+                    f"(SHA-256 {saved[part][:12]}..., this run's {fingerprint[part][:12]}...)"
+                )
+    if selection is not None and selection != (meta["selection"] is not None):
+        had = "kept a selection state" if meta["selection"] is not None else "kept no selection state"
+        raise ValueError(
+            f"cannot resume from {folder}: its run {had}, this one {'does' if selection else 'does not'} "
+            "(a different selection option?)"
+        )
+
+
+def _check_config(where: Path, saved: dict[str, Any], config: Any) -> None:
+    """The saved config holds exactly ``config``'s fields, and they make a valid config."""
+    mine = config.to_dict()
+    if sorted(saved) != sorted(mine):
+        missing, unknown = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
+        raise ValueError(f"{where}: field 'config' lacks {missing} and has unknown {unknown}")
+    try:
+        type(config)(**saved)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{where}: field 'config' is not a valid {type(config).__name__}: {error}") from None
 
 
 def _check_adapter_matches(adapter_dir: Path, saved: Any, model: CPTModel) -> None:
@@ -368,19 +536,26 @@ def _check_adapter_matches(adapter_dir: Path, saved: Any, model: CPTModel) -> No
 
 
 def _check_rng(tensors: dict[str, torch.Tensor], python_rng: Any, tensors_path: Path, where: Path) -> None:
-    allowed = {"rng.torch"} | {k for k in tensors if k.startswith("rng.cuda.") or k.startswith("optimizer.")}
-    extra = sorted(set(tensors) - allowed)
-    if extra:
-        raise ValueError(f"{tensors_path} has unexpected tensors {extra}")
-    expected = torch.get_rng_state()
-    for key in sorted(k for k in tensors if k.startswith("rng.")):
+    """Every RNG state is one its generator takes: each is tried on a fresh generator, so a bad
+    one is refused before any global RNG changes."""
+    cuda = sorted(k for k in tensors if k.startswith("rng.cuda."))
+    expected = ["rng.torch", *(f"rng.cuda.{i}" for i in range(len(cuda)))]
+    if sorted(k for k in tensors if k.startswith("rng.")) != sorted(expected):
+        got = sorted(k for k in tensors if k.startswith("rng."))
+        raise ValueError(f"{tensors_path}: the RNG tensors must be 'rng.torch' and 'rng.cuda.0..n-1', got {got}")
+    for key in expected:
         tensor = tensors[key]
         if tensor.dtype != torch.uint8 or tensor.dim() != 1:
             got = f"{tensor.dtype} {tuple(tensor.shape)}"
             raise ValueError(f"{tensors_path}: tensor {key!r} must be a 1-D uint8 tensor, got {got}")
-    if "rng.torch" not in tensors or tensors["rng.torch"].shape != expected.shape:
-        shape = tuple(tensors["rng.torch"].shape) if "rng.torch" in tensors else None
-        raise ValueError(f"{tensors_path}: tensor 'rng.torch' must have shape {tuple(expected.shape)}, got {shape}")
+        device = "cpu" if key == "rng.torch" else f"cuda:{key.rpartition('.')[2]}"
+        if device != "cpu" and not (torch.cuda.is_available() and int(device[5:]) < torch.cuda.device_count()):
+            continue  # restored only where that GPU exists (`_restore_rng`)
+        try:
+            torch.Generator(device=device).set_state(tensor)
+        except (RuntimeError, ValueError, TypeError) as error:
+            message = " ".join(str(error).split())
+            raise ValueError(f"{tensors_path}: tensor {key!r} is not a {device} RNG state: {message}") from None
     ok = (
         isinstance(python_rng, list)
         and len(python_rng) == 3
@@ -400,7 +575,7 @@ def _check_rng(tensors: dict[str, torch.Tensor], python_rng: Any, tensors_path: 
         raise ValueError(f"{where}: field 'python_rng' is not a Python random state: {show(python_rng)}")
 
 
-# ---------------------------------------------------------------------- optimizer and RNG
+# ---------------------------------------------------------------------- optimizer, selection and RNG
 
 
 def _optimizer_to_tensors(
@@ -424,57 +599,142 @@ def _optimizer_to_tensors(
 
 
 def _optimizer_from_tensors(
-    description: Any, tensors: dict[str, torch.Tensor], shape: tuple[int, ...], where: Path
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    where: Path,
+    tensors_where: Path,
+    used: set[str],
 ) -> dict[str, Any]:
-    """Rebuilds an ``optimizer.state_dict()`` from `_optimizer_to_tensors`' two parts, checking
-    every entry (moments of ``shape``, finite; a scalar step count >= 0)."""
-    if not isinstance(description, dict) or set(description) != {"state", "param_groups"}:
+    """Rebuilds ``optimizer.state_dict()`` from `_optimizer_to_tensors`' two parts, checked
+    against what ``optimizer`` itself keeps after a step (`_state_after_a_step`): the same
+    parameters, the same entries, each of the same kind, dtype and shape, finite, step counts
+    equal to the run's steps, second moments >= 0. The param groups are this optimizer's own
+    (the current config's hyper-parameters); the saved ones must have its keys and kinds.
+    Adds the tensors it reads to ``used``."""
+    description = meta.get("optimizer")
+    if not isinstance(description, dict) or sorted(description) != ["param_groups", "state"]:
         raise ValueError(f"{where}: field 'optimizer' must hold 'state' and 'param_groups', got {show(description)}")
-    raw_state, raw_groups = description["state"], description["param_groups"]
-    if not isinstance(raw_state, dict) or not isinstance(raw_groups, list) or not raw_groups:
-        raise ValueError(f"{where}: field 'optimizer' is malformed: {show(description)}")
+    current = optimizer.state_dict()["param_groups"]
+    _check_param_groups(where, description["param_groups"], current)
+    expected = _state_after_a_step(optimizer) if meta["step"] > 0 else {}
+    raw_state = description["state"]
+    if not isinstance(raw_state, dict) or sorted(raw_state) != sorted(str(i) for i in expected):
+        got = sorted(raw_state) if isinstance(raw_state, dict) else show(raw_state)
+        raise ValueError(
+            f"{where}: field 'optimizer.state' must hold the parameters {sorted(str(i) for i in expected)} "
+            f"after {meta['step']} steps, got {got}"
+        )
     state: dict[int, dict[str, Any]] = {}
-    for param_id, entry in raw_state.items():
-        if not param_id.isdigit() or not isinstance(entry, dict):
-            raise ValueError(f"{where}: field 'optimizer.state.{param_id}' is malformed: {show(entry)}")
-        values: dict[str, Any] = {}
-        for name, item in entry.items():
-            label = f"optimizer.state.{param_id}.{name}"
-            if not isinstance(item, dict) or len(item) != 1 or not ({"tensor", "value"} & set(item)):
-                raise ValueError(f"{where}: field {label!r} is malformed: {show(item)}")
-            if "value" in item:
-                value = item["value"]
-                if not (value is None or isinstance(value, bool) or is_finite(value)):
-                    raise ValueError(f"{where}: field {label!r} must be a finite number, got {show(value)}")
-                values[name] = value
-                continue
-            key = item["tensor"]
-            if key not in tensors:
-                raise ValueError(f"{where}: field {label!r} names tensor {show(key)}, which is not saved")
-            tensor = tensors[key]
-            expected = () if name == "step" else shape
-            if tuple(tensor.shape) != expected or not torch.is_floating_point(tensor):
-                raise ValueError(
-                    f"checkpoint tensor {key!r} has shape {tuple(tensor.shape)} and dtype {tensor.dtype}, "
-                    f"expected {expected} floating point"
-                )
-            if not bool(torch.isfinite(tensor).all()) or (name in ("step", "exp_avg_sq") and bool((tensor < 0).any())):
-                raise ValueError(f"checkpoint tensor {key!r} holds a value out of range (non-finite or negative)")
-            values[name] = tensor
-        state[int(param_id)] = values
+    for param_id, reference in expected.items():
+        entry, label = raw_state[str(param_id)], f"optimizer.state.{param_id}"
+        if not isinstance(entry, dict) or sorted(entry) != sorted(reference):
+            got = sorted(entry) if isinstance(entry, dict) else show(entry)
+            raise ValueError(f"{where}: field {label!r} must hold {sorted(reference)}, got {got}")
+        state[param_id] = {
+            name: _optimizer_entry(
+                where, tensors_where, f"{label}.{name}", entry[name], want, tensors, meta["step"], used
+            )
+            for name, want in reference.items()
+        }
+    return {"state": state, "param_groups": current}
+
+
+def _optimizer_entry(
+    where: Path, tensors_where: Path, label: str, item: Any, want: Any, tensors: dict[str, torch.Tensor],
+    steps: int, used: set[str],
+) -> Any:
+    """One saved optimizer entry, checked against the value ``want`` a real step produced."""
+    name = label.rpartition(".")[2]
+    if not isinstance(want, torch.Tensor):
+        if not (isinstance(item, dict) and list(item) == ["value"] and _same_kind(item["value"], want)):
+            raise ValueError(f"{where}: field {label!r} must be {{'value': {want!r}-like}}, got {show(item)}")
+        return item["value"]
+    key = item.get("tensor") if isinstance(item, dict) and list(item) == ["tensor"] else None
+    if not isinstance(key, str) or key not in tensors:
+        raise ValueError(f"{where}: field {label!r} must name a saved tensor, got {show(item)}")
+    tensor = tensors[key]
+    if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
+        raise ValueError(
+            f"{tensors_where}: tensor {key!r} must be {want.dtype} of shape {tuple(want.shape)}, "
+            f"got {tensor.dtype} of shape {tuple(tensor.shape)}"
+        )
+    if not bool(torch.isfinite(tensor).all()) or (name in _NON_NEGATIVE_MOMENTS and bool((tensor < 0).any())):
+        raise ValueError(f"{tensors_where}: tensor {key!r} holds a value out of range (non-finite or negative)")
+    if name == "step" and tensor.numel() == 1 and float(tensor) != steps:
+        raise ValueError(f"{tensors_where}: tensor {key!r} counts {float(tensor)} steps, the run took {steps}")
+    used.add(key)
+    return tensor
+
+
+def _state_after_a_step(optimizer: torch.optim.Optimizer) -> dict[int, dict[str, Any]]:
+    """What ``optimizer`` keeps per parameter once it has stepped: the state of a twin (same
+    class and hyper-parameters, zero parameters of the same shapes, dtypes and devices) after
+    one step on zero gradients. The reference for a saved state, whatever the optimizer."""
     groups = []
-    for i, group in enumerate(raw_groups):
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list):
-            raise ValueError(f"{where}: field 'optimizer.param_groups[{i}]' is malformed: {show(group)}")
-        group = dict(group)
+    for group in optimizer.param_groups:
+        params = [torch.zeros_like(p, requires_grad=True) for p in group["params"]]
+        groups.append({**{k: v for k, v in group.items() if k != "params"}, "params": params})
+    twin = type(optimizer)(groups)
+    for group in twin.param_groups:
+        for param in group["params"]:
+            param.grad = torch.zeros_like(param)
+    twin.step()
+    return twin.state_dict()["state"]
+
+
+def _check_param_groups(where: Path, saved: Any, current: list[dict[str, Any]]) -> None:
+    """The saved param groups have the current ones' parameters, keys and kinds of values."""
+    if not isinstance(saved, list) or len(saved) != len(current):
+        raise ValueError(f"{where}: field 'optimizer.param_groups' must be a list of {len(current)}, got {show(saved)}")
+    for i, (group, mine) in enumerate(zip(saved, current)):
+        label = f"optimizer.param_groups[{i}]"
+        if not isinstance(group, dict) or sorted(group) != sorted(mine):
+            raise ValueError(f"{where}: field {label!r} must hold {sorted(mine)}, got {show(group)}")
+        params = group["params"]
+        if not (isinstance(params, list) and all(is_int(p) for p in params) and params == mine["params"]):
+            raise ValueError(f"{where}: field '{label}.params' must be {mine['params']}, got {show(params)}")
         for key, value in group.items():
-            bad = isinstance(value, float) and not math.isfinite(value)
-            if bad or (key == "betas" and not (isinstance(value, list) and all(is_finite(b) for b in value))):
-                raise ValueError(f"{where}: field 'optimizer.param_groups[{i}].{key}' is {show(value)}")
-        if isinstance(group.get("betas"), list):
-            group["betas"] = tuple(group["betas"])
-        groups.append(group)
-    return {"state": state, "param_groups": groups}
+            if key != "params" and not _same_kind(value, mine[key], below_one=key == "betas"):
+                raise ValueError(f"{where}: field '{label}.{key}' is {show(value)}, unlike {mine[key]!r}")
+
+
+def _same_kind(value: Any, like: Any, below_one: bool = False) -> bool:
+    """Whether a JSON ``value`` can stand where ``like`` (a hyper-parameter or optimizer scalar)
+    stands: the same kind (bool, None, string, list of as many), numbers finite and >= 0."""
+    if isinstance(like, bool) or like is None or isinstance(like, str):
+        return type(value) is type(like)
+    if is_number(like):
+        return is_finite(value) and 0 <= value and (not below_one or value < 1)
+    if isinstance(like, (list, tuple)):
+        return isinstance(value, (list, tuple)) and len(value) == len(like) and all(
+            _same_kind(v, w, below_one) for v, w in zip(value, like)
+        )
+    return False
+
+
+def _selection_from_json(
+    value: Any, tensors: dict[str, torch.Tensor], delta: torch.Tensor, tensors_where: Path, used: set[str]
+) -> Selection | None:
+    """The saved selection state (its JSON already checked), with its best context: a tensor of
+    ``delta``'s dtype and shape, finite, saved exactly when a context was kept."""
+    if value is None:
+        return None
+    kept = value["best_call"] is not None
+    if kept != (SELECTION_TENSOR in tensors):
+        holds = "lacks" if kept else "has"
+        raise ValueError(f"{tensors_where} {holds} tensor {SELECTION_TENSOR!r}, which the selection state contradicts")
+    best_delta = None
+    if kept:
+        tensor = tensors[SELECTION_TENSOR]
+        if tensor.dtype != delta.dtype or tensor.shape != delta.shape or not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{tensors_where}: tensor {SELECTION_TENSOR!r} must be finite {delta.dtype} of shape "
+                f"{tuple(delta.shape)}, got {tensor.dtype} of shape {tuple(tensor.shape)}"
+            )
+        used.add(SELECTION_TENSOR)
+        best_delta = tensor.to(delta.device)
+    return Selection(value["calls"], value["best_call"], _float_from_json(value["best_score"]), best_delta)
 
 
 def _rng_tensors() -> dict[str, torch.Tensor]:
@@ -511,6 +771,35 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _sample_bytes(sample: Any, index: int) -> bytes:
+    """One training sample as compact JSON, one line (lists of numbers go straight through)."""
+    def text(value: Any) -> str:
+        return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+    try:
+        return (text(sample) + "\n").encode()
+    except (TypeError, ValueError):  # tensors, arrays; or NaN, which _plain names
+        return (text(_plain(sample, f"training sample {index}")) + "\n").encode()
+
+
+def _plain(value: Any, what: str) -> Any:
+    """``value`` as JSON data (tensors and arrays as nested lists), for a fingerprint."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v, what) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v, what) for v in value]
+    if value is None or isinstance(value, (str, int)) or is_finite(value):
+        return value
+    raise ValueError(f"cannot fingerprint {what} for a checkpoint: it holds {show(value)}")
+
+
+def _is_float_json(value: Any) -> bool:
+    """A number, or one of the strings `_float_to_json` writes for a non-finite one."""
+    return is_number(value) or (isinstance(value, str) and value in ("nan", "inf", "-inf"))
+
+
 def _float_to_json(value: Any) -> Any:
     value = float(value)
     return value if math.isfinite(value) else str(value)  # "nan", "inf", "-inf": JSON has none
@@ -525,7 +814,9 @@ __all__ = [
     "LAST_CHECKPOINT_NAME",
     "STATE_JSON_NAME",
     "STATE_TENSORS_NAME",
+    "Selection",
     "TrainState",
+    "fingerprint",
     "load_checkpoint",
     "save_checkpoint",
 ]

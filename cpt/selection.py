@@ -8,7 +8,8 @@ embeddings of the others kept), and the score is the mean log-probability of its
 normalised over the label set. It needs no data beyond the context's examples.
 
 `LeaveOneOut` is an ``eval_fn`` for `cpt.train.train` that also remembers the context at the best
-score; `cpt.workflow.fit` uses it to return the best context seen, the untrained one included.
+score (its ``state``, which checkpoints carry); `cpt.workflow.fit` uses it to return the best
+context seen, the untrained one included.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from cpt.checkpoint import Selection
 from cpt.config import CODES_PER_EXAMPLE
 from cpt.data import Example, Template
 from cpt.infer import classify
@@ -124,7 +126,9 @@ class LeaveOneOut:
 
     Call it once before training (the untrained context, step 0) and let `cpt.train.train` call
     it every ``eval_every`` steps; then `restore` puts the best context back into the model.
-    Ties keep the earlier (less trained) context.
+    Ties keep the earlier (less trained) context. What it keeps is its ``state`` (a
+    `cpt.checkpoint.Selection`): pass it to `cpt.train.train` as ``selector`` too, and checkpoints
+    carry it, so that a resumed run chooses as an uninterrupted one.
 
     Args:
         tokenizer, examples, labels, template: as for `leave_one_out`.
@@ -138,22 +142,20 @@ class LeaveOneOut:
         template: Template | None = None,
     ) -> None:
         self.tokenizer, self.examples, self.labels, self.template = tokenizer, list(examples), list(labels), template
-        self.best_score = -math.inf
-        self.best_delta: torch.Tensor | None = None
-        self.calls = 0
-        self.best_call = 0
+        self.state = Selection()
 
     def __call__(self, model: CPTModel) -> dict[str, float]:
         metrics = leave_one_out(model, self.tokenizer, self.examples, self.labels, template=self.template)
-        if metrics["loo_log_prob"] > self.best_score:
-            self.best_score = metrics["loo_log_prob"]
-            self.best_delta = model.delta.detach().clone()
-            self.best_call = self.calls
-        self.calls += 1
+        score, calls = metrics["loo_log_prob"], self.state.calls
+        if score > self.state.best_score:
+            best = model.delta.detach().clone()
+            self.state = Selection(calls + 1, best_call=calls, best_score=score, best_delta=best)
+        else:
+            self.state = replace(self.state, calls=calls + 1)
         return metrics
 
     @torch.no_grad()
     def restore(self, model: CPTModel) -> None:
         """Copies the best context seen into ``model`` (nothing if none was scored)."""
-        if self.best_delta is not None:
-            model.delta.copy_(self.best_delta)
+        if self.state.best_delta is not None:
+            model.delta.copy_(self.state.best_delta)

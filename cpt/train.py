@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from cpt import _compat, _io, distributed, graphs
 from cpt._fields import check_seed, is_finite, show
-from cpt.checkpoint import LAST_CHECKPOINT_NAME, TrainState, load_checkpoint, save_checkpoint
+from cpt.checkpoint import LAST_CHECKPOINT_NAME, Selection, TrainState, fingerprint, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
@@ -75,6 +75,13 @@ def _largest_learning_rate() -> float:
 
 MAX_LEARNING_RATE = _largest_learning_rate()
 """The largest learning rate AdamW can step float32 parameters with (about 3.4e37)."""
+
+
+class Selector(Protocol):
+    """What an ``eval_fn`` keeps between its calls (`cpt.selection.LeaveOneOut`): checkpoints carry
+    its ``state`` and a resume puts it back, since the run's result depends on it."""
+
+    state: Selection
 
 
 @dataclass
@@ -198,6 +205,7 @@ def train(
     eval_fn: EvalFn | None = None,
     checkpoint_dir: str | Path | None = None,
     resume_from: str | Path | None = None,
+    selector: Selector | None = None,
 ) -> TrainResult:
     """Trains ``model``'s context by projected AdamW.
 
@@ -224,7 +232,10 @@ def train(
         resume_from: a checkpoint folder (from `save_checkpoint`) to continue from; the result
             is bit-for-bit that of an uninterrupted run with the same config on the CPU; on a GPU
             up to the run-to-run rounding of its kernels (atomic sums, and a step that captures a
-            CUDA graph runs eagerly).
+            CUDA graph runs eagerly). The checkpoint must come from the same config's sample-order
+            fields, the same context and the same training samples (`cpt.checkpoint.fingerprint`).
+        selector: the state ``eval_fn`` keeps to choose a result (`cpt.selection.LeaveOneOut`):
+            saved with every checkpoint and restored on a resume.
 
     Returns:
         A `TrainResult` over the whole run.
@@ -233,8 +244,8 @@ def train(
         ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a
             ``checkpoint_dir`` that cannot be written (`cpt._io.check_target`, before any step), a context
             that cannot be trained (`cpt.config.check_trainable`), a sample that does not fit after
-            the context in the model's positions, or a checkpoint that does not match the model,
-            the dataset or the config.
+            the context in the model's positions, or a checkpoint that is not sound or does not
+            match the model, the data, the config or the selection (nothing changes then).
         cpt.numerics.NonFiniteError: at the first step whose loss or gradient is NaN or infinite.
     """
     start_time = time.perf_counter()
@@ -254,8 +265,15 @@ def train(
     if config.shard_base_model and distributed.world_size() > 1:
         distributed.shard_base_model(model)
     optimizer = make_optimizer(model, config)
+    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / LAST_CHECKPOINT_NAME
+    data = None if folder is None and resume_from is None else fingerprint(model.config, dataset)
     if resume_from is not None:
-        state = load_checkpoint(resume_from, model, optimizer, config=config, num_samples=num_samples)
+        state = load_checkpoint(
+            resume_from, model, optimizer, config=config, num_samples=num_samples, fingerprint=data,
+            selection=selector is not None,
+        )
+        if selector is not None:
+            selector.state = state.selection
     else:
         state = TrainState()
         _seed_everything(config.seed)
@@ -271,7 +289,11 @@ def train(
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
     graphed = _graphed_loss(model, config, autocast is not nullcontext)
-    folder = None if checkpoint_dir is None else Path(checkpoint_dir) / LAST_CHECKPOINT_NAME
+
+    def save() -> None:  # with the selection's state as it is now (each evaluation changes it)
+        state.selection = None if selector is None else selector.state
+        _save_on_main(folder, model, optimizer, state, config, num_samples, data)
+
     saved_at = state.step if resume_from is not None else -1
 
     initial = min(state.step, total_steps)
@@ -296,14 +318,14 @@ def train(
                 if eval_fn is not None and _due(state.step, config.eval_every):
                     state.eval_history.append(_evaluate(model, eval_fn, state.step))
                 if folder is not None and _due(state.step, config.checkpoint_every):
-                    _save_on_main(folder, model, optimizer, state, config, num_samples)
+                    save()
                     saved_at = state.step
                 if state.position == 0:
                     break  # a new epoch: a new order
     finally:
         bar.close()
     if folder is not None and saved_at != state.step:
-        _save_on_main(folder, model, optimizer, state, config, num_samples)
+        save()
 
     return TrainResult(
         losses=list(state.losses),
@@ -478,11 +500,11 @@ def _report(bar: Any, state: TrainState, config: TrainConfig) -> None:
 
 def _save_on_main(
     folder: Path, model: CPTModel, optimizer: torch.optim.Optimizer, state: TrainState, config: TrainConfig,
-    num_samples: int,
+    num_samples: int, data: dict[str, str] | None,
 ) -> None:
     """Rank 0 writes the checkpoint (every rank holds the same state); the others wait for it."""
     if distributed.is_main():
-        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples)
+        save_checkpoint(folder, model, optimizer, state, config, num_samples=num_samples, fingerprint=data)
     distributed.barrier()
 
 

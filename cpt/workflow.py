@@ -108,8 +108,8 @@ def fit(
             included; it uses no data beyond ``examples``, and needs at least 2 examples of each
             label (with fewer, the last context is returned). None: return the last context. The scores
             are in ``result.eval_history`` (``loo_log_prob``, ``loo_accuracy``; step 0 first).
-            With ``resume_from``, the candidates are the untrained context and those this call
-            scores.
+            A checkpoint carries the selection's state, so a resumed run returns the context an
+            uninterrupted one would.
         **context_options: `CPTConfig` options (``opt_projection_epsilon``, ...), over
             `CONTEXT_DEFAULTS`.
 
@@ -160,11 +160,14 @@ def fit(
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
+        selector=selector,
     )
     if selector is not None:
         selector.restore(model)
         result.eval_history.insert(0, first)
-        logger.info("leave-one-out kept the context of step %d", result.eval_history[selector.best_call]["step"])
+        if selector.state.best_call is not None:
+            step = result.eval_history[selector.state.best_call]["step"]
+            logger.info("leave-one-out kept the context of step %d", step)
     return model, result
 
 

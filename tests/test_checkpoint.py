@@ -1,13 +1,20 @@
-"""Checkpoints: replaced whole, every file checksummed, every field checked before a resume."""
+"""Checkpoints: replaced whole, every file checksummed, every field checked before a resume,
+and a resume that ends where an uninterrupted run ends, selection included."""
 
 import json
+import math
 import os
+import random
 import shutil
 import stat
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
@@ -19,13 +26,16 @@ from cpt.checkpoint import (
     STATE_TENSORS_NAME,
     TrainState,
     _sha256,
+    fingerprint,
     load_checkpoint,
     save_checkpoint,
 )
 from cpt.data import CPTCollator, CPTDataset, Example, build_context
 from cpt.model import CPTModel
 from cpt.numerics import NonFiniteError
+from cpt.selection import LeaveOneOut
 from cpt.train import TrainConfig, make_optimizer, train
+from cpt.workflow import fit
 
 EXAMPLES = [Example("the movie was great", "positive"), Example("awful", "negative"), Example("fine", "positive")]
 CONFIG = TrainConfig(learning_rate=1e-2, max_steps=2, progress=False)
@@ -101,7 +111,7 @@ def test_a_checkpoint_resumes(context, folder: Path) -> None:
         (lambda m: m.update(num_samples=None), r"field 'num_samples' must be an integer >= 1, got None"),
         (lambda m: m.update(python_rng=[3, [1, 2], None]), r"field 'python_rng' is not a Python random state"),
         (lambda m: m.update(optimizer={"state": {}}), r"field 'optimizer' must hold 'state' and 'param_groups'"),
-        (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "nope"}), r"names tensor 'nope', which is not saved"),
+        (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "nope"}), r"'optimizer.state.0.exp_avg' must name a saved tensor"),
         (lambda m: m["optimizer"]["param_groups"][0].update(betas="x"), r"field 'optimizer.param_groups\[0\].betas' is 'x'"),
         (lambda m: m.update(format_version=1), r"written by an older cpt \(format 1"),
         (lambda m: m.update(format_version=99), r"written by a newer cpt \(format version 99\)"),
@@ -138,16 +148,76 @@ def test_a_changed_file_is_detected(context, folder: Path, name: str) -> None:
         resume(context, folder)
 
 
-def test_nothing_changes_unless_everything_is_sound(context, folder: Path) -> None:
-    # sound on paper, refused by the optimizer itself: the last step of a load
-    edit_state(folder, lambda m: m["optimizer"]["param_groups"][0].update(params=[0, 1]))
+def edit_tensors(folder: Path, change) -> None:
+    """Changes trainer_state.safetensors, and its checksum in trainer_state.json (a careful forger)."""
+    path = folder / STATE_TENSORS_NAME
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "cpt-trainer-state"})
+    edit_state(folder, lambda m: m["files_sha256"].update({STATE_TENSORS_NAME: _sha256(path.read_bytes())}))
+
+
+def assert_refused_untouched(context, folder: Path, message: str) -> None:
+    """A resume from ``folder`` is refused with one ValueError naming it, and the model, the
+    optimizer and the global RNGs are as they were."""
     model = CPTModel(make_model(), context)
+    with torch.no_grad():
+        model.delta.fill_(0.25)
     optimizer = make_optimizer(model, CONFIG)
-    before, torch_rng = model.delta.detach().clone(), torch.get_rng_state()
-    with pytest.raises(ValueError, match="cannot load the optimizer state"):
+    before = (model.delta.detach().clone(), torch.get_rng_state(), random.getstate())
+    with pytest.raises(ValueError, match=message) as refusal:
         load_checkpoint(folder, model, optimizer, config=CONFIG, num_samples=3)
-    assert torch.equal(model.delta, before) and torch.equal(torch.get_rng_state(), torch_rng)
+    assert str(folder) in str(refusal.value)
+    assert torch.equal(model.delta, before[0]) and torch.equal(torch.get_rng_state(), before[1])
+    assert random.getstate() == before[2]
     assert optimizer.state_dict()["state"] == {}
+
+
+def test_nothing_changes_unless_everything_is_sound(context, folder: Path) -> None:
+    edit_state(folder, lambda m: m["optimizer"]["param_groups"][0].update(params=[0, 1]))
+    assert_refused_untouched(context, folder, r"field 'optimizer.param_groups\[0\].params' must be \[0\]")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda m: m["optimizer"]["state"]["0"].pop("exp_avg_sq"), r"'optimizer.state.0' must hold \['exp_avg', 'exp_avg_sq', 'step'\]"),
+        (lambda m: m["optimizer"]["state"]["0"].update(step={"value": 2}), r"'optimizer.state.0.step' must name a saved tensor"),
+        (lambda m: m["optimizer"]["state"].update({"1": m["optimizer"]["state"]["0"]}), r"'optimizer.state' must hold the parameters \['0'\]"),
+        (lambda m: m["optimizer"].update(state={}), r"'optimizer.state' must hold the parameters \['0'\] after 2 steps, got \[\]"),
+        (lambda m: m["optimizer"]["param_groups"][0].pop("eps"), r"'optimizer.param_groups\[0\]' must hold"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(lr=-1.0), r"'optimizer.param_groups\[0\].lr' is -1.0"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(amsgrad=1), r"'optimizer.param_groups\[0\].amsgrad' is 1"),
+    ],
+)
+def test_an_optimizer_state_the_optimizer_would_not_take_is_refused_before_anything_changes(
+    context, folder: Path, change, message: str
+) -> None:
+    edit_state(folder, change)
+    assert_refused_untouched(context, folder, message)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda t: t.update({"optimizer.0.step": torch.tensor(-1.0)}), r"'optimizer.0.step' holds a value out of range"),
+        (lambda t: t.update({"optimizer.0.step": torch.tensor(5.0)}), r"'optimizer.0.step' counts 5.0 steps, the run took 2"),
+        (lambda t: t.update({"optimizer.0.step": torch.tensor(2)}), r"'optimizer.0.step' must be torch.float32 of shape \(\)"),
+        (lambda t: t.update({"optimizer.0.exp_avg": t["optimizer.0.exp_avg"].double()}), r"must be torch.float32 of shape"),
+        (lambda t: t.update({"optimizer.0.exp_avg": t["optimizer.0.exp_avg"][:1]}), r"must be torch.float32 of shape"),
+        (lambda t: t.update({"optimizer.0.exp_avg_sq": -t["optimizer.0.exp_avg_sq"] - 1}), r"'optimizer.0.exp_avg_sq' holds a value out of range"),
+        (lambda t: t.update({"optimizer.0.exp_avg": t["optimizer.0.exp_avg"] * math.nan}), r"holds a value out of range"),
+        (lambda t: t.update({"optimizer.9.exp_avg": torch.zeros(1)}), r"has unexpected tensors \['optimizer.9.exp_avg'\]"),
+        (lambda t: t.update({"rng.torch": torch.full_like(t["rng.torch"], 255)}), r"tensor 'rng.torch' is not a cpu RNG state"),
+        (lambda t: t.update({"rng.torch": t["rng.torch"][:-1]}), r"tensor 'rng.torch' is not a cpu RNG state"),
+        (lambda t: t.update({"rng.cuda.1": torch.zeros(16, dtype=torch.uint8)}), r"RNG tensors must be 'rng.torch' and 'rng.cuda.0..n-1'"),
+    ],
+)
+def test_bad_optimizer_and_rng_tensors_are_refused_before_anything_changes(
+    context, folder: Path, change, message: str
+) -> None:
+    edit_tensors(folder, change)
+    assert_refused_untouched(context, folder, message)
 
 
 def test_a_failed_save_leaves_the_previous_checkpoint(context, folder: Path, monkeypatch) -> None:
@@ -158,7 +228,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint(context, folder: Path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(_io, "write_bytes", crash)
-    state = TrainState(step=1, epoch=0, position=1, losses=[1.0])
+    state = TrainState()  # step 0: a fresh optimizer's state
     with pytest.raises(OSError, match="disk full"):
         save_checkpoint(folder, model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     monkeypatch.undo()
@@ -172,6 +242,10 @@ def test_an_inconsistent_state_is_not_saved(context, tmp_path: Path) -> None:
     model = CPTModel(make_model(), context)
     with pytest.raises(ValueError, match="field 'step' is 99, but epoch 0 and position 0 mean 0 steps"):
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), TrainState(step=99), CONFIG, num_samples=3)
+    assert not (tmp_path / "c").exists()
+    state = TrainState(step=1, epoch=0, position=1, losses=[1.0])  # but the optimizer never stepped
+    with pytest.raises(ValueError, match=r"field 'optimizer.state' must hold the parameters \['0'\] after 1 steps, got \[\]"):
+        save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
 
 
@@ -211,3 +285,246 @@ def test_a_checkpoint_folder_that_cannot_be_written_is_refused_before_training(
     with pytest.raises(ValueError, match=r"cannot write .*/file/last: .*/file is a file, not a folder"):
         train(model, dataset, CONFIG, collator=collator, checkpoint_dir=tmp_path / "file")
     assert torch.equal(model.delta.detach(), before)  # not one step was taken
+
+
+# ---------------------------------------------------------------------- what a resume must reproduce
+
+POSITIVE_HEAVY = [  # 2 examples of each label, so leave-one-out selects
+    Example("the movie was great", "positive"), Example("awful", "negative"), Example("fine", "positive"),
+    Example("boring and too long", "negative"), Example("a fine story", "positive"), Example("great", "positive"),
+]
+ALL_POSITIVE = [Example(e.text, "positive") for e in POSITIVE_HEAVY if e.label == "positive"]
+
+
+def test_fit_resumed_with_leave_one_out_ends_where_an_uninterrupted_run_ends(tokenizer, tmp_path: Path) -> None:
+    # Here the best context by leave-one-out is step 2's, before the interruption at step 4
+    # (the checkpoint is step 3's): a resume that forgot it returned step 4's context.
+    config = TrainConfig(learning_rate=1.0, max_steps=8, checkpoint_every=3, progress=False)
+
+    def run(folder: Path, **kwargs):
+        return fit(make_model(seed=2), tokenizer, POSITIVE_HEAVY, train_examples=ALL_POSITIVE,
+                   train_config=config, checkpoint_dir=folder, **kwargs)
+
+    whole, expected = run(tmp_path / "whole")
+    steps = [entry["step"] for entry in expected.eval_history]
+    best = max(range(len(steps)), key=lambda i: expected.eval_history[i]["loo_log_prob"])
+    assert steps == [0, 2, 4, 6, 8] and steps[best] == 2  # the case this test is about
+
+    def interrupt_at_step_4(model: CPTModel) -> dict[str, float]:
+        if interrupt_at_step_4.calls == 1:
+            raise KeyboardInterrupt
+        interrupt_at_step_4.calls += 1
+        return {}
+
+    interrupt_at_step_4.calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted", eval_fn=interrupt_at_step_4)
+    assert json.loads((tmp_path / "interrupted" / LAST_CHECKPOINT_NAME / STATE_JSON_NAME).read_text())["step"] == 3
+    resumed, result = run(tmp_path / "interrupted", resume_from=tmp_path / "interrupted" / LAST_CHECKPOINT_NAME)
+    assert torch.equal(resumed.delta, whole.delta)
+    assert result.eval_history == expected.eval_history and result.losses == expected.losses
+
+
+def test_resume_refuses_other_training_data_of_the_same_size(tokenizer, context, folder: Path) -> None:
+    others = [Example("boring", "negative"), Example("great", "positive"), Example("thin", "negative")]
+    model = CPTModel(make_model(), context)
+    with pytest.raises(ValueError, match=r"cannot resume from .*/last: it was trained on different training samples"):
+        train(model, CPTDataset(tokenizer, others), CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
+              resume_from=folder)
+    relabelled = [Example(e.text, "negative" if e.label == "positive" else "positive") for e in EXAMPLES]
+    with pytest.raises(ValueError, match=r"different training samples \(token ids or type codes\)"):
+        train(model, CPTDataset(tokenizer, relabelled), CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
+              resume_from=folder)
+    assert torch.equal(model.delta, torch.zeros_like(model.delta))  # nothing loaded
+
+
+def test_the_fingerprint_reads_what_training_reads(context, dataset) -> None:
+    as_tensors = [{k: torch.tensor(v) for k, v in dataset[i].items()} for i in range(len(dataset))]
+    assert fingerprint(context, as_tensors) == fingerprint(context, dataset)  # the same ids and codes
+    shifted = [{**dataset[i], "input_type_mask": [0, *dataset[i]["input_type_mask"][1:]]} for i in range(len(dataset))]
+    assert fingerprint(context, shifted)["samples"] != fingerprint(context, dataset)["samples"]
+    with pytest.raises(ValueError, match=r"cannot fingerprint training sample 1 for a checkpoint: it holds nan"):
+        fingerprint(context, [dataset[0], {"input_ids": [math.nan]}])
+
+
+def test_resume_refuses_another_selection_option(context, dataset, collator, folder: Path, tokenizer) -> None:
+    model = CPTModel(make_model(), context)
+    selector = LeaveOneOut(tokenizer, EXAMPLES, ["positive", "negative"])
+    with pytest.raises(ValueError, match=r"its run kept no selection state, this one does"):
+        train(model, dataset, CONFIG, collator=collator, eval_fn=selector, selector=selector, resume_from=folder)
+
+
+# ---------------------------------------------------------------------- every field, every wrong type
+
+SELECTED_CONFIG = TrainConfig(learning_rate=1e-2, max_steps=2, eval_every=1, progress=False)
+LABELS = ["positive", "negative"]
+
+
+@pytest.fixture(scope="module")
+def selected(tokenizer, tmp_path_factory) -> dict:
+    """A checkpoint with every field filled: a selection state, evaluations, moments, RNGs."""
+    context = build_context(tokenizer, POSITIVE_HEAVY[:4])
+    dataset = CPTDataset(tokenizer, POSITIVE_HEAVY[:4])
+    root = tmp_path_factory.mktemp("selected")
+    selector = LeaveOneOut(tokenizer, POSITIVE_HEAVY[:4], LABELS)
+    train(CPTModel(make_model(), context), dataset, SELECTED_CONFIG, collator=CPTCollator(tokenizer.pad_token_id),
+          eval_fn=selector, selector=selector, checkpoint_dir=root)
+    assert selector.state.best_call is not None
+    return {"folder": root / LAST_CHECKPOINT_NAME, "context": context, "dataset": dataset,
+            "model": CPTModel(make_model(), context), "tokenizer": tokenizer}
+
+
+def resume_selected(selected: dict, folder: Path) -> None:
+    """`train`'s resume of ``folder`` (the run is complete: nothing trains after the load)."""
+    selector = LeaveOneOut(selected["tokenizer"], POSITIVE_HEAVY[:4], LABELS)
+    train(selected["model"], selected["dataset"], SELECTED_CONFIG,
+          collator=CPTCollator(selected["tokenizer"].pad_token_id), eval_fn=selector, selector=selector,
+          resume_from=folder)
+
+
+def _kind(value) -> type:
+    return type(value) if value is None or isinstance(value, (bool, int, float, str, list, dict)) else object
+
+
+_WRONG = {
+    type(None): st.none(),
+    bool: st.booleans(),
+    int: st.integers(-(2**70), 2**70),
+    float: st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
+    str: st.text(max_size=8).filter(lambda t: t not in ("nan", "inf", "-inf")),
+    list: st.lists(st.integers(-2, 3), max_size=3),
+    dict: st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+}
+_ALSO_RIGHT = {  # kinds a field takes besides its saved one
+    ("python_rng", 2): {int, float},
+    ("config", "max_grad_norm"): {type(None), int},
+    ("config", "cuda_graphs"): {bool, type(None)},
+    **{("config", name): {type(None), int} for name in ("max_steps", "eval_every", "checkpoint_every")},
+}
+
+
+def _paths(value, path=()):
+    """Every field below the top: dict keys, and the first, second and last item of a list."""
+    items = value.items() if isinstance(value, dict) else (
+        [(i, value[i]) for i in sorted({0, 1, len(value) - 1}) if 0 <= i < len(value)] if isinstance(value, list) else []
+    )
+    for key, item in items:
+        yield (*path, key)
+        yield from _paths(item, (*path, key))
+
+
+def _holder(meta, path):
+    for key in path[:-1]:
+        meta = meta[key]
+    return meta
+
+
+def _wrong_kinds(meta: dict, path: tuple) -> list[type]:
+    saved = _kind(_holder(meta, path)[path[-1]])
+    right = {saved, *_ALSO_RIGHT.get(path, ())} | ({int} if saved is float else set())
+    if path[0] == "eval_history" and path[-1] != "step":
+        right |= {int, float}
+    return [kind for kind in _WRONG if kind not in right]
+
+
+def _saved_meta(selected: dict) -> dict:
+    return json.loads((selected["folder"] / STATE_JSON_NAME).read_text())
+
+
+def _json_fields(selected: dict) -> list[tuple]:
+    return [p for p in _paths(_saved_meta(selected)) if p[0] != "state_sha256" and _wrong_kinds(_saved_meta(selected), p)]
+
+
+def _refused(selected: dict, edit) -> str:
+    """Copies the checkpoint, edits the copy, resumes it: returns the ValueError's message."""
+    with tempfile.TemporaryDirectory() as root:
+        folder = Path(root) / LAST_CHECKPOINT_NAME
+        shutil.copytree(selected["folder"], folder)
+        edit(folder)
+        before = selected["model"].delta.detach().clone()
+        with pytest.raises(ValueError) as refusal:  # never another exception, never a silent load
+            resume_selected(selected, folder)
+        assert torch.equal(selected["model"].delta, before)
+        return str(refusal.value)
+
+
+PROPERTIES = settings(max_examples=120, deadline=None, derandomize=True,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def test_the_selected_checkpoint_resumes(selected: dict) -> None:
+    resume_selected(selected, selected["folder"])  # the reference for the refusals below
+
+
+@PROPERTIES
+@given(data=st.data())
+def test_every_json_field_of_a_wrong_type_is_refused(selected: dict, data) -> None:
+    meta = _saved_meta(selected)
+    path = data.draw(st.sampled_from(_json_fields(selected)), label="field")
+    value = data.draw(st.sampled_from(_wrong_kinds(meta, path)).flatmap(_WRONG.__getitem__), label="value")
+    _refused(selected, lambda folder: edit_state(folder, lambda m: _holder(m, path).__setitem__(path[-1], value)))
+
+
+@PROPERTIES
+@given(data=st.data())
+def test_every_json_key_removed_is_refused(selected: dict, data) -> None:
+    meta = _saved_meta(selected)
+    free = lambda p: p[0] == "eval_history" and len(p) == 3 and p[-1] != "step"  # metrics: any names
+    keys = [p for p in _json_fields(selected) if isinstance(_holder(meta, p), dict) and not free(p)]
+    path = data.draw(st.sampled_from(keys), label="field")
+    _refused(selected, lambda folder: edit_state(folder, lambda m: _holder(m, path).pop(path[-1])))
+
+
+OUT_OF_RANGE = [
+    (("step",), -1), (("step",), 3), (("epoch",), -1), (("position",), 5), (("num_samples",), 0),
+    (("num_samples",), 5), (("format_version",), 0), (("config", "batch_size"), 0), (("config", "seed"), -1),
+    (("config", "learning_rate"), 0.0), (("config", "learning_rate"), -1.0), (("config", "max_grad_norm"), -1.0),
+    (("config", "mixed_precision"), "fp8"), (("config", "max_steps"), 0),
+    (("python_rng", 1, 0), 2**32), (("python_rng", 1, 0), -1), (("python_rng", 1, 624), 625),
+    (("optimizer", "param_groups", 0, "lr"), -1.0), (("optimizer", "param_groups", 0, "betas", 0), 1.5),
+    (("optimizer", "param_groups", 0, "eps"), -1e-8), (("optimizer", "param_groups", 0, "params", 0), 1),
+    (("selection", "calls"), -1), (("selection", "calls"), 0), (("selection", "calls"), 9), (("selection", "best_call"), -1),
+    (("selection", "best_call"), 99), (("selection", "best_score"), "nan"), (("selection", "best_score"), "-inf"),
+    (("fingerprint", "samples"), "0" * 64), (("fingerprint", "context"), "x" * 64), (("fingerprint", "context"), "ab"),
+    (("eval_history", 0, "step"), 0), (("eval_history", 0, "step"), 3), (("eval_history", 1, "step"), 1), (("eval_history", 0, "loo_accuracy"), "NaN"),
+    (("files_sha256", STATE_TENSORS_NAME), "0" * 64),
+]
+
+
+@pytest.mark.parametrize(("path", "value"), OUT_OF_RANGE, ids=[f"{'.'.join(map(str, p))}={v!r}" for p, v in OUT_OF_RANGE])
+def test_every_json_field_out_of_range_is_refused(selected: dict, path: tuple, value) -> None:
+    _refused(selected, lambda folder: edit_state(folder, lambda m: _holder(m, path).__setitem__(path[-1], value)))
+
+
+_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]
+
+
+def _tensor_change(tensors: dict, key: str, how: str, dtype: torch.dtype) -> None:
+    tensor = tensors[key]
+    if how == "delete":
+        del tensors[key]
+    elif how == "dtype":
+        tensors[key] = tensor.to(dtype if dtype != tensor.dtype else torch.int16)
+    elif how == "shape":
+        tensors[key] = tensor.reshape(-1)[:-1].clone() if tensor.numel() > 1 else torch.stack([tensor, tensor])
+    elif how == "extra dimension":
+        tensors[key] = tensor.unsqueeze(0)
+    elif how == "out of range":  # non-finite moments, a negative step or second moment, a bad RNG state
+        if tensor.dtype == torch.uint8:
+            tensors[key] = torch.full_like(tensor, 255)
+        else:
+            tensors[key] = -tensor - 1 if key.endswith(("step", "exp_avg_sq")) else tensor * math.inf
+    else:  # a tensor no field names
+        tensors[f"{key}.copy"] = tensor.clone()
+
+
+@PROPERTIES
+@given(data=st.data())
+def test_every_tensor_of_a_wrong_kind_is_refused(selected: dict, data) -> None:
+    keys = sorted(load_file(selected["folder"] / STATE_TENSORS_NAME))
+    assert "selection.best_delta" in keys and "rng.torch" in keys
+    key = data.draw(st.sampled_from(keys), label="tensor")
+    how = data.draw(st.sampled_from(["delete", "dtype", "shape", "extra dimension", "out of range", "extra"]), label="how")
+    dtype = data.draw(st.sampled_from(_DTYPES), label="dtype")
+    message = _refused(selected, lambda folder: edit_tensors(folder, lambda t: _tensor_change(t, key, how, dtype)))
+    assert STATE_TENSORS_NAME in message or STATE_JSON_NAME in message

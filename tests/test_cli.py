@@ -465,3 +465,98 @@ def test_train_passes_the_selection_to_fit(
         str(tmp_path / "a"), "--max-steps", "2", "--no-progress", "--device", "cpu", "--test", "4", *option,
     ])
     assert status == 0 and seen == [expected]
+
+
+# ---------------------------------------------------------------------- resuming with leave-one-out
+
+CONTEXT = [("the movie was great", "positive"), ("an awful film", "negative"), ("a fine story", "positive"),
+           ("boring and too long", "negative"), ("the actors were good", "positive"), ("great", "positive")]
+
+
+@pytest.fixture(scope="module")
+def selection_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A model, a context and mostly positive training data, on which leave-one-out keeps
+    step 2's context of 8 (training helps it, then overshoots)."""
+    root = tmp_path_factory.mktemp("selection")
+    tokenizer = make_bpe_tokenizer()
+    make_model("llama", vocab_size=len(tokenizer), seed=1).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "context.jsonl").write_text("".join(json.dumps({"text": t, "label": l}) + "\n" for t, l in CONTEXT))
+    records = [{"text": f"{t} {i}", "label": "positive"} for t in TEXTS["positive"] for i in range(4)]
+    records += [{"text": "the plot was thin", "label": "negative"}, {"text": "an awful film 9", "label": "negative"}]
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    other = [{**r, "text": r["text"].replace("the", "a")} for r in records]  # as many samples, other tokens
+    (root / "other.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other))
+    return {"model": root / "model", "context": root / "context.jsonl", "data": root / "data.jsonl",
+            "other": root / "other.jsonl"}
+
+
+def _selection_argv(run: dict[str, Path], output: Path, checkpoints: Path, data: str = "data") -> list[str]:
+    return ["train", "--model", str(run["model"]), "--data", str(run[data]), "--context", str(run["context"]),
+            "--train", "8", "--test", "2", "--lr", "1e-1", "--max-steps", "8", "--output", str(output),
+            "--no-progress", "--device", "cpu", "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "3"]
+
+
+def _interrupted(argv: list[str], monkeypatch) -> None:
+    """Runs ``argv`` and stops it as Ctrl-C would at the third leave-one-out score (step 4: the
+    last checkpoint is step 3's)."""
+    import cpt.selection
+
+    real, calls = cpt.selection.leave_one_out, []
+
+    def interrupt_at_the_third(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cpt.selection, "leave_one_out", interrupt_at_the_third)
+        assert main(argv) == 130
+
+
+def test_resume_with_leave_one_out_matches_one_run(selection_run, tmp_path: Path, monkeypatch, caplog) -> None:
+    from safetensors.torch import load_file
+
+    with caplog.at_level("INFO", logger="cpt.workflow"):
+        assert main(_selection_argv(selection_run, tmp_path / "whole", tmp_path / "whole-checkpoints")) == 0
+    assert "leave-one-out kept the context of step 2" in caplog.text  # before the interruption below
+    argv = _selection_argv(selection_run, tmp_path / "resumed", tmp_path / "checkpoints")
+    _interrupted(argv, monkeypatch)
+    assert json.loads((tmp_path / "checkpoints" / "last" / "trainer_state.json").read_text())["step"] == 3
+    assert main([*argv, "--resume"]) == 0
+    whole = load_file(tmp_path / "whole" / "cpt_adapter.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "cpt_adapter.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key  # bit for bit, the selection's choice included
+
+
+def test_resume_refuses_other_data_of_the_same_size(selection_run, tmp_path: Path, monkeypatch, capsys) -> None:
+    _interrupted(_selection_argv(selection_run, tmp_path / "a", tmp_path / "checkpoints"), monkeypatch)
+    line = _error([*_selection_argv(selection_run, tmp_path / "a", tmp_path / "checkpoints", "other"), "--resume"], capsys)
+    assert line.startswith(f"cpt train: error: cannot resume from {tmp_path / 'checkpoints' / 'last'}: it was trained "
+                           "on different training samples")
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta: meta["optimizer"]["state"]["0"].pop("exp_avg"), "field 'optimizer.state.0' must hold"),
+        (lambda meta: meta["selection"].update(best_call="2"), "field 'selection.best_call' must be null or in"),
+        (lambda meta: meta["config"].update(learning_rate=[]), "field 'config' is not a valid TrainConfig"),
+    ],
+)
+def test_a_bad_checkpoint_field_is_one_line(selection_run, tmp_path: Path, monkeypatch, capsys, edit, message) -> None:
+    from cpt import _io
+    from cpt.checkpoint import _sha256
+
+    argv = _selection_argv(selection_run, tmp_path / "a", tmp_path / "checkpoints")
+    _interrupted(argv, monkeypatch)
+    path = tmp_path / "checkpoints" / "last" / "trainer_state.json"
+    meta = json.loads(path.read_text())
+    edit(meta)
+    meta.pop("state_sha256")
+    meta["state_sha256"] = _sha256(_io.json_bytes(meta))
+    path.write_text(json.dumps(meta))
+    assert message in _error([*argv, "--resume"], capsys)

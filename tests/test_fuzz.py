@@ -227,9 +227,10 @@ CONFIG = TrainConfig(batch_size=1, progress=False)
 def checkpoint(trained: CPTModel, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("ckpt") / "last"
     optimizer = make_optimizer(trained, CONFIG)
-    trained.delta.grad = torch.ones_like(trained.delta)
-    optimizer.step()  # moments to save
-    trained.project_()
+    for _ in range(4):  # moments to save, one step per step of the state below
+        trained.delta.grad = torch.ones_like(trained.delta)
+        optimizer.step()
+        trained.project_()
     trained.delta.grad = None
     state = TrainState(step=4, epoch=1, position=1, losses=[1.0, 0.9, 0.8, 0.7], eval_history=[{"step": 2, "acc": 0.5}])
     save_checkpoint(folder, trained, optimizer, state, CONFIG, num_samples=3)

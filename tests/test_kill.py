@@ -63,10 +63,15 @@ def _adapter_version(model: CPTModel, path: Path) -> tuple[str, int]:
 
 
 def _save_checkpoint(model: CPTModel, folder: Path, step: int) -> None:
+    optimizer = make_optimizer(model, CONFIG)
+    for _ in range(step):  # the optimizer state of `step` steps (zero gradients: delta stays)
+        model.delta.grad = torch.zeros_like(model.delta)
+        optimizer.step()
+    model.delta.grad = None
     with torch.no_grad():
         model.delta.copy_(_delta(model, step))
     state = TrainState(step=step, epoch=step // NUM_SAMPLES, position=step % NUM_SAMPLES, losses=[0.5] * step)
-    save_checkpoint(folder, model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=NUM_SAMPLES)
+    save_checkpoint(folder, model, optimizer, state, CONFIG, num_samples=NUM_SAMPLES)
 
 
 def _checkpoint_step(model: CPTModel, folder: Path) -> int:

@@ -1,8 +1,10 @@
-"""Checks of fields read from JSON files, each failure one ValueError naming file, field, value."""
+"""Checks of fields read from JSON files and of arguments given to the API, each failure one
+ValueError naming the file or argument, the field and the value."""
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +20,21 @@ def is_number(value: Any) -> bool:
 
 
 def is_finite(value: Any) -> bool:
-    """A number (`is_number`) that is neither NaN nor infinite."""
-    return is_number(value) and math.isfinite(value)
+    """A number (`is_number`) that is neither NaN nor infinite (nor an int too large for a float)."""
+    if not is_number(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range
+        return False
 
 
 def show(value: Any) -> str:
     """``repr(value)``, cut to 80 characters for a message."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except ValueError:  # an int of more digits than Python will print
+        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -46,3 +56,70 @@ def check_header(meta: dict[str, Any], where: Path, kind: str, newest: int) -> i
     if version > newest:
         raise ValueError(f"{where.parent} was written by a newer cpt (format version {version}); upgrade cpt")
     return version
+
+
+def text_problem(value: Any) -> str | None:
+    """What keeps ``value`` from being a text a tokenizer can take, or None if it is one.
+
+    A text is a `str` that encodes as UTF-8: a lone surrogate (``"\\ud800"`` from a JSON escape,
+    or the ``"\\udcff"`` Python makes of a byte that is not UTF-8) is refused here rather than as
+    a ``TypeError`` deep in the tokenizer.
+    """
+    if not isinstance(value, str):
+        return f"must be a string, got {show(value)}"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"is not valid Unicode: a lone surrogate {value[err.start]!r} at character {err.start} "
+            "(bytes that are not UTF-8?)"
+        )
+    return None
+
+
+def check_text(value: Any, what: str) -> str:
+    """Returns ``value`` if it is a text (`text_problem`).
+
+    Raises:
+        ValueError: ``<what> must be a string, got ...`` or ``<what> is not valid Unicode: ...``.
+    """
+    problem = text_problem(value)
+    if problem is not None:
+        raise ValueError(f"{what} {problem}")
+    return value
+
+
+def check_bool(value: Any, what: str) -> bool:
+    """Returns ``value`` if it is True or False (``"no"`` or ``1`` is not a flag).
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be True or False, got {show(value)}")
+    return value
+
+
+def check_path(value: Any, what: str) -> str | os.PathLike[str]:
+    """Returns ``value`` if it is a non-empty path: a `str` or an `os.PathLike` of one.
+
+    Raises:
+        ValueError: naming ``what`` and the value.
+    """
+    name = os.fspath(value) if isinstance(value, os.PathLike) else value
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{what} must be a non-empty path (a str or os.PathLike), got {show(value)}")
+    check_text(name, what)
+    return value
+
+
+def check_instance(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    """Returns ``value`` if it is an instance of ``kind``.
+
+    Raises:
+        ValueError: ``<what> must be a <kind>, got <type>``.
+    """
+    if not isinstance(value, kind):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{what} must be a {names}, got {type(value).__name__}")
+    return value

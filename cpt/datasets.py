@@ -21,6 +21,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import pickle
 import random
 from collections import Counter
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt._fields import check_path, check_text
 from cpt.data import Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
@@ -43,6 +45,8 @@ MAX_FILE_BYTES = 1 << 30
 """Largest data file read (1 GiB): few-shot data is small; a bigger file is a mistake."""
 MAX_FIELD_CHARS = 1 << 20
 """Longest CSV field (characters): Python's csv module allows 128 Ki by default."""
+MAX_INT_DIGITS = 4300
+"""Longest integer read from JSONL (digits): Python's own limit for turning one into a string."""
 
 
 @dataclass(frozen=True)
@@ -185,7 +189,7 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
             included).
         ImportError: for a built-in set when ``StaICC`` is not installed, giving the pip command.
     """
-    name = str(name_or_path)
+    name = os.fspath(check_path(name_or_path, "name_or_path"))
     if name in _BUILTINS:
         return _load_builtin(name, _BUILTINS[name])
     path = Path(name).expanduser()
@@ -196,14 +200,17 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
             "or a path to a .jsonl or .csv file"
         )
     if not path.is_file():
-        raise ValueError(f"dataset file {name!r} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"dataset file {name!r} {what}")
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ValueError(f"{name}: the file has {size} bytes, more than the {MAX_FILE_BYTES} accepted")
-        content = path.read_bytes().decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
+        raw = path.read_bytes()
+        content = raw.decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
     except UnicodeDecodeError as err:
-        raise ValueError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{name}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
@@ -406,13 +413,62 @@ def _unique_texts(examples: Sequence[Example]) -> list[Example]:
 
 
 def _label_string(value: Any, where: str) -> str:
-    """Turns a label from a file into a string; rejects null, lists, objects and ``""``."""
+    """Turns a label from a file into a string; rejects null, lists, objects, ``""`` and text
+    that is not valid Unicode. (Numbers are finite: `_json_record` refuses the others.)"""
     if value is None or isinstance(value, (list, dict)):
-        raise ValueError(f"{where}: label must be a string or a number, got {json.dumps(value)}")
+        raise ValueError(f"{where}: label must be a string or a number, got {json.dumps(value)[:80]}")
     label = json.dumps(value) if isinstance(value, bool) else str(value)  # true, not True
     if not label:
         raise ValueError(f"{where}: label is empty")
-    return label
+    return check_text(label, f"{where}: label")
+
+
+class _Refused(ValueError):
+    """A JSON value that `_json_record` does not take (raised from inside ``json.loads``)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not valid JSON (JSON has no NaN or Infinity; quote a label that reads so)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as inf: two such labels would become one
+        raise _Refused(f"the number {text[:40]} is beyond a float's range; quote it to keep it as a label")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits is too long; quote it to keep it as a label")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # json.loads would keep the last value and drop the others unseen
+        raise _Refused(f"the object has the key {json.dumps(repeated[0])} more than once")
+    return dict(pairs)
+
+
+def _json_record(line: str, where: str) -> Any:
+    """One JSON value, strictly: no NaN or Infinity, no number that overflows, no repeated key.
+
+    Raises:
+        ValueError: ``<where>: <the problem>``.
+    """
+    try:
+        return json.loads(
+            line, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except _Refused as err:
+        raise ValueError(f"{where}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the JSON is nested too deeply") from None
 
 
 def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
@@ -426,12 +482,7 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
         if not line.strip(" \t\r"):
             continue
         where = f"{name}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: the JSON is nested too deeply") from None
+        record = _json_record(line, where)
         if not isinstance(record, dict):
             raise ValueError(
                 f'{where}: expected an object with "{TEXT_KEY}" and "{LABEL_KEY}", '
@@ -442,7 +493,8 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
                 raise ValueError(f'{where}: missing key "{key}"')
         text = record[TEXT_KEY]
         if not isinstance(text, str):
-            raise ValueError(f'{where}: "{TEXT_KEY}" must be a string, got {json.dumps(text)}')
+            raise ValueError(f'{where}: "{TEXT_KEY}" must be a string, got {json.dumps(text)[:80]}')
+        check_text(text, f'{where}: "{TEXT_KEY}"')
         pairs.append((text, _label_string(record[LABEL_KEY], where)))
     return pairs
 
@@ -473,7 +525,7 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
     missing = [key for key in (TEXT_KEY, LABEL_KEY) if key not in header]
     if missing:
         raise ValueError(
-            f"{name}: the CSV header needs columns {TEXT_KEY!r} and {LABEL_KEY!r}; "
+            f"{name}, line {reader.line_num}: the CSV header needs columns {TEXT_KEY!r} and {LABEL_KEY!r}; "
             f"missing {missing}, found {header}"
         )
     repeated = sorted({column for column in header if header.count(column) > 1})

@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_header, is_int, show
+from cpt._fields import check_header, check_text, is_int, show
 from cpt.config import CPTConfig
 from cpt.projection import epsilons
 
@@ -334,6 +334,8 @@ def _check_task(task: Any, where: Path) -> None:
             raise ValueError(
                 f"{where}: field 'task.labels' must be a non-empty list of non-empty strings, got {show(labels)}"
             )
+        for i, label in enumerate(labels):
+            check_text(label, f"{where}: field 'task.labels[{i}]'")
         if len(set(labels)) != len(labels):
             twice = next(x for x in labels if labels.count(x) > 1)
             raise ValueError(f"{where}: field 'task.labels' holds {twice!r} twice")

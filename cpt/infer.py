@@ -18,14 +18,16 @@ token, only the label's own tokens are scored, and that protection is gone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpt import _compat, calibration, passes
-from cpt.data import Template, as_texts, render_example, render_query
+from cpt._fields import check_bool, check_text, show
+from cpt.data import Template, as_template, as_texts, render_example, render_query
+from cpt.context import Context
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
 
@@ -115,6 +117,7 @@ def classify(
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
     """
+    _check_model(model)
     texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
     seen: dict[str, int] = {}
@@ -124,7 +127,9 @@ def classify(
         seen[label] = j
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    template = Template() if template is None else template
+    check_bool(use_cache, "use_cache")
+    check_bool(calibrate, "calibrate")
+    template = as_template(template)
 
     queries = [render_query(tokenizer, template, text).input_ids for text in texts]
     continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
@@ -226,7 +231,8 @@ def generate(
             or a text renders to no query tokens while the context's last token carries a trained
             embedding.
     """
-    texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
+    _check_model(model)
+    texts = _strings("texts", [texts] if isinstance(texts, str) else texts)
     reserved = {"input_ids", "inputs", "inputs_embeds", "attention_mask", "cache", "past_key_values"}
     clashing = sorted(reserved & generation_kwargs.keys())
     if clashing:
@@ -234,7 +240,7 @@ def generate(
     returns = generation_kwargs.get("num_return_sequences", 1)
     if returns != 1:
         raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
-    template = Template() if template is None else template
+    template = as_template(template)
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
     device = model.delta.device
@@ -461,20 +467,30 @@ def _continuation(
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:
+    """``values`` as a non-empty list of texts (`cpt._fields.check_text`), each named by index."""
     if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of strings, got the string {values!r}")
+        raise ValueError(f"{name} must be a sequence of strings, got the string {show(values)}")
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise ValueError(f"{name} must be a sequence of strings, got {type(values).__name__}")
     values = list(values)
     if not values:
         raise ValueError(f"{name} is empty: give at least one")
     for k, value in enumerate(values):
-        if not isinstance(value, str):
-            raise ValueError(f"{name}[{k}] must be a string, got {value!r}")
+        check_text(value, f"{name}[{k}]")
     return values
+
+
+def _check_model(model: CPTModel) -> None:
+    """Refuses anything but a `CPTModel` (known by its `Context`: this module sits below it)."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "context", None), Context):
+        raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
 
 
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
         return model.context_cache()
+    if not isinstance(cache, ContextCache):
+        raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
     if cache.num_tokens != model.num_virtual_tokens:
         raise ValueError(
             f"context_cache holds {cache.num_tokens} tokens but the model's context has "

@@ -8,12 +8,13 @@ of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separ
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Any
 
 import torch
+
+from cpt._fields import is_finite, show
 
 CODES_PER_EXAMPLE = 4
 """Each example of the context uses four type codes: 4k+1 .. 4k+4."""
@@ -140,12 +141,12 @@ class CPTConfig:
                 f"opt_weighted_loss_type must be one of {LOSS_TYPES}, got {self.opt_weighted_loss_type!r}"
             )
         decay = self.opt_loss_decay_factor
-        if not (_is_number(decay) and math.isfinite(decay) and 0.0 < decay <= 1.0):
-            raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {decay!r}")
+        if not (is_finite(decay) and 0.0 < decay <= 1.0):
+            raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {show(decay)}")
         for name in ("opt_projection_epsilon", "opt_projection_format_epsilon"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and 0.0 <= value <= MAX_EPSILON):
-                raise ValueError(f"{name} must be a number in [0, {MAX_EPSILON:g}], got {value!r}")
+            if not (is_finite(value) and 0.0 <= value <= MAX_EPSILON):
+                raise ValueError(f"{name} must be a number in [0, {MAX_EPSILON:g}], got {show(value)}")
         if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
             raise ValueError(
                 f"tokenizer_name_or_path must be a string or None, got {self.tokenizer_name_or_path!r}"
@@ -303,27 +304,22 @@ def check_trainable(config: CPTConfig) -> None:
         )
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _int_list(name: str, values: Any) -> list[int]:
+    """``values`` as a list of int64-range integers: a list or tuple of ints (NumPy integers
+    included), or a 1-D integer tensor. A dict, a set (no order), a string, a float or a bool is
+    refused, not converted."""
     if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {values.dim()}-D {values.dtype}")
         values = values.tolist()
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+    if not isinstance(values, (list, tuple)):
         raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
     out = []
     for i, v in enumerate(values):
-        if isinstance(v, bool):
-            raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
-        if not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            elif hasattr(v, "__index__"):
-                v = int(v.__index__())
-            else:
-                raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
+        if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
+            raise ValueError(f"{name}[{i}] must be an integer, got {show(v)}")
+        v = int(v.__index__())
         if not -(2**63) <= v < 2**63:
-            raise ValueError(f"{name}[{i}] is out of range: {v}")
-        out.append(int(v))
+            raise ValueError(f"{name}[{i}] is out of range: {show(v)}")
+        out.append(v)
     return out

@@ -9,6 +9,7 @@ base model, `cpt.loss` computes the loss and `cpt.adapter` reads and writes adap
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +22,8 @@ from transformers.utils import ModelOutput
 from cpt import _compat, checkpointing, loss, passes, plan
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
-from cpt.inputs import check_token_ids
+from cpt._fields import check_bool, check_path, show
+from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
 
 __all__ = ["CPTModel", "CPTOutput", "ContextCache"]
@@ -132,8 +134,9 @@ class CPTModel(_TrainerSupport, _Conveniences):
     Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
 
     Raises:
-        ValueError: if the context does not fit the model (ids outside the vocabulary, more
-            tokens than its positions) or an option is not one of the choices.
+        ValueError: if ``base_model`` is not a loaded causal LM with floating-point embeddings
+            (`cpt.inputs.check_base_model`), the context does not fit the model (ids outside the
+            vocabulary, more tokens than its positions) or an option is not one of its choices.
     """
 
     context_sharing = plan.Option()
@@ -152,8 +155,12 @@ class CPTModel(_TrainerSupport, _Conveniences):
         super().__init__()
         if not isinstance(config, CPTConfig):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
+        embeddings = check_base_model(base_model)
+        if compile_projection is not None and not isinstance(compile_projection, bool):
+            raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
+        check_bool(activation_checkpointing, "activation_checkpointing")
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
-        self.context = Context(config, passes.input_embeddings(base_model), compile_projection)
+        self.context = Context(config, embeddings, compile_projection)
         _compat.check_positions(base_model.config, self.context.num_tokens)
         self.base_model = base_model
         self.base_model.requires_grad_(False)
@@ -243,7 +250,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
                 outside the vocabulary, negative type codes, a batch without any label token, or
                 context and samples longer than the model's positions.
         """
-        _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        check_batch(input_ids, attention_mask, labels, input_type_mask)
         _compat.check_positions(self.base_model.config, self.num_virtual_tokens, int(input_ids.shape[1]))
         check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
@@ -330,11 +337,24 @@ class CPTModel(_TrainerSupport, _Conveniences):
     ) -> CPTModel:
         """Loads an adapter in either layout onto ``base_model``, every file checked against it
         (`cpt.adapter.read_adapter`). ``path`` is a folder or a hub name (``org/name``, at
-        ``revision``; `cpt.hub.resolve_adapter`: the local Hugging Face cache, else downloaded)."""
+        ``revision``; `cpt.hub.resolve_adapter`: the local Hugging Face cache, else downloaded).
+        ``kwargs`` are `CPTModel`'s options.
+
+        Raises:
+            ValueError: on an argument of the wrong type or an unknown option (before anything
+                is read), and on an adapter that does not load (see `cpt.adapter.read_adapter`).
+        """
         from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
-        embeddings = passes.input_embeddings(base_model)
+        check_path(path, "path")
+        if revision is not None and not isinstance(revision, str):
+            raise ValueError(f"revision must be a string or None, got {show(revision)}")
+        options = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+        unknown = sorted(set(kwargs) - set(options))
+        if unknown:
+            raise ValueError(f"unknown CPTModel option {unknown[0]!r}; the options are {options}")
+        embeddings = check_base_model(base_model)
         vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
         embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
         files = read_adapter(resolve_adapter(path, revision=revision), hidden_size=hidden_size,
@@ -345,24 +365,6 @@ class CPTModel(_TrainerSupport, _Conveniences):
             model.base.copy_(files.base)
             model.delta.copy_(files.delta)
         return model
-
-
-def _check_batch(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    input_type_mask: torch.Tensor | None,
-) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids has no tokens (seq_len 0)")
-    for name, tensor in (("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
-        if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
-            )
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +34,10 @@ def show(value: Any) -> str:
     """``repr(value)``, cut to 80 characters for a message."""
     try:
         text = repr(value)
-    except ValueError:  # an int of more digits than Python will print
-        return f"an integer of about {int(value.bit_length() * 0.30103)} digits"
+    except ValueError:  # an int of more digits than Python will print, or a container of one
+        if is_int(value):
+            return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
+        return f"a {type(value).__name__} holding an integer too long to print"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -111,6 +114,23 @@ def check_path(value: Any, what: str) -> str | os.PathLike[str]:
         raise ValueError(f"{what} must be a non-empty path (a str or os.PathLike), got {show(value)}")
     check_text(name, what)
     return value
+
+
+def as_list(values: Any, what: str, items: str) -> list[Any]:
+    """``values``, an iterable that is not a string or a mapping, as a list.
+
+    Raises:
+        ValueError: ``<what> must be a sequence of <items>, got ...`` for a string, a mapping, a
+            non-iterable, or an object whose iteration fails (a 0-d tensor).
+    """
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"{what} must be a sequence of {items}, got the string {show(values)}")
+    if isinstance(values, Mapping) or not isinstance(values, Iterable):
+        raise ValueError(f"{what} must be a sequence of {items}, got {type(values).__name__}")
+    try:
+        return list(values)
+    except TypeError as err:  # iterable by type, not by value: a 0-d tensor or array
+        raise ValueError(f"{what} must be a sequence of {items}, got {type(values).__name__} ({err})") from None
 
 
 def check_instance(value: Any, kind: type | tuple[type, ...], what: str) -> Any:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt._fields import check_bool, check_text
+from cpt._fields import as_list, check_bool, check_text
 from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
@@ -388,20 +388,17 @@ def as_examples(
         ValueError: if ``items`` is a string or not iterable (naming ``what``), or an item is
             not an example.
     """
-    if isinstance(items, (str, bytes)):
-        raise ValueError(f"{what} must be a sequence of examples, got the string {_short(items)}")
-    if isinstance(items, Mapping) or not isinstance(items, Iterable):
-        raise ValueError(f"{what} must be a sequence of examples, got {type(items).__name__}")
-    return [as_example(item, i, label_names) for i, item in enumerate(items)]
+    return [as_example(item, i, label_names) for i, item in enumerate(as_list(items, what, "examples"))]
 
 
-def as_texts(texts: Any) -> Any:
+def as_texts(texts: Any) -> list[Any]:
     """The texts of a sequence of texts, `Example` objects or mappings with a ``"text"`` key (rows of
-    a ``datasets.Dataset``), as a list; a string or a non-iterable is returned as it is, for the
-    caller's own check."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
-        return texts
-    return [_text_of(item) for item in texts]
+    a ``datasets.Dataset``), as a list; each text is left for the caller to check.
+
+    Raises:
+        ValueError: if ``texts`` is a string or not a sequence (`cpt._fields.as_list`).
+    """
+    return [_text_of(item) for item in as_list(texts, "texts", "strings")]
 
 
 def _text_of(item: Any) -> Any:

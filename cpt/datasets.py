@@ -181,10 +181,12 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
         distinct labels sorted (numbers by value, before other labels).
 
     Raises:
-        ValueError: on an unknown name (listing the known ones), a missing, unreadable or
-            over-large (1 GiB) file, a malformed JSONL line or CSV row (with its 1-based line
-            number: bad JSON, JSON nested too deeply, a CSV row with more or fewer fields than the
-            header), missing columns or keys, a header naming a column twice, an empty data set,
+        ValueError: on a name that is not a str or PathLike, an unknown name (listing the known
+            ones), a missing, unreadable or over-large (1 GiB) file, a malformed JSONL line or
+            CSV row (with the file and its 1-based line number: bytes that are not UTF-8, bad
+            JSON, JSON nested too deeply, ``NaN`` or ``Infinity``, a number beyond a float's
+            range, a key given twice, a text or label that is not valid Unicode, a CSV row with
+            more or fewer fields than the header), missing columns or keys, a header naming a column twice, an empty data set,
             or a cached file that holds anything but ``([text], index)`` pairs (a pickled global
             included).
         ImportError: for a built-in set when ``StaICC`` is not installed, giving the pip command.

@@ -18,14 +18,14 @@ token, only the label's own tokens are scored, and that protection is gone.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from cpt import _compat, calibration, passes
-from cpt._fields import check_bool, check_text, show
+from cpt._fields import as_list, check_bool, check_text
 from cpt.data import Template, as_template, as_texts, render_example, render_query
 from cpt.context import Context
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
@@ -111,8 +111,9 @@ def classify(
         A `Classification` with (T, L) float32 tensors on the CPU.
 
     Raises:
-        ValueError: if ``texts`` or ``labels`` is empty or not a sequence of strings, ``labels``
-            holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
+        ValueError: if ``model`` is not a `CPTModel`, ``texts`` or ``labels`` is empty or not a
+            sequence of strings (each valid Unicode, `cpt._fields.check_text`), a flag is not a
+            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
@@ -224,7 +225,9 @@ def generate(
         The new text of each input text (special tokens skipped), one string per text.
 
     Raises:
-        ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
+        ValueError: if ``model`` is not a `CPTModel`, ``texts`` is empty or holds a non-string
+            or a text that is not valid Unicode, ``template`` is not a `Template`, a generation
+            argument would
             replace the prompt or the cache, ``num_return_sequences`` is not 1, ``context_cache``
             has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
@@ -468,11 +471,7 @@ def _continuation(
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:
     """``values`` as a non-empty list of texts (`cpt._fields.check_text`), each named by index."""
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of strings, got the string {show(values)}")
-    if isinstance(values, Mapping) or not isinstance(values, Iterable):
-        raise ValueError(f"{name} must be a sequence of strings, got {type(values).__name__}")
-    values = list(values)
+    values = as_list(values, name, "strings")
     if not values:
         raise ValueError(f"{name} is empty: give at least one")
     for k, value in enumerate(values):

@@ -86,7 +86,8 @@ def check_base_model(model: nn.Module) -> nn.Embedding:
     A causal LM here is a decoder-only model with a language-model head that can generate:
     ``get_output_embeddings()`` is set, ``can_generate()`` is true and the config is not
     encoder-decoder. Its input embeddings must hold floating-point weights that are loaded (not
-    on the ``meta`` device): the context's rows are read from them.
+    on the ``meta`` device, unless ``accelerate`` dispatched the model and loads them on use):
+    the context's rows are read from them.
 
     Raises:
         ValueError: naming the model's class and what it lacks.
@@ -110,7 +111,7 @@ def check_base_model(model: nn.Module) -> nn.Embedding:
             f"{kind} is not a causal LM (a decoder with a language-model head, as "
             "AutoModelForCausalLM loads); CPT scores and generates the next token"
         )
-    if weight.device.type == "meta":
+    if weight.device.type == "meta" and getattr(model, "hf_device_map", None) is None:  # offloaded: loaded on use
         raise ValueError(f"{kind}'s weights are on the meta device (not loaded); load them before wrapping the model")
     if not weight.dtype.is_floating_point:
         raise ValueError(

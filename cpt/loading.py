@@ -168,7 +168,9 @@ def load_model_and_tokenizer(
     Raises:
         ValueError: ``cannot load model <name>: <reason>`` when the name is not a folder, GGUF
             file or hub name that loads, the hub cannot be reached for an uncached name, an
-            option is invalid, or the tokenizer has neither pad nor eos token.
+            option is invalid or of the wrong type, ``device`` is not a device this machine has
+            (checked before loading), or the tokenizer has neither pad nor eos token;
+            ``name_or_path must be a non-empty path`` for a name that is not a str or PathLike.
         ImportError: if the default model or a GGUF file must be converted and a package it
             needs is missing.
     """

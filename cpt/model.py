@@ -156,9 +156,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         if not isinstance(config, CPTConfig):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
         embeddings = check_base_model(base_model)
-        if compile_projection is not None and not isinstance(compile_projection, bool):
-            raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
-        check_bool(activation_checkpointing, "activation_checkpointing")
+        _check_flags(compile_projection, activation_checkpointing)
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
         self.context = Context(config, embeddings, compile_projection)
         _compat.check_positions(base_model.config, self.context.num_tokens)
@@ -347,13 +345,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
         from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
-        check_path(path, "path")
-        if revision is not None and not isinstance(revision, str):
-            raise ValueError(f"revision must be a string or None, got {show(revision)}")
-        options = [p.name for p in inspect.signature(cls.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
-        unknown = sorted(set(kwargs) - set(options))
-        if unknown:
-            raise ValueError(f"unknown CPTModel option {unknown[0]!r}; the options are {options}")
+        _check_location(path, revision)
+        check_options(kwargs)
         embeddings = check_base_model(base_model)
         vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
         embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
@@ -365,6 +358,31 @@ class CPTModel(_TrainerSupport, _Conveniences):
             model.base.copy_(files.base)
             model.delta.copy_(files.delta)
         return model
+
+
+def _check_flags(compile_projection: object, activation_checkpointing: object) -> None:
+    if compile_projection is not None and not isinstance(compile_projection, bool):
+        raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
+    check_bool(activation_checkpointing, "activation_checkpointing")
+
+
+def _check_location(path: object, revision: object) -> None:
+    check_path(path, "path")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"revision must be a string or None, got {show(revision)}")
+
+
+def check_options(options: dict[str, object]) -> None:
+    """Checks that ``options`` names only `CPTModel`'s keyword options (their values are checked
+    when the model is made).
+
+    Raises:
+        ValueError: naming the first unknown option and listing the known ones.
+    """
+    known = [p.name for p in inspect.signature(CPTModel.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted((key for key in options if key not in known), key=repr)
+    if unknown:
+        raise ValueError(f"unknown CPTModel option {show(unknown[0])}; the options are {known}")
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:

@@ -19,7 +19,7 @@ from torch import nn
 
 from cpt._fields import check_instance, check_path, check_text, show
 from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context
-from cpt.model import CPTModel
+from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
@@ -119,9 +119,11 @@ def fit(
         and the `TrainResult`.
 
     Raises:
-        ValueError: on empty examples, a malformed example (naming its index), an integer label
-            without ``labels``, a label outside ``labels``, ``labels`` that is not a list of
-            distinct non-empty strings, an unknown ``selection``, or any bad option.
+        ValueError: on empty examples, a malformed example (naming its index; a text that is
+            not valid Unicode included), an integer label without ``labels``, a label outside
+            ``labels``, ``labels`` that is not a list of distinct non-empty strings, an unknown
+            ``selection``, an argument of the wrong type (checked before anything is built), or
+            any bad option.
     """
     if selection is not None and selection not in SELECTIONS:
         raise ValueError(f"selection must be one of {SELECTIONS} or None, got {show(selection)}")
@@ -180,10 +182,7 @@ def _check_options(
         if path is not None:
             check_path(path, name)
     if model_kwargs is not None:
-        check_instance(model_kwargs, dict, "model_kwargs")
-        for key in model_kwargs:
-            if not isinstance(key, str):
-                raise ValueError(f"model_kwargs keys must be strings, got {show(key)}")
+        check_options(check_instance(model_kwargs, dict, "model_kwargs"))
 
 
 def _label_set(labels: Sequence[str]) -> list[str]:

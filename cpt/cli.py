@@ -496,13 +496,13 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
     examples = []
     for i, example in enumerate(data.examples):
         index = example.label
-        if not (index.isdigit() and int(index) < len(label_names)):
+        if not (index.isascii() and index.isdecimal() and int(index) < len(label_names)):
             raise CLIError(
-                f"{name}: example {i} has label {index!r}, not an index 0..{len(label_names) - 1} "
+                f"{data.where(i)}: label {index!r} is not an index 0..{len(label_names) - 1} "
                 f"of --label-names {label_names}"
             )
         examples.append(Example(example.text, label_names[int(index)]))
-    return LabelledData(data.name, examples, list(label_names))
+    return LabelledData(data.name, examples, list(label_names), data.lines)
 
 
 def _preflight(args: argparse.Namespace) -> None:

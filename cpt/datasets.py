@@ -101,14 +101,18 @@ class LabelledData:
         name: the built-in name or the file path it was loaded from.
         examples: the examples, in file order.
         labels: the label set in a fixed order; every example's label is one of them.
+        lines: for a file, the 1-based line each example was read from (what errors name); None
+            for a built-in set.
 
     Raises:
-        ValueError: if ``labels`` is empty or repeats a label, or an example's label is not in it.
+        ValueError: if ``labels`` is empty or repeats a label, an example's label is not in it, or
+            ``lines`` does not give one line per example.
     """
 
     name: str
     examples: list[Example]
     labels: list[str]
+    lines: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.labels:
@@ -116,16 +120,21 @@ class LabelledData:
         repeated = [label for label, n in Counter(self.labels).items() if n > 1]
         if repeated:
             raise ValueError(f"{self.name}: the label set repeats {repeated}")
+        if self.lines is not None and len(self.lines) != len(self.examples):
+            raise ValueError(f"{self.name}: {len(self.lines)} lines for {len(self.examples)} examples")
         known = set(self.labels)
         for i, example in enumerate(self.examples):
             if example.label not in known:
                 raise ValueError(
-                    f"{self.name}: example {i} has label {example.label!r}, "
-                    f"not one of {self.labels}"
+                    f"{self.where(i)}: example {i} has label {example.label!r}, not one of {self.labels}"
                 )
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def where(self, index: int) -> str:
+        """``"<name>, line <n>"`` for example ``index`` of a file, ``"<name>"`` otherwise."""
+        return self.name if self.lines is None else f"{self.name}, line {self.lines[index]}"
 
     def label_counts(self) -> dict[str, int]:
         """Number of examples of each label, in the order of `labels`."""
@@ -216,14 +225,14 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
     except OSError as err:
         raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
-        pairs = _parse_jsonl(content, name)
+        rows = _parse_jsonl(content, name)
     else:
-        pairs = _parse_csv(content, name)
-    if not pairs:
+        rows = _parse_csv(content, name)
+    if not rows:
         raise ValueError(f"{name}: the dataset is empty")
-    examples = [Example(text=text, label=label) for text, label in pairs]
+    examples = [Example(text=text, label=label) for text, label, _ in rows]
     labels = sorted({example.label for example in examples}, key=_label_sort_key)
-    return LabelledData(name=name, examples=examples, labels=labels)
+    return LabelledData(name=name, examples=examples, labels=labels, lines=[line for _, _, line in rows])
 
 
 def split_examples(
@@ -473,13 +482,13 @@ def _json_record(line: str, where: str) -> Any:
         raise ValueError(f"{where}: the JSON is nested too deeply") from None
 
 
-def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses JSON Lines into ``(text, label)`` pairs; blank lines are skipped.
+def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
+    """Parses JSON Lines into ``(text, label, line number)``; blank lines are skipped.
 
     Lines end at ``"\\n"`` only (JSON Lines' rule): U+2028, U+0085 and the like may stand raw in a
     string; a ``"\\r"`` before the ``"\\n"`` is JSON whitespace.
     """
-    pairs: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, int]] = []
     for number, line in enumerate(content.split("\n"), start=1):
         if not line.strip(" \t\r"):
             continue
@@ -497,12 +506,13 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
         if not isinstance(text, str):
             raise ValueError(f'{where}: "{TEXT_KEY}" must be a string, got {json.dumps(text)[:80]}')
         check_text(text, f'{where}: "{TEXT_KEY}"')
-        pairs.append((text, _label_string(record[LABEL_KEY], where)))
-    return pairs
+        rows.append((text, _label_string(record[LABEL_KEY], where), number))
+    return rows
 
 
-def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses CSV with a header row into ``(text, label)`` pairs; blank rows are skipped.
+def _parse_csv(content: str, name: str) -> list[tuple[str, str, int]]:
+    """Parses CSV with a header row into ``(text, label, line number)`` (the line a row ends on,
+    as errors name it); blank rows are skipped.
 
     Every row must have as many fields as the header, and the header must name ``text`` and
     ``label`` once each; other columns are ignored.
@@ -518,7 +528,7 @@ def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
         csv.field_size_limit(limit)
 
 
-def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
+def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str, int]]:
     header = next(reader, None)
     while header == []:  # blank lines before the header
         header = next(reader, None)
@@ -536,7 +546,7 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
             f"{name}, line {reader.line_num}: the CSV header names {repeated} more than once: {header}"
         )
     text_at, label_at = header.index(TEXT_KEY), header.index(LABEL_KEY)
-    pairs: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, int]] = []
     for row in reader:
         if not row:
             continue
@@ -548,8 +558,8 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
                 f"{where}: the row has more fields than the header ({len(row)}, not {len(header)}): "
                 "quote a field that holds a comma"
             )
-        pairs.append((row[text_at], _label_string(row[label_at], where)))
-    return pairs
+        rows.append((row[text_at], _label_string(row[label_at], where), reader.line_num))
+    return rows
 
 
 def _label_sort_key(label: str) -> tuple[int, float, str]:

@@ -104,3 +104,10 @@ def test_texts_and_labels_with_bytes_that_are_not_utf8(model_dir, adapter, capsy
     assert len(err) == 1 and err[0].startswith("cpt predict: error: argument --labels: the list is not valid Unicode")
     line = _one_line(["generate", *base, "--max-new-tokens", "1", bad], capsys)
     assert line.startswith("cpt generate: error: texts[0] is not valid Unicode: a lone surrogate")
+
+
+def test_a_label_that_only_looks_like_an_index(model_dir, tmp_path, capsys, no_training) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "0"}\n{"text": "b", "label": "\u00b2"}\n', encoding="utf-8")
+    line = _one_line(_train(model_dir, path, tmp_path / "a", "--label-names", "x,y,z"), capsys)
+    assert line == f"cpt train: error: {path}, line 2: label '\u00b2' is not an index 0..2 of --label-names ['x', 'y', 'z']"

@@ -480,3 +480,11 @@ def test_split_real_data(builtin: Callable[[str], LabelledData]) -> None:
     context, train, test = split_examples(data, per_class=2, n_test=100, n_train=50, seed=0)
     assert Counter(e.label for e in context) == {label: 2 for label in data.labels}
     assert len({e.text for e in context + train + test}) == len(context) + 150
+
+
+def test_each_example_knows_its_line(tmp_path: Path) -> None:
+    jsonl = _write(tmp_path / "d.jsonl", '\n{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n')
+    data = load_dataset(jsonl)
+    assert data.lines == [2, 4] and data.where(1) == f"{jsonl}, line 4"
+    csv_path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",x\n\nb,y\n')
+    assert load_dataset(csv_path).lines == [3, 5]  # the line a row ends on, as errors name it

@@ -143,3 +143,26 @@ def check_instance(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
         raise ValueError(f"{what} must be a {names}, got {type(value).__name__}")
     return value
+
+
+def int_list(name: str, values: Any) -> list[int]:
+    """``values`` as a list of int64-range integers: a list or tuple of ints (NumPy integers
+    included), or a 1-D integer tensor. A dict, a set (no order), a string, a float or a bool is
+    refused, not converted."""
+    import torch  # here, so that this module stays light for the command line
+
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise ValueError(f"{name} must be a 1-D integer tensor, got {values.dim()}-D {values.dtype}")
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)):
+        raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
+    out = []
+    for i, v in enumerate(values):
+        if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
+            raise ValueError(f"{name}[{i}] must be an integer, got {show(v)}")
+        v = int(v.__index__())
+        if not -(2**63) <= v < 2**63:
+            raise ValueError(f"{name}[{i}] is out of range: {show(v)}")
+        out.append(v)
+    return out

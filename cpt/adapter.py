@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_header, check_text, is_int, show
+from cpt._fields import check_header, check_path, check_text, is_int, show
 from cpt.config import CPTConfig
 from cpt.projection import epsilons
 
@@ -107,8 +107,10 @@ def write_adapter(
         The folder.
 
     Raises:
-        ValueError: on an unknown format, weights that are not finite, or a path that is a file.
+        ValueError: on a path that is not a non-empty str or PathLike, an unknown format,
+            weights that are not finite, or a path that is a file.
     """
+    check_path(path, "path")
     if format not in ("cpt", "peft"):
         raise ValueError(f"format must be 'cpt' or 'peft', got {format!r}")
     base = base.detach().to("cpu", torch.float32).contiguous()

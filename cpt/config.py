@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cpt._fields import is_finite, show
+from cpt._fields import int_list, is_finite, show
 
 CODES_PER_EXAMPLE = 4
 """Each example of the context uses four type codes: 4k+1 .. 4k+4."""
@@ -113,7 +113,7 @@ class CPTConfig:
             raise ValueError(f"task_type must be {TASK_TYPE!r}, got {self.task_type!r}")
         if self.cpt_token_ids is None:
             self.cpt_token_ids = [0]  # what PEFT does with a missing context
-        self.cpt_token_ids = _int_list("cpt_token_ids", self.cpt_token_ids)
+        self.cpt_token_ids = int_list("cpt_token_ids", self.cpt_token_ids)
         if not self.cpt_token_ids:
             raise ValueError("cpt_token_ids is empty: the context needs at least one token")
         n = len(self.cpt_token_ids)
@@ -121,8 +121,8 @@ class CPTConfig:
             self.cpt_mask = [1] * n
         if self.cpt_tokens_type_mask is None:
             self.cpt_tokens_type_mask = [1] * n
-        self.cpt_mask = _int_list("cpt_mask", self.cpt_mask)
-        self.cpt_tokens_type_mask = _int_list("cpt_tokens_type_mask", self.cpt_tokens_type_mask)
+        self.cpt_mask = int_list("cpt_mask", self.cpt_mask)
+        self.cpt_tokens_type_mask = int_list("cpt_tokens_type_mask", self.cpt_tokens_type_mask)
         if not len(self.cpt_mask) == len(self.cpt_tokens_type_mask) == n:
             raise ValueError(
                 "cpt_token_ids, cpt_mask and cpt_tokens_type_mask must have the same length, got "
@@ -302,24 +302,3 @@ def check_trainable(config: CPTConfig) -> None:
             "tokens instead of the label. End the context with a labelled example (its codes 4k+1..4k+4, "
             "the label 4k+4), as build_context does"
         )
-
-
-def _int_list(name: str, values: Any) -> list[int]:
-    """``values`` as a list of int64-range integers: a list or tuple of ints (NumPy integers
-    included), or a 1-D integer tensor. A dict, a set (no order), a string, a float or a bool is
-    refused, not converted."""
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
-            raise ValueError(f"{name} must be a 1-D integer tensor, got {values.dim()}-D {values.dtype}")
-        values = values.tolist()
-    if not isinstance(values, (list, tuple)):
-        raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, (bool, float)) or not hasattr(v, "__index__"):
-            raise ValueError(f"{name}[{i}] must be an integer, got {show(v)}")
-        v = int(v.__index__())
-        if not -(2**63) <= v < 2**63:
-            raise ValueError(f"{name}[{i}] is out of range: {show(v)}")
-        out.append(v)
-    return out

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt._fields import as_list, check_bool, check_text
+from cpt._fields import as_list, check_bool, check_text, int_list, show
 from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
@@ -488,8 +488,8 @@ class CPTCollator:
             raise ValueError(
                 f"pad_token_id must be an integer, got {pad_token_id!r} (set tokenizer.pad_token?)"
             )
-        if pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        if not 0 <= pad_token_id < 2**63:
+            raise ValueError(f"pad_token_id must be >= 0 and fit int64, got {show(pad_token_id)}")
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -504,9 +504,10 @@ class CPTCollator:
             padding; ``input_type_mask`` (B, S) long, codes 0..4 with 0 on padding.
 
         Raises:
-            ValueError: if there are no items, or an item is empty or has ids and codes of
-                different lengths, naming its index.
+            ValueError: if there are no items, or an item is not a mapping of two integer lists,
+                is empty or has ids and codes of different lengths, naming its index.
         """
+        items = [_sample(item, b) for b, item in enumerate(as_list(items, "items", "samples"))]
         if len(items) == 0:
             raise ValueError("cannot collate an empty list of items")
         for b, item in enumerate(items):
@@ -534,6 +535,16 @@ class CPTCollator:
             "labels": labels,
             "input_type_mask": type_mask,
         }
+
+
+def _sample(item: Any, index: int) -> dict[str, list[int]]:
+    """A collator's item as ``{"input_ids": [...], "input_type_mask": [...]}`` of checked ints."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"item {index} must be a mapping with input_ids and input_type_mask, got {_short(item)}")
+    missing = [key for key in ("input_ids", "input_type_mask") if key not in item]
+    if missing:
+        raise ValueError(f"item {index} lacks {missing}")
+    return {key: int_list(f"item {index}: {key}", item[key]) for key in ("input_ids", "input_type_mask")}
 
 
 def as_template(template: Template | None) -> Template:

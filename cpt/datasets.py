@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt._fields import check_path, check_text
+from cpt._fields import check_instance, check_path, check_text, is_int, show
 from cpt.data import Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
@@ -257,12 +257,13 @@ def split_examples(
         ``(context, train, test)``.
 
     Raises:
-        ValueError: if a count is negative or not an int, or there are not enough examples (of a
-            label, for the context).
+        ValueError: if ``data`` is not `LabelledData`, a count or the seed is negative or not an
+            int, or there are not enough examples (of a label, for the context).
     """
-    for arg, value in (("per_class", per_class), ("n_test", n_test), ("n_train", n_train)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{arg} must be an int >= 0, got {value!r}")
+    check_instance(data, LabelledData, "data")
+    for arg, value in (("per_class", per_class), ("n_test", n_test), ("n_train", n_train), ("seed", seed)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{arg} must be an int >= 0, got {show(value)}")
     rng = random.Random(seed)
     order = _unique_texts(data.examples)
     rng.shuffle(order)

@@ -183,7 +183,7 @@ def content_free_prior(
     Returns:
         (L,) float32 on the CPU, positive, summing to 1.
     """
-    result = classify(model, tokenizer, list(inputs), labels, template=template, **classify_kwargs)
+    result = classify(model, tokenizer, as_list(inputs, "inputs", "strings"), labels, template=template, **classify_kwargs)
     return result.probabilities.mean(dim=0)
 
 

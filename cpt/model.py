@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from cpt import _compat, checkpointing, loss, passes, plan
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
-from cpt._fields import check_bool, check_path, show
+from cpt._fields import check_bool, check_path, is_finite, show
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
 
@@ -388,15 +388,15 @@ def check_options(options: dict[str, object]) -> None:
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
     if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
         return  # a tensor stays where it is: reading it would make the host wait for the device
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not (
-        num_items_in_batch >= 1
-    ):
-        raise ValueError(f"num_items_in_batch must be a number >= 1, got {num_items_in_batch!r}")
+    if not (is_finite(num_items_in_batch) and num_items_in_batch >= 1):
+        raise ValueError(f"num_items_in_batch must be a finite number >= 1, got {show(num_items_in_batch)}")
 
 
 def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
     if shift_labels is None:
         return
+    if not isinstance(shift_labels, torch.Tensor):
+        raise ValueError(f"shift_labels must be a tensor or None, got {type(shift_labels).__name__}")
     counted = int((shift_labels != IGNORE_INDEX).sum())
     if counted != count:
         raise ValueError(

@@ -298,3 +298,35 @@ def test_from_pretrained_refuses_arguments_of_the_wrong_type(tmp_path, tiny_cpt,
     args.update(kwargs)
     with pytest.raises(ValueError, match=message):
         CPTModel.from_pretrained(args.pop("base_model"), args.pop("path"), **args)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(num_items_in_batch=10**400), r"^num_items_in_batch must be a finite number >= 1, got 1000"),
+        (dict(shift_labels=[1, 2]), r"^shift_labels must be a tensor or None, got list"),
+    ],
+)
+def test_trainer_arguments_of_the_wrong_type(kwargs: dict, message: str) -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    with pytest.raises(ValueError, match=message):
+        model(**sample_batch(2), **kwargs)
+
+
+@pytest.mark.parametrize("path", [5, None, "", b"adapter"])
+def test_save_pretrained_needs_a_path(tiny_cpt, path) -> None:
+    with pytest.raises(ValueError, match=r"^path must be a non-empty path \(a str or os\.PathLike\)"):
+        tiny_cpt.save_pretrained(path)
+
+
+@pytest.mark.parametrize("rtol", ["x", float("nan"), -1.0])
+def test_is_projected_needs_a_tolerance(tiny_cpt, rtol) -> None:
+    with pytest.raises(ValueError, match=r"^rtol must be a finite number >= 0"):
+        tiny_cpt.is_projected(rtol)
+
+
+def test_content_free_inputs_must_be_a_sequence(tiny_cpt) -> None:
+    from cpt.infer import content_free_prior
+
+    with pytest.raises(ValueError, match=r"^inputs must be a sequence of strings, got int"):
+        content_free_prior(tiny_cpt, TOKENIZER, ["positive", "negative"], inputs=5)

@@ -519,8 +519,10 @@ def test_collator_errors() -> None:
         ValueError, match=r"pad_token_id must be an integer, got None \(set tokenizer.pad_token\?\)"
     ):
         CPTCollator(None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="pad_token_id must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="pad_token_id must be >= 0 and fit int64, got -1"):
         CPTCollator(-1)
+    with pytest.raises(ValueError, match="pad_token_id must be >= 0 and fit int64, got 9223372036854775808"):
+        CPTCollator(2**63)  # torch.full would overflow
     collate = CPTCollator(0)
     with pytest.raises(ValueError, match="cannot collate an empty list of items"):
         collate([])
@@ -530,6 +532,14 @@ def test_collator_errors() -> None:
         collate([{"input_ids": [1], "input_type_mask": [1]}, {"input_ids": [1, 2], "input_type_mask": [1]}])
     with pytest.raises(ValueError, match="item 0 is empty"):
         collate([{"input_ids": [], "input_type_mask": []}])
+    with pytest.raises(ValueError, match=r"^item 0: input_ids must be a list of integers, got str"):
+        collate([{"input_ids": "ab", "input_type_mask": "cd"}])
+    with pytest.raises(ValueError, match=r"^item 0: input_type_mask\[1\] must be an integer, got 1\.5"):
+        collate([{"input_ids": [1, 2], "input_type_mask": [1, 1.5]}])
+    with pytest.raises(ValueError, match=r"^item 1 must be a mapping with input_ids and input_type_mask, got 5"):
+        collate([{"input_ids": [1], "input_type_mask": [1]}, 5])
+    with pytest.raises(ValueError, match=r"^items must be a sequence of samples, got NoneType"):
+        collate(None)  # type: ignore[arg-type]
 
 
 def test_attached_spaces_give_word_tokens_and_the_same_string() -> None:

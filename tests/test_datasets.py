@@ -488,3 +488,19 @@ def test_each_example_knows_its_line(tmp_path: Path) -> None:
     assert data.lines == [2, 4] and data.where(1) == f"{jsonl}, line 4"
     csv_path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",x\n\nb,y\n')
     assert load_dataset(csv_path).lines == [3, 5]  # the line a row ends on, as errors name it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(seed=[1]), r"^seed must be an int >= 0, got \[1\]"),
+        (dict(seed="x"), r"^seed must be an int >= 0, got 'x'"),
+        (dict(seed=1.5), r"^seed must be an int >= 0, got 1\.5"),
+        (dict(data="sst2"), r"^data must be a LabelledData, got str"),
+    ],
+)
+def test_split_arguments_of_the_wrong_type(kwargs: dict, message: str) -> None:
+    data = LabelledData("d", [Example(f"t{i}", "ab"[i % 2]) for i in range(8)], ["a", "b"])
+    args = {"data": data, "per_class": 1, "n_test": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        split_examples(args.pop("data"), **args)

@@ -510,3 +510,67 @@ def test_train_config_with_any_field_of_any_type(name: str, value) -> None:
 @given(name=st.sampled_from([f.name for f in dataclasses.fields(CPTConfig) if f.init]), value=hostile)
 def test_cpt_config_with_any_field_of_any_type(name: str, value) -> None:
     _only_value_error(lambda: CPTConfig(**{name: value}))
+
+
+FORWARD_ARGS = ["input_ids", "attention_mask", "labels", "input_type_mask", "num_items_in_batch", "shift_labels"]
+
+
+@FUZZ
+@given(name=st.sampled_from(FORWARD_ARGS), value=hostile)
+def test_forward_with_any_argument_of_any_type(trained, name: str, value) -> None:
+    from contexts import sample_batch
+
+    args = {**sample_batch(2), name: value}
+    _only_value_error(lambda: trained(**args))
+
+
+@FUZZ
+@given(name=st.sampled_from(["examples", "template", "max_length", "item", "items", "pad_token_id"]), value=hostile)
+def test_datasets_and_collators_with_any_argument_of_any_type(api, name: str, value) -> None:
+    from cpt.data import CPTCollator, CPTDataset
+
+    if name in ("examples", "template", "max_length"):
+        args = {"examples": api["examples"], name: value}
+        _only_value_error(lambda: CPTDataset(api["tokenizer"], args.pop("examples"), **args))
+    elif name == "pad_token_id":
+        _only_value_error(lambda: CPTCollator(value))
+    else:
+        items = value if name == "items" else [value]
+        _only_value_error(lambda: CPTCollator(0)(items))
+
+
+@FUZZ
+@given(name=st.sampled_from(["examples", "template", *(f.name for f in dataclasses.fields(CPTConfig) if f.init)]),
+       value=hostile)
+def test_build_context_with_any_argument_of_any_type(api, name: str, value) -> None:
+    from cpt.data import build_context
+
+    args = {"examples": api["examples"], name: value}
+    _only_value_error(lambda: build_context(api["tokenizer"], args.pop("examples"), **args))
+
+
+@FUZZ
+@given(name=st.sampled_from(["data", "per_class", "n_test", "n_train", "seed"]), value=hostile)
+def test_split_examples_with_any_argument_of_any_type(name: str, value) -> None:
+    from cpt.data import Example
+    from cpt.datasets import LabelledData, split_examples
+
+    data = LabelledData("d", [Example(f"t{i}", "ab"[i % 2]) for i in range(8)], ["a", "b"])
+    args = {"data": data, "per_class": 1, "n_test": 2, name: value}
+    _only_value_error(lambda: split_examples(args.pop("data"), **args))
+
+
+@FUZZ
+@given(name=st.sampled_from(["path", "format", "rtol", "inputs"]), value=hostile)
+def test_model_methods_with_any_argument_of_any_type(api, offline_in_a_temp_folder, name: str, value) -> None:
+    from cpt.infer import content_free_prior
+
+    model = api["model"]
+    if name == "rtol":
+        _only_value_error(lambda: model.is_projected(value))
+    elif name == "inputs":
+        _only_value_error(lambda: content_free_prior(model, api["tokenizer"], ["positive", "negative"], inputs=value))
+    else:
+        args = {"path": offline_in_a_temp_folder / "adapter", "format": "cpt", name: value}
+        # A write that the file system refuses is an OSError naming the folder (cpt._io.write_folder).
+        _only_value_error(lambda: model.save_pretrained(args.pop("path"), **args), documented=(OSError,))

@@ -156,7 +156,12 @@ def save_adapter(model: Any, path: str | Path, format: AdapterFormat = "cpt") ->
 
     Returns:
         The folder.
+
+    Raises:
+        ValueError: if ``model`` is not a `CPTModel`, and as `write_adapter`.
     """
+    if not callable(getattr(model, "adapter_state_dict", None)):  # duck-typed: this module sits below cpt.model
+        raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
     state = model.adapter_state_dict()
     return write_adapter(
         path,
@@ -174,8 +179,9 @@ def adapter_format(path: str | Path) -> AdapterFormat:
     """Which layout the folder ``path`` holds.
 
     Raises:
-        ValueError: if it is missing or holds neither layout.
+        ValueError: if ``path`` is not a path, or the folder is missing or holds neither layout.
     """
+    check_path(path, "path")
     return _io.open_folder(path, _format_of, "adapter")
 
 

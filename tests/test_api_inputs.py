@@ -330,3 +330,34 @@ def test_content_free_inputs_must_be_a_sequence(tiny_cpt) -> None:
 
     with pytest.raises(ValueError, match=r"^inputs must be a sequence of strings, got int"):
         content_free_prior(tiny_cpt, TOKENIZER, ["positive", "negative"], inputs=5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(model=None), r"^model must be a CPTModel, got NoneType"),
+        (dict(dataset=None), r"^dataset must be indexable samples with a length, got NoneType"),
+        (dict(collator="pad"), r"^collator must be callable, got str"),
+        (dict(eval_fn="accuracy"), r"^eval_fn must be callable, got str"),
+        (dict(checkpoint_dir=5), r"^checkpoint_dir must be a non-empty path"),
+        (dict(resume_from=5), r"^resume_from must be a non-empty path"),
+    ],
+)
+def test_train_refuses_arguments_of_the_wrong_type(tiny_cpt, kwargs: dict, message: str) -> None:
+    from cpt.data import CPTCollator, CPTDataset
+    from cpt.train import train
+
+    args = dict(model=tiny_cpt, dataset=CPTDataset(TOKENIZER, EXAMPLES), config=TrainConfig(max_steps=1, progress=False),
+                collator=CPTCollator(0))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        train(args.pop("model"), args.pop("dataset"), args.pop("config"), **args)
+
+
+def test_adapter_functions_refuse_arguments_of_the_wrong_type() -> None:
+    from cpt.adapter import adapter_format, save_adapter
+
+    with pytest.raises(ValueError, match=r"^model must be a CPTModel, got str"):
+        save_adapter("model", "adapter")
+    with pytest.raises(ValueError, match=r"^path must be a non-empty path"):
+        adapter_format(5)

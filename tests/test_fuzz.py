@@ -574,3 +574,34 @@ def test_model_methods_with_any_argument_of_any_type(api, offline_in_a_temp_fold
         args = {"path": offline_in_a_temp_folder / "adapter", "format": "cpt", name: value}
         # A write that the file system refuses is an OSError naming the folder (cpt._io.write_folder).
         _only_value_error(lambda: model.save_pretrained(args.pop("path"), **args), documented=(OSError,))
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 30))
+@given(name=st.sampled_from(["model", "dataset", "config", "collator", "eval_fn", "checkpoint_dir", "resume_from"]),
+       value=hostile)
+def test_train_with_any_argument_of_any_type(api, offline_in_a_temp_folder, name: str, value) -> None:
+    from cpt.data import CPTCollator, CPTDataset
+    from cpt.train import train
+
+    model = CPTModel(api["model"].base_model, api["model"].config)
+    args = dict(model=model, dataset=CPTDataset(api["tokenizer"], api["examples"]),
+                config=TrainConfig(max_steps=1, progress=False), collator=CPTCollator(0))
+    args[name] = value
+    _only_value_error(lambda: train(args.pop("model"), args.pop("dataset"), args.pop("config"), **args))
+
+
+@FUZZ
+@given(name=st.sampled_from(["model", "base_model", "path", "format"]), value=hostile)
+def test_adapter_functions_with_any_argument_of_any_type(api, saved, offline_in_a_temp_folder, name: str,
+                                                         value) -> None:
+    from cpt.adapter import adapter_format, load_adapter, save_adapter
+
+    if name == "base_model":
+        _only_value_error(lambda: load_adapter(value, saved["cpt"]))
+    elif name == "path":
+        _only_value_error(lambda: adapter_format(value))
+        _only_value_error(lambda: load_adapter(api["model"].base_model, value))
+    else:
+        args = {"model": api["model"], "format": "cpt", name: value}
+        # A write that the file system refuses is an OSError naming the folder (cpt._io.write_folder).
+        _only_value_error(lambda: save_adapter(args.pop("model"), "adapter", **args), documented=(OSError,))

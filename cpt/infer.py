@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt import _compat, calibration, passes
-from cpt._fields import as_list, check_bool, check_text
+from cpt._fields import as_list, check_bool, check_text, int_list, is_int
 from cpt.data import Template, as_template, as_texts, render_example, render_query
 from cpt.context import Context
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
@@ -533,11 +533,11 @@ def _last_context_row_is_plain(model: CPTModel) -> bool:
     return torch.equal(last, embeddings(model.context.ids[-1:])[0])
 
 
-def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+def _as_list(ids: int | Sequence[int] | torch.Tensor | None, name: str = "eos_token_id") -> list[int]:
+    """Token ids given as None, one int, a list or tuple of ints or an integer tensor, as a list
+    (`cpt._fields.int_list`: a dict or a set is refused, not read by its keys)."""
     if ids is None:
         return []
     if isinstance(ids, torch.Tensor):
-        return [int(i) for i in ids.flatten().tolist()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+        ids = ids.flatten()
+    return int_list(name, [ids] if is_int(ids) else ids)

@@ -361,3 +361,10 @@ def test_adapter_functions_refuse_arguments_of_the_wrong_type() -> None:
         save_adapter("model", "adapter")
     with pytest.raises(ValueError, match=r"^path must be a non-empty path"):
         adapter_format(5)
+
+
+@pytest.mark.parametrize(("ids", "kind"), [({2: "end"}, "dict"), ({2, 3}, "set"), ("2", "str"), (2.0, "float")])
+def test_generation_stop_ids_are_not_read_by_their_keys(tiny_cpt, ids, kind: str) -> None:
+    with pytest.raises(ValueError, match=rf"^eos_token_id must be a list of integers, got {kind}"):
+        generate(tiny_cpt, TOKENIZER, ["good"], max_new_tokens=2, eos_token_id=ids)
+    assert len(generate(tiny_cpt, TOKENIZER, ["good"], max_new_tokens=2, eos_token_id=[2, 3])) == 1

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpt import passes
+
 IGNORE_INDEX = -100
 """Label of positions the loss ignores."""
 
@@ -95,11 +97,8 @@ def check_base_model(model: nn.Module) -> nn.Embedding:
     kind = type(model).__name__
     if not isinstance(model, nn.Module):
         raise ValueError(f"base_model must be a transformers causal LM (a torch Module), got {kind}")
-    get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
-    weight = getattr(embeddings, "weight", None)
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"{kind} has no input embeddings; CPT needs a causal LM")
+    embeddings = passes.input_embeddings(model)
+    weight = embeddings.weight
     head = getattr(model, "get_output_embeddings", None)
     generates = getattr(model, "can_generate", None)
     config = getattr(model, "config", None)

@@ -20,9 +20,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt import _compat, checkpointing, loss, passes, plan
+from cpt._fields import check_bool, check_path, is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
-from cpt._fields import check_bool, check_path, is_finite, show
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
 

@@ -34,7 +34,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_header, is_int, show
+from cpt._fields import check_header, check_path, check_text, is_int, show
 from cpt.config import CPTConfig
 from cpt.projection import epsilons
 
@@ -117,8 +117,10 @@ def write_adapter(
         The folder.
 
     Raises:
-        ValueError: on an unknown format, weights that are not finite, or a path that is a file.
+        ValueError: on a path that is not a non-empty str or PathLike, an unknown format,
+            weights that are not finite, or a path that is a file.
     """
+    check_path(path, "path")
     if format not in ("cpt", "peft"):
         raise ValueError(f"format must be 'cpt' or 'peft', got {format!r}")
     base = base.detach().to("cpu", torch.float32).contiguous()
@@ -164,7 +166,12 @@ def save_adapter(model: Any, path: str | Path, format: AdapterFormat = "cpt") ->
 
     Returns:
         The folder.
+
+    Raises:
+        ValueError: if ``model`` is not a `CPTModel`, and as `write_adapter`.
     """
+    if not callable(getattr(model, "adapter_state_dict", None)):  # duck-typed: this module sits below cpt.model
+        raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
     state = model.adapter_state_dict()
     return write_adapter(
         path,
@@ -182,8 +189,9 @@ def adapter_format(path: str | Path) -> AdapterFormat:
     """Which layout the folder ``path`` holds.
 
     Raises:
-        ValueError: if it is missing or holds neither layout.
+        ValueError: if ``path`` is not a path, or the folder is missing or holds neither layout.
     """
+    check_path(path, "path")
     return _io.open_folder(path, _format_of, "adapter")
 
 
@@ -346,6 +354,8 @@ def _check_task(task: Any, where: Path) -> None:
             raise ValueError(
                 f"{where}: field 'task.labels' must be a non-empty list of non-empty strings, got {show(labels)}"
             )
+        for i, label in enumerate(labels):
+            check_text(label, f"{where}: field 'task.labels[{i}]'")
         if len(set(labels)) != len(labels):
             twice = next(x for x in labels if labels.count(x) > 1)
             raise ValueError(f"{where}: field 'task.labels' holds {twice!r} twice")

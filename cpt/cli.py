@@ -19,6 +19,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from cpt._fields import check_text, text_problem  # light: no torch
+
 USAGE_ERROR = 2
 
 TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
@@ -119,6 +121,9 @@ def _names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
     if not all(names) or len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"expected distinct comma-separated names, got {text!r}")
+    problem = text_problem(text)
+    if problem is not None:  # bytes that are not UTF-8 arrive as lone surrogates
+        raise argparse.ArgumentTypeError(f"the list {problem}")
     return names
 
 
@@ -508,13 +513,13 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
     examples = []
     for i, example in enumerate(data.examples):
         index = example.label
-        if not (index.isdigit() and int(index) < len(label_names)):
+        if not (index.isascii() and index.isdecimal() and int(index) < len(label_names)):
             raise CLIError(
-                f"{name}: example {i} has label {index!r}, not an index 0..{len(label_names) - 1} "
+                f"{data.where(i)}: label {index!r} is not an index 0..{len(label_names) - 1} "
                 f"of --label-names {label_names}"
             )
         examples.append(Example(example.text, label_names[int(index)]))
-    return LabelledData(data.name, examples, list(label_names))
+    return LabelledData(data.name, examples, list(label_names), data.lines)
 
 
 def _preflight(args: argparse.Namespace) -> None:
@@ -679,6 +684,9 @@ def _check_fits(
     from cpt._compat import check_positions
     from cpt.data import render_example
 
+    for name, values in (("text", texts), ("label", labels)):
+        for i, value in enumerate(values):  # argv's bytes that are not UTF-8 arrive as lone surrogates
+            check_text(value, f"{name} {i + 1}")
     longest_label = max(labels, key=lambda label: len(tokenizer.encode(label, add_special_tokens=False)))
     longest = max((len(render_example(tokenizer, template, text, longest_label)) for text in texts), default=0)
     try:

@@ -8,12 +8,13 @@ of example k (0-based) of the context is its role (1..4) plus 4k, or 0 for separ
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Any
 
 import torch
+
+from cpt._fields import int_list, is_finite, show
 
 CODES_PER_EXAMPLE = 4
 """Each example of the context uses four type codes: 4k+1 .. 4k+4."""
@@ -112,7 +113,7 @@ class CPTConfig:
             raise ValueError(f"task_type must be {TASK_TYPE!r}, got {self.task_type!r}")
         if self.cpt_token_ids is None:
             self.cpt_token_ids = [0]  # what PEFT does with a missing context
-        self.cpt_token_ids = _int_list("cpt_token_ids", self.cpt_token_ids)
+        self.cpt_token_ids = int_list("cpt_token_ids", self.cpt_token_ids)
         if not self.cpt_token_ids:
             raise ValueError("cpt_token_ids is empty: the context needs at least one token")
         n = len(self.cpt_token_ids)
@@ -120,8 +121,8 @@ class CPTConfig:
             self.cpt_mask = [1] * n
         if self.cpt_tokens_type_mask is None:
             self.cpt_tokens_type_mask = [1] * n
-        self.cpt_mask = _int_list("cpt_mask", self.cpt_mask)
-        self.cpt_tokens_type_mask = _int_list("cpt_tokens_type_mask", self.cpt_tokens_type_mask)
+        self.cpt_mask = int_list("cpt_mask", self.cpt_mask)
+        self.cpt_tokens_type_mask = int_list("cpt_tokens_type_mask", self.cpt_tokens_type_mask)
         if not len(self.cpt_mask) == len(self.cpt_tokens_type_mask) == n:
             raise ValueError(
                 "cpt_token_ids, cpt_mask and cpt_tokens_type_mask must have the same length, got "
@@ -140,12 +141,12 @@ class CPTConfig:
                 f"opt_weighted_loss_type must be one of {LOSS_TYPES}, got {self.opt_weighted_loss_type!r}"
             )
         decay = self.opt_loss_decay_factor
-        if not (_is_number(decay) and math.isfinite(decay) and 0.0 < decay <= 1.0):
-            raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {decay!r}")
+        if not (is_finite(decay) and 0.0 < decay <= 1.0):
+            raise ValueError(f"opt_loss_decay_factor must be in (0, 1], got {show(decay)}")
         for name in ("opt_projection_epsilon", "opt_projection_format_epsilon"):
             value = getattr(self, name)
-            if not (_is_number(value) and math.isfinite(value) and 0.0 <= value <= MAX_EPSILON):
-                raise ValueError(f"{name} must be a number in [0, {MAX_EPSILON:g}], got {value!r}")
+            if not (is_finite(value) and 0.0 <= value <= MAX_EPSILON):
+                raise ValueError(f"{name} must be a number in [0, {MAX_EPSILON:g}], got {show(value)}")
         if self.tokenizer_name_or_path is not None and not isinstance(self.tokenizer_name_or_path, str):
             raise ValueError(
                 f"tokenizer_name_or_path must be a string or None, got {self.tokenizer_name_or_path!r}"
@@ -301,29 +302,3 @@ def check_trainable(config: CPTConfig) -> None:
             "tokens instead of the label. End the context with a labelled example (its codes 4k+1..4k+4, "
             "the label 4k+4), as build_context does"
         )
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _int_list(name: str, values: Any) -> list[int]:
-    if isinstance(values, torch.Tensor):
-        values = values.tolist()
-    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-        raise ValueError(f"{name} must be a list of integers, got {type(values).__name__}")
-    out = []
-    for i, v in enumerate(values):
-        if isinstance(v, bool):
-            raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
-        if not isinstance(v, int):
-            if isinstance(v, float) and v.is_integer():
-                v = int(v)
-            elif hasattr(v, "__index__"):
-                v = int(v.__index__())
-            else:
-                raise ValueError(f"{name}[{i}] must be an integer, got {v!r}")
-        if not -(2**63) <= v < 2**63:
-            raise ValueError(f"{name}[{i}] is out of range: {v}")
-        out.append(int(v))
-    return out

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpt._fields import is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig, is_label, is_trainable
 from cpt.projection import epsilons, project_
 
@@ -75,6 +76,8 @@ class Context(nn.Module):
 
     def is_projected(self, rtol: float = 1e-5) -> bool:
         """Whether every row of ``delta`` is inside its ball (up to float rounding, ``rtol``)."""
+        if not (is_finite(rtol) and rtol >= 0):
+            raise ValueError(f"rtol must be a finite number >= 0, got {show(rtol)}")
         norms = torch.linalg.vector_norm(self.delta.detach(), dim=1)
         return bool(torch.all(norms <= self.epsilon * (1 + rtol)))
 

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
+from cpt._fields import as_list, check_bool, check_text, int_list, show
 from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
@@ -76,8 +77,8 @@ class Template:
             space.
 
     Raises:
-        ValueError: if a template does not contain exactly one ``{}``, naming the template, or a
-            field is not a string.
+        ValueError: if a template does not contain exactly one ``{}``, naming the template, a
+            text field is not a string of valid Unicode, or ``attach_space`` is not a bool.
     """
 
     input_template: str = "input: {}"
@@ -89,11 +90,12 @@ class Template:
 
     def __post_init__(self) -> None:
         for name in ("input_template", "output_template", "intra_separator", "example_separator"):
-            value = getattr(self, name)
-            if not isinstance(value, str):
-                raise ValueError(f"Template.{name} must be a string, got {value!r}")
+            check_text(getattr(self, name), f"Template.{name}")
         if self.end_token is not None and not isinstance(self.end_token, str):
             raise ValueError(f"Template.end_token must be a string or None, got {self.end_token!r}")
+        if self.end_token is not None:
+            check_text(self.end_token, "Template.end_token")
+        check_bool(self.attach_space, "Template.attach_space")
         for name in ("input_template", "output_template"):
             value = getattr(self, name)
             if value.count(SLOT) != 1:
@@ -148,6 +150,7 @@ def render_example(
         ValueError: if the label tokenizes to no tokens, or the template needs an eos token that
             the tokenizer lacks.
     """
+    template = as_template(template)
     query = render_query(tokenizer, template, text)
     _, output_suffix = template.output_template.split(SLOT)
     pieces = [
@@ -173,8 +176,8 @@ def render_query(
         A `RenderedExample` of length S (codes 0..3): input prefix (1), text (2), input suffix (1),
         intra separator (0), output prefix (3). It is a prefix of ``render_example`` for any label.
     """
-    if not isinstance(text, str):
-        raise ValueError(f"text must be a string, got {text!r}")
+    check_text(text, "text")
+    template = as_template(template)
     input_prefix, input_suffix = template.input_template.split(SLOT)
     if text:
         input_prefix, text = _attach_space(template, input_prefix, text)
@@ -207,8 +210,8 @@ def label_token_ids(
     Raises:
         ValueError: if the label tokenizes to no tokens, naming the label.
     """
-    if not isinstance(label, str):
-        raise ValueError(f"label must be a string, got {label!r}")
+    check_text(label, "label")
+    template = as_template(template)
     output_prefix, _ = template.output_template.split(SLOT)
     _, label_text = _attach_space(template, output_prefix, label)
     ids = _encode(tokenizer, label_text)
@@ -253,17 +256,14 @@ def render_context(
     Raises:
         ValueError: if there are no examples, or an example cannot be rendered.
     """
-    template = Template() if template is None else template
-    if isinstance(examples, (str, bytes)):
-        raise ValueError(f"examples must be a sequence of examples, got the string {examples!r}")
-    examples = list(examples)
+    template = as_template(template)
+    examples = as_examples(examples)
     if not examples:
         raise ValueError("examples is empty: a context needs at least one example")
     separator = _encode(tokenizer, template.example_separator)
     input_ids: list[int] = []
     type_codes: list[int] = []
-    for k, item in enumerate(examples):
-        example = as_example(item, k)
+    for k, example in enumerate(examples):
         rendered = render_example(tokenizer, template, example.text, example.label)
         input_ids += rendered.input_ids + separator
         type_codes += shift_type_codes(rendered.type_codes, CODES_PER_EXAMPLE * k)
@@ -338,8 +338,9 @@ def as_example(
             labels are strings.
 
     Raises:
-        ValueError: if ``item`` has none of these shapes, its text is not a string, its label is
-            neither a string nor an integer within ``label_names``, or it has an integer label
+        ValueError: if ``item`` has none of these shapes, its text is not a string of valid
+            Unicode (`cpt._fields.text_problem`), its label is neither such a string nor an
+            integer within ``label_names``, or it has an integer label
             and no ``label_names``; the message names the index when given.
     """
     where = "" if index is None else f" at index {index}"
@@ -373,16 +374,31 @@ def as_example(
         label = label_names[int(label)]
     if not (isinstance(text, str) and isinstance(label, str)):
         raise ValueError(f"example{where} must have string text and label, got {_short(item)}")
+    check_text(text, f"example{where}: the text")
+    check_text(label, f"example{where}: the label")
     return Example(text=text, label=label)
 
 
-def as_texts(texts: Any) -> Any:
+def as_examples(
+    items: Iterable[ExampleLike], what: str = "examples", label_names: Sequence[str] | None = None
+) -> list[Example]:
+    """``items`` as a list of `Example` (`as_example`, each with its index).
+
+    Raises:
+        ValueError: if ``items`` is a string or not iterable (naming ``what``), or an item is
+            not an example.
+    """
+    return [as_example(item, i, label_names) for i, item in enumerate(as_list(items, what, "examples"))]
+
+
+def as_texts(texts: Any) -> list[Any]:
     """The texts of a sequence of texts, `Example` objects or mappings with a ``"text"`` key (rows of
-    a ``datasets.Dataset``), as a list; a string or a non-iterable is returned as it is, for the
-    caller's own check."""
-    if isinstance(texts, (str, bytes)) or not isinstance(texts, Iterable):
-        return texts
-    return [_text_of(item) for item in texts]
+    a ``datasets.Dataset``), as a list; each text is left for the caller to check.
+
+    Raises:
+        ValueError: if ``texts`` is a string or not a sequence (`cpt._fields.as_list`).
+    """
+    return [_text_of(item) for item in as_list(texts, "texts", "strings")]
 
 
 def _text_of(item: Any) -> Any:
@@ -432,13 +448,12 @@ class CPTDataset(Dataset[dict[str, list[int]]]):
         template: Template | None = None,
         max_length: int | None = None,
     ) -> None:
-        if max_length is not None and max_length < 1:
-            raise ValueError(f"max_length must be >= 1 or None, got {max_length}")
-        self.template = Template() if template is None else template
+        if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+            raise ValueError(f"max_length must be an integer >= 1 or None, got {max_length!r}")
+        self.template = as_template(template)
         self.max_length = max_length
         self.samples: list[RenderedExample] = []
-        for i, item in enumerate(examples):
-            example = as_example(item, i)
+        for i, example in enumerate(as_examples(examples)):
             try:
                 rendered = render_example(tokenizer, self.template, example.text, example.label)
             except ValueError as error:
@@ -473,8 +488,8 @@ class CPTCollator:
             raise ValueError(
                 f"pad_token_id must be an integer, got {pad_token_id!r} (set tokenizer.pad_token?)"
             )
-        if pad_token_id < 0:
-            raise ValueError(f"pad_token_id must be >= 0, got {pad_token_id}")
+        if not 0 <= pad_token_id < 2**63:
+            raise ValueError(f"pad_token_id must be >= 0 and fit int64, got {show(pad_token_id)}")
         self.pad_token_id = pad_token_id
 
     def __call__(self, items: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
@@ -489,9 +504,10 @@ class CPTCollator:
             padding; ``input_type_mask`` (B, S) long, codes 0..4 with 0 on padding.
 
         Raises:
-            ValueError: if there are no items, or an item is empty or has ids and codes of
-                different lengths, naming its index.
+            ValueError: if there are no items, or an item is not a mapping of two integer lists,
+                is empty or has ids and codes of different lengths, naming its index.
         """
+        items = [_sample(item, b) for b, item in enumerate(as_list(items, "items", "samples"))]
         if len(items) == 0:
             raise ValueError("cannot collate an empty list of items")
         for b, item in enumerate(items):
@@ -521,6 +537,30 @@ class CPTCollator:
         }
 
 
+def _sample(item: Any, index: int) -> dict[str, list[int]]:
+    """A collator's item as ``{"input_ids": [...], "input_type_mask": [...]}`` of checked ints."""
+    if not isinstance(item, Mapping):
+        raise ValueError(f"item {index} must be a mapping with input_ids and input_type_mask, got {_short(item)}")
+    missing = [key for key in ("input_ids", "input_type_mask") if key not in item]
+    if missing:
+        raise ValueError(f"item {index} lacks {missing}")
+    return {key: int_list(f"item {index}: {key}", item[key]) for key in ("input_ids", "input_type_mask")}
+
+
+def as_template(template: Template | None) -> Template:
+    """``template``, or the default `Template` for None (what every function that takes a
+    template does with it).
+
+    Raises:
+        ValueError: if ``template`` is neither a `Template` nor None.
+    """
+    if template is None:
+        return Template()
+    if not isinstance(template, Template):
+        raise ValueError(f"template must be a cpt.Template or None, got {type(template).__name__}")
+    return template
+
+
 def _attach_space(template: Template, prefix: str, text: str) -> tuple[str, str]:
     """Moves the whitespace that ends ``prefix`` to the start of ``text`` (if asked and useful)."""
     if not template.attach_space or not text:
@@ -538,6 +578,10 @@ def _slot_prefix(template: Template) -> str:
 
 def _encode(tokenizer: PreTrainedTokenizerBase, piece: str) -> list[int]:
     """Token ids of one piece, without special tokens; ``[]`` for an empty piece."""
+    from transformers import PreTrainedTokenizerBase  # loaded with cpt.model already
+
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise ValueError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
     if not piece:
         return []
     return list(tokenizer.encode(piece, add_special_tokens=False))

@@ -21,6 +21,7 @@ import importlib.util
 import io
 import json
 import math
+import os
 import pickle
 import random
 from collections import Counter
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt._fields import check_seed
+from cpt._fields import check_instance, check_path, check_seed, check_text, is_int, show
 from cpt.data import Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
@@ -44,6 +45,8 @@ MAX_FILE_BYTES = 1 << 30
 """Largest data file read (1 GiB): few-shot data is small; a bigger file is a mistake."""
 MAX_FIELD_CHARS = 1 << 20
 """Longest CSV field (characters): Python's csv module allows 128 Ki by default."""
+MAX_INT_DIGITS = 4300
+"""Longest integer read from JSONL (digits): Python's own limit for turning one into a string."""
 
 
 @dataclass(frozen=True)
@@ -98,14 +101,18 @@ class LabelledData:
         name: the built-in name or the file path it was loaded from.
         examples: the examples, in file order.
         labels: the label set in a fixed order; every example's label is one of them.
+        lines: for a file, the 1-based line each example was read from (what errors name); None
+            for a built-in set.
 
     Raises:
-        ValueError: if ``labels`` is empty or repeats a label, or an example's label is not in it.
+        ValueError: if ``labels`` is empty or repeats a label, an example's label is not in it, or
+            ``lines`` does not give one line per example.
     """
 
     name: str
     examples: list[Example]
     labels: list[str]
+    lines: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.labels:
@@ -113,16 +120,21 @@ class LabelledData:
         repeated = [label for label, n in Counter(self.labels).items() if n > 1]
         if repeated:
             raise ValueError(f"{self.name}: the label set repeats {repeated}")
+        if self.lines is not None and len(self.lines) != len(self.examples):
+            raise ValueError(f"{self.name}: {len(self.lines)} lines for {len(self.examples)} examples")
         known = set(self.labels)
         for i, example in enumerate(self.examples):
             if example.label not in known:
                 raise ValueError(
-                    f"{self.name}: example {i} has label {example.label!r}, "
-                    f"not one of {self.labels}"
+                    f"{self.where(i)}: example {i} has label {example.label!r}, not one of {self.labels}"
                 )
 
     def __len__(self) -> int:
         return len(self.examples)
+
+    def where(self, index: int) -> str:
+        """``"<name>, line <n>"`` for example ``index`` of a file, ``"<name>"`` otherwise."""
+        return self.name if self.lines is None else f"{self.name}, line {self.lines[index]}"
 
     def label_counts(self) -> dict[str, int]:
         """Number of examples of each label, in the order of `labels`."""
@@ -178,15 +190,17 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
         distinct labels sorted (numbers by value, before other labels).
 
     Raises:
-        ValueError: on an unknown name (listing the known ones), a missing, unreadable or
-            over-large (1 GiB) file, a malformed JSONL line or CSV row (with its 1-based line
-            number: bad JSON, JSON nested too deeply, a CSV row with more or fewer fields than the
-            header), missing columns or keys, a header naming a column twice, an empty data set,
+        ValueError: on a name that is not a str or PathLike, an unknown name (listing the known
+            ones), a missing, unreadable or over-large (1 GiB) file, a malformed JSONL line or
+            CSV row (with the file and its 1-based line number: bytes that are not UTF-8, bad
+            JSON, JSON nested too deeply, ``NaN`` or ``Infinity``, a number beyond a float's
+            range, a key given twice, a text or label that is not valid Unicode, a CSV row with
+            more or fewer fields than the header), missing columns or keys, a header naming a column twice, an empty data set,
             or a cached file that holds anything but ``([text], index)`` pairs (a pickled global
             included).
         ImportError: for a built-in set when ``StaICC`` is not installed, giving the pip command.
     """
-    name = str(name_or_path)
+    name = os.fspath(check_path(name_or_path, "name_or_path"))
     if name in _BUILTINS:
         return _load_builtin(name, _BUILTINS[name])
     path = Path(name).expanduser()
@@ -197,25 +211,28 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
             "or a path to a .jsonl or .csv file"
         )
     if not path.is_file():
-        raise ValueError(f"dataset file {name!r} does not exist")
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ValueError(f"dataset file {name!r} {what}")
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:
             raise ValueError(f"{name}: the file has {size} bytes, more than the {MAX_FILE_BYTES} accepted")
-        content = path.read_bytes().decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
+        raw = path.read_bytes()
+        content = raw.decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
     except UnicodeDecodeError as err:
-        raise ValueError(f"{name}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ValueError(f"{name}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except OSError as err:
         raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
-        pairs = _parse_jsonl(content, name)
+        rows = _parse_jsonl(content, name)
     else:
-        pairs = _parse_csv(content, name)
-    if not pairs:
+        rows = _parse_csv(content, name)
+    if not rows:
         raise ValueError(f"{name}: the dataset is empty")
-    examples = [Example(text=text, label=label) for text, label in pairs]
+    examples = [Example(text=text, label=label) for text, label, _ in rows]
     labels = sorted({example.label for example in examples}, key=_label_sort_key)
-    return LabelledData(name=name, examples=examples, labels=labels)
+    return LabelledData(name=name, examples=examples, labels=labels, lines=[line for _, _, line in rows])
 
 
 def split_examples(
@@ -240,12 +257,14 @@ def split_examples(
         ``(context, train, test)``.
 
     Raises:
-        ValueError: if a count is negative or not an int, ``seed`` is not an integer in
-            [0, 2**64 - 1], or there are not enough examples (of a label, for the context).
+        ValueError: if ``data`` is not `LabelledData`, a count is negative or not an int, ``seed``
+            is not an integer in [0, 2**64 - 1], or there are not enough examples (of a label, for
+            the context).
     """
+    check_instance(data, LabelledData, "data")
     for arg, value in (("per_class", per_class), ("n_test", n_test), ("n_train", n_train)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"{arg} must be an int >= 0, got {value!r}")
+        if not is_int(value) or value < 0:
+            raise ValueError(f"{arg} must be an int >= 0, got {show(value)}")
     rng = random.Random(check_seed("seed", seed))  # the seeds training takes, so one serves both
     order = _unique_texts(data.examples)
     rng.shuffle(order)
@@ -407,32 +426,76 @@ def _unique_texts(examples: Sequence[Example]) -> list[Example]:
 
 
 def _label_string(value: Any, where: str) -> str:
-    """Turns a label from a file into a string; rejects null, lists, objects and ``""``."""
+    """Turns a label from a file into a string; rejects null, lists, objects, ``""`` and text
+    that is not valid Unicode. (Numbers are finite: `_json_record` refuses the others.)"""
     if value is None or isinstance(value, (list, dict)):
-        raise ValueError(f"{where}: label must be a string or a number, got {json.dumps(value)}")
+        raise ValueError(f"{where}: label must be a string or a number, got {json.dumps(value)[:80]}")
     label = json.dumps(value) if isinstance(value, bool) else str(value)  # true, not True
     if not label:
         raise ValueError(f"{where}: label is empty")
-    return label
+    return check_text(label, f"{where}: label")
 
 
-def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses JSON Lines into ``(text, label)`` pairs; blank lines are skipped.
+class _Refused(ValueError):
+    """A JSON value that `_json_record` does not take (raised from inside ``json.loads``)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not valid JSON (JSON has no NaN or Infinity; quote a label that reads so)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 reads as inf: two such labels would become one
+        raise _Refused(f"the number {text[:40]} is beyond a float's range; quote it to keep it as a label")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits is too long; quote it to keep it as a label")
+    return int(text)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:  # json.loads would keep the last value and drop the others unseen
+        raise _Refused(f"the object has the key {json.dumps(repeated[0])} more than once")
+    return dict(pairs)
+
+
+def _json_record(line: str, where: str) -> Any:
+    """One JSON value, strictly: no NaN or Infinity, no number that overflows, no repeated key.
+
+    Raises:
+        ValueError: ``<where>: <the problem>``.
+    """
+    try:
+        return json.loads(
+            line, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int,
+            object_pairs_hook=_unique_keys,
+        )
+    except _Refused as err:
+        raise ValueError(f"{where}: {err}") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{where}: the JSON is nested too deeply") from None
+
+
+def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
+    """Parses JSON Lines into ``(text, label, line number)``; blank lines are skipped.
 
     Lines end at ``"\\n"`` only (JSON Lines' rule): U+2028, U+0085 and the like may stand raw in a
     string; a ``"\\r"`` before the ``"\\n"`` is JSON whitespace.
     """
-    pairs: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, int]] = []
     for number, line in enumerate(content.split("\n"), start=1):
         if not line.strip(" \t\r"):
             continue
         where = f"{name}, line {number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise ValueError(f"{where}: the JSON is nested too deeply") from None
+        record = _json_record(line, where)
         if not isinstance(record, dict):
             raise ValueError(
                 f'{where}: expected an object with "{TEXT_KEY}" and "{LABEL_KEY}", '
@@ -443,13 +506,15 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str]]:
                 raise ValueError(f'{where}: missing key "{key}"')
         text = record[TEXT_KEY]
         if not isinstance(text, str):
-            raise ValueError(f'{where}: "{TEXT_KEY}" must be a string, got {json.dumps(text)}')
-        pairs.append((text, _label_string(record[LABEL_KEY], where)))
-    return pairs
+            raise ValueError(f'{where}: "{TEXT_KEY}" must be a string, got {json.dumps(text)[:80]}')
+        check_text(text, f'{where}: "{TEXT_KEY}"')
+        rows.append((text, _label_string(record[LABEL_KEY], where), number))
+    return rows
 
 
-def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
-    """Parses CSV with a header row into ``(text, label)`` pairs; blank rows are skipped.
+def _parse_csv(content: str, name: str) -> list[tuple[str, str, int]]:
+    """Parses CSV with a header row into ``(text, label, line number)`` (the line a row ends on,
+    as errors name it); blank rows are skipped.
 
     Every row must have as many fields as the header, and the header must name ``text`` and
     ``label`` once each; other columns are ignored.
@@ -465,7 +530,7 @@ def _parse_csv(content: str, name: str) -> list[tuple[str, str]]:
         csv.field_size_limit(limit)
 
 
-def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
+def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str, int]]:
     header = next(reader, None)
     while header == []:  # blank lines before the header
         header = next(reader, None)
@@ -474,7 +539,7 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
     missing = [key for key in (TEXT_KEY, LABEL_KEY) if key not in header]
     if missing:
         raise ValueError(
-            f"{name}: the CSV header needs columns {TEXT_KEY!r} and {LABEL_KEY!r}; "
+            f"{name}, line {reader.line_num}: the CSV header needs columns {TEXT_KEY!r} and {LABEL_KEY!r}; "
             f"missing {missing}, found {header}"
         )
     repeated = sorted({column for column in header if header.count(column) > 1})
@@ -483,7 +548,7 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
             f"{name}, line {reader.line_num}: the CSV header names {repeated} more than once: {header}"
         )
     text_at, label_at = header.index(TEXT_KEY), header.index(LABEL_KEY)
-    pairs: list[tuple[str, str]] = []
+    rows: list[tuple[str, str, int]] = []
     for row in reader:
         if not row:
             continue
@@ -495,8 +560,8 @@ def _csv_pairs(reader: Any, name: str) -> list[tuple[str, str]]:
                 f"{where}: the row has more fields than the header ({len(row)}, not {len(header)}): "
                 "quote a field that holds a comma"
             )
-        pairs.append((row[text_at], _label_string(row[label_at], where)))
-    return pairs
+        rows.append((row[text_at], _label_string(row[label_at], where), reader.line_num))
+    return rows
 
 
 def _label_sort_key(label: str) -> tuple[int, float, str]:

@@ -26,8 +26,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cpt import _compat, calibration, passes
-from cpt._fields import is_int, is_number, show
-from cpt.data import Template, as_texts, render_example, render_query
+from cpt._fields import as_list, check_bool, check_text, int_list, is_int, is_number, show
+from cpt.context import Context
+from cpt.data import Template, as_template, as_texts, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
 
@@ -140,13 +141,15 @@ def classify(
         A `Classification` with (T, L) float32 tensors on the CPU.
 
     Raises:
-        ValueError: if ``texts`` or ``labels`` is empty or not a sequence of strings, ``labels``
-            holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
+        ValueError: if ``model`` is not a `CPTModel`, ``texts`` or ``labels`` is empty or not a
+            sequence of strings (each valid Unicode, `cpt._fields.check_text`), a flag is not a
+            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
         NonFiniteScoresError: a ValueError naming the first text with a NaN or infinite score.
     """
+    _check_model(model)
     texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
     seen: dict[str, int] = {}
@@ -156,7 +159,9 @@ def classify(
         seen[label] = j
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    template = Template() if template is None else template
+    check_bool(use_cache, "use_cache")
+    check_bool(calibrate, "calibrate")
+    template = as_template(template)
 
     queries = [render_query(tokenizer, template, text).input_ids for text in texts]
     continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
@@ -210,7 +215,7 @@ def content_free_prior(
     Returns:
         (L,) float32 on the CPU, positive, summing to 1.
     """
-    result = classify(model, tokenizer, list(inputs), labels, template=template, **classify_kwargs)
+    result = classify(model, tokenizer, as_list(inputs, "inputs", "strings"), labels, template=template, **classify_kwargs)
     return result.probabilities.mean(dim=0)
 
 
@@ -257,16 +262,18 @@ def generate(
         The new text of each input text (special tokens skipped), one string per text.
 
     Raises:
-        ValueError: if ``texts`` is empty or holds a non-string, a generation argument would
-            replace the prompt or the cache, ``num_return_sequences`` or ``num_beams`` is not 1,
-            ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
+        ValueError: if ``model`` is not a `CPTModel`, ``texts`` is empty or holds a non-string
+            or a text that is not valid Unicode, ``template`` is not a `Template`, a generation
+            argument would replace the prompt or the cache, ``num_return_sequences`` or
+            ``num_beams`` is not 1, ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
             or a text renders to no query tokens while the context's last token carries a trained
             embedding; when sampling, if ``temperature`` is outside `TEMPERATURE_RANGE`, ``top_p``
             outside [0, 1] or ``top_k`` not an integer >= 0.
         NonFiniteScoresError: a ValueError naming the first text whose scores were not finite.
     """
-    texts = [texts] if isinstance(texts, str) else _strings("texts", texts)
+    _check_model(model)
+    texts = _strings("texts", [texts] if isinstance(texts, str) else texts)
     reserved = {"input_ids", "inputs", "inputs_embeds", "attention_mask", "cache", "past_key_values"}
     clashing = sorted(reserved & generation_kwargs.keys())
     if clashing:
@@ -274,7 +281,7 @@ def generate(
     returns = generation_kwargs.get("num_return_sequences", 1)
     if returns != 1:
         raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
-    template = Template() if template is None else template
+    template = as_template(template)
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
     sampling = _check_sampling(base_model, generation_kwargs)
@@ -512,14 +519,12 @@ def _continuation(
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:
-    if isinstance(values, (str, bytes)):
-        raise ValueError(f"{name} must be a sequence of strings, got the string {values!r}")
-    values = list(values)
+    """``values`` as a non-empty list of texts (`cpt._fields.check_text`), each named by index."""
+    values = as_list(values, name, "strings")
     if not values:
         raise ValueError(f"{name} is empty: give at least one")
     for k, value in enumerate(values):
-        if not isinstance(value, str):
-            raise ValueError(f"{name}[{k}] must be a string, got {value!r}")
+        check_text(value, f"{name}[{k}]")
     return values
 
 
@@ -597,9 +602,17 @@ def _text_name(index: int, text: str) -> str:
 _TEXT_PREFIX = 30  # characters of a text that a message shows
 
 
+def _check_model(model: CPTModel) -> None:
+    """Refuses anything but a `CPTModel` (known by its `Context`: this module sits below it)."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(getattr(model, "context", None), Context):
+        raise ValueError(f"model must be a CPTModel, got {type(model).__name__}")
+
+
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
         return model.context_cache()
+    if not isinstance(cache, ContextCache):
+        raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
     if cache.num_tokens != model.num_virtual_tokens:
         raise ValueError(
             f"context_cache holds {cache.num_tokens} tokens but the model's context has "
@@ -643,11 +656,11 @@ def _last_context_row_is_plain(model: CPTModel) -> bool:
     return torch.equal(last, embeddings(model.context.ids[-1:])[0])
 
 
-def _as_list(ids: int | Sequence[int] | torch.Tensor | None) -> list[int]:
+def _as_list(ids: int | Sequence[int] | torch.Tensor | None, name: str = "eos_token_id") -> list[int]:
+    """Token ids given as None, one int, a list or tuple of ints or an integer tensor, as a list
+    (`cpt._fields.int_list`: a dict or a set is refused, not read by its keys)."""
     if ids is None:
         return []
     if isinstance(ids, torch.Tensor):
-        return [int(i) for i in ids.flatten().tolist()]
-    if isinstance(ids, int):
-        return [ids]
-    return [int(i) for i in ids]
+        ids = ids.flatten()
+    return int_list(name, [ids] if is_int(ids) else ids)

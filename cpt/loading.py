@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt import _io, hub
+from cpt._fields import check_path, show
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -65,6 +66,7 @@ MARKER_FILE = "cpt-source.json"
 
 _HASH_BLOCK = 1 << 22  # bytes read at a time while hashing a GGUF file
 _REASON_MAX_CHARS = 300  # long enough for a path and a hub error's first sentence
+_DEVICE_REASON_MAX_CHARS = 160  # torch's first sentence about a device; its lists of backends run on
 
 
 def cpt_home() -> Path:
@@ -166,7 +168,9 @@ def load_model_and_tokenizer(
     Raises:
         ValueError: ``cannot load model <name>: <reason>`` when the name is not a folder, GGUF
             file or hub name that loads, the hub cannot be reached for an uncached name, an
-            option is invalid, or the tokenizer has neither pad nor eos token.
+            option is invalid or of the wrong type, ``device`` is not a device this machine has
+            (checked before loading), or the tokenizer has neither pad nor eos token;
+            ``name_or_path must be a non-empty path`` for a name that is not a str or PathLike.
         ImportError: if the default model or a GGUF file must be converted and a package it
             needs is missing.
     """
@@ -174,10 +178,13 @@ def load_model_and_tokenizer(
 
     if name_or_path is None:
         name_or_path = os.environ.get(MODEL_ENV) or DEFAULT_MODEL
-    name = os.fspath(name_or_path)
+    name = os.fspath(check_path(name_or_path, "name_or_path"))
+    _check_options(name, revision=revision, attn_implementation=attn_implementation, device_map=device_map,
+                   trust_remote_code=trust_remote_code)
     if device is not None and device_map is not None:
         raise ValueError(f"cannot load model {name!r}: pass device or device_map, not both")
-    kwargs: dict[str, Any] = {"dtype": _dtype(name, dtype), "trust_remote_code": bool(trust_remote_code)}
+    device = _device(name, device)
+    kwargs: dict[str, Any] = {"dtype": _dtype(name, dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
     if device_map is not None:
@@ -187,7 +194,7 @@ def load_model_and_tokenizer(
     def load(hub_kwargs: dict[str, Any]) -> tuple[Any, Any]:
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **hub_kwargs)
         tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=bool(trust_remote_code), **hub_kwargs
+            source, trust_remote_code=trust_remote_code, **hub_kwargs
         )
         return model, tokenizer
 
@@ -244,6 +251,42 @@ def _resolve(name: str, revision: str | None) -> tuple[str, dict[str, Any]]:
     except ValueError as err:
         raise ValueError(f"cannot load model {name!r}: {err}") from None
     return name, {"revision": revision}
+
+
+def _check_options(name: str, **options: Any) -> None:
+    """Refuses an option of `load_model_and_tokenizer` of the wrong type, naming it."""
+    for key in ("revision", "attn_implementation"):
+        value = options[key]
+        if value is not None and (not isinstance(value, str) or not value):
+            raise ValueError(f"cannot load model {name!r}: {key} must be a non-empty string or None, got {show(value)}")
+    device_map = options["device_map"]
+    if device_map is not None and not isinstance(device_map, (str, dict)):
+        raise ValueError(f"cannot load model {name!r}: device_map must be a string, a dict or None, got {show(device_map)}")
+    if not isinstance(options["trust_remote_code"], bool):
+        raise ValueError(f"cannot load model {name!r}: trust_remote_code must be True or False, got "
+                         f"{show(options['trust_remote_code'])}")
+
+
+def _device(name: str, device: str | torch.device | None) -> torch.device | None:
+    """``device`` as a `torch.device` that exists on this machine (None stays None).
+
+    Raises:
+        ValueError: for a value that is not a device name, or a device this machine lacks
+            (``cuda`` without a GPU, ``cuda:3`` with one).
+    """
+    if device is None:
+        return None
+    if not isinstance(device, (str, torch.device)) or isinstance(device, bool):
+        raise ValueError(f"cannot load model {name!r}: device must be a string, a torch.device or None, got {show(device)}")
+    try:
+        parsed = torch.device(device)
+        torch.empty(0, device=parsed)  # the cheapest proof that the device is there
+    except (RuntimeError, AssertionError, ValueError, TypeError) as err:
+        reason = (str(err).strip().split(". ")[0] or type(err).__name__)[:_DEVICE_REASON_MAX_CHARS]
+        raise ValueError(f"cannot load model {name!r}: device {show(device)} is not available here ({reason})") from None
+    if parsed.type == "meta":
+        raise ValueError(f"cannot load model {name!r}: device 'meta' holds no weights; choose cpu, cuda, ...")
+    return parsed
 
 
 def _dtype(name: str, dtype: torch.dtype | str | None) -> torch.dtype | str:

@@ -9,6 +9,7 @@ base model, `cpt.loss` computes the loss and `cpt.adapter` reads and writes adap
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,9 +20,10 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt import _compat, checkpointing, loss, passes, plan
+from cpt._fields import check_bool, check_path, is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
-from cpt.inputs import check_token_ids
+from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
 
 __all__ = ["CPTModel", "CPTOutput", "ContextCache"]
@@ -132,8 +134,9 @@ class CPTModel(_TrainerSupport, _Conveniences):
     Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
 
     Raises:
-        ValueError: if the context does not fit the model (ids outside the vocabulary, more
-            tokens than its positions) or an option is not one of the choices.
+        ValueError: if ``base_model`` is not a loaded causal LM with floating-point embeddings
+            (`cpt.inputs.check_base_model`), the context does not fit the model (ids outside the
+            vocabulary, more tokens than its positions) or an option is not one of its choices.
     """
 
     context_sharing = plan.Option()
@@ -152,8 +155,10 @@ class CPTModel(_TrainerSupport, _Conveniences):
         super().__init__()
         if not isinstance(config, CPTConfig):
             raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
+        embeddings = check_base_model(base_model)
+        _check_flags(compile_projection, activation_checkpointing)
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
-        self.context = Context(config, passes.input_embeddings(base_model), compile_projection)
+        self.context = Context(config, embeddings, compile_projection)
         _compat.check_positions(base_model.config, self.context.num_tokens)
         self.base_model = base_model
         self.base_model.requires_grad_(False)
@@ -243,7 +248,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
                 outside the vocabulary, negative type codes, a batch without any label token, or
                 context and samples longer than the model's positions.
         """
-        _check_batch(input_ids, attention_mask, labels, input_type_mask)
+        check_batch(input_ids, attention_mask, labels, input_type_mask)
         _compat.check_positions(self.base_model.config, self.num_virtual_tokens, int(input_ids.shape[1]))
         check_token_ids(input_ids, labels, int(self.base_model.get_input_embeddings().weight.shape[0]))
         if labels is None:
@@ -330,11 +335,19 @@ class CPTModel(_TrainerSupport, _Conveniences):
     ) -> CPTModel:
         """Loads an adapter in either layout onto ``base_model``, every file checked against it
         (`cpt.adapter.read_adapter`). ``path`` is a folder or a hub name (``org/name``, at
-        ``revision``; `cpt.hub.resolve_adapter`: the local Hugging Face cache, else downloaded)."""
+        ``revision``; `cpt.hub.resolve_adapter`: the local Hugging Face cache, else downloaded).
+        ``kwargs`` are `CPTModel`'s options.
+
+        Raises:
+            ValueError: on an argument of the wrong type or an unknown option (before anything
+                is read), and on an adapter that does not load (see `cpt.adapter.read_adapter`).
+        """
         from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
-        embeddings = passes.input_embeddings(base_model)
+        _check_location(path, revision)
+        check_options(kwargs)
+        embeddings = check_base_model(base_model)
         vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
         embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
         files = read_adapter(resolve_adapter(path, revision=revision), hidden_size=hidden_size,
@@ -347,36 +360,43 @@ class CPTModel(_TrainerSupport, _Conveniences):
         return model
 
 
-def _check_batch(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    input_type_mask: torch.Tensor | None,
-) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
-        raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
-    if input_ids.shape[1] == 0:
-        raise ValueError("input_ids has no tokens (seq_len 0)")
-    for name, tensor in (("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
-        if tensor is not None and tuple(tensor.shape) != tuple(input_ids.shape):
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
-            )
+def _check_flags(compile_projection: object, activation_checkpointing: object) -> None:
+    if compile_projection is not None and not isinstance(compile_projection, bool):
+        raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
+    check_bool(activation_checkpointing, "activation_checkpointing")
+
+
+def _check_location(path: object, revision: object) -> None:
+    check_path(path, "path")
+    if revision is not None and not isinstance(revision, str):
+        raise ValueError(f"revision must be a string or None, got {show(revision)}")
+
+
+def check_options(options: dict[str, object]) -> None:
+    """Checks that ``options`` names only `CPTModel`'s keyword options (their values are checked
+    when the model is made).
+
+    Raises:
+        ValueError: naming the first unknown option and listing the known ones.
+    """
+    known = [p.name for p in inspect.signature(CPTModel.__init__).parameters.values() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted((key for key in options if key not in known), key=repr)
+    if unknown:
+        raise ValueError(f"unknown CPTModel option {show(unknown[0])}; the options are {known}")
 
 
 def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
     if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
         return  # a tensor stays where it is: reading it would make the host wait for the device
-    if isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)) or not (
-        num_items_in_batch >= 1
-    ):
-        raise ValueError(f"num_items_in_batch must be a number >= 1, got {num_items_in_batch!r}")
+    if not (is_finite(num_items_in_batch) and num_items_in_batch >= 1):
+        raise ValueError(f"num_items_in_batch must be a finite number >= 1, got {show(num_items_in_batch)}")
 
 
 def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
     if shift_labels is None:
         return
+    if not isinstance(shift_labels, torch.Tensor):
+        raise ValueError(f"shift_labels must be a tensor or None, got {type(shift_labels).__name__}")
     counted = int((shift_labels != IGNORE_INDEX).sum())
     if counted != count:
         raise ValueError(

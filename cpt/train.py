@@ -26,7 +26,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Sized
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cpt import _compat, _io, distributed, graphs
-from cpt._fields import check_seed, is_finite, show
+from cpt._fields import check_instance, check_path, check_seed, is_finite, show
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, Selection, TrainState, fingerprint, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
@@ -241,16 +241,16 @@ def train(
         A `TrainResult` over the whole run.
 
     Raises:
-        ValueError: on an empty dataset, ``checkpoint_every`` without ``checkpoint_dir``, a
-            ``checkpoint_dir`` that cannot be written (`cpt._io.check_target`, before any step), a context
+        ValueError: on an argument of the wrong type, an empty dataset, ``checkpoint_every``
+            without ``checkpoint_dir``, a ``checkpoint_dir`` that cannot be written
+            (`cpt._io.check_target`, before any step), a context
             that cannot be trained (`cpt.config.check_trainable`), a sample that does not fit after
             the context in the model's positions, or a checkpoint that is not sound or does not
             match the model, the data, the config or the selection (nothing changes then).
         cpt.numerics.NonFiniteError: at the first step whose loss or gradient is NaN or infinite.
     """
     start_time = time.perf_counter()
-    if not isinstance(config, TrainConfig):
-        raise ValueError(f"config must be a TrainConfig, got {type(config).__name__}")
+    _check_arguments(model, dataset, config, collator, eval_fn, checkpoint_dir, resume_from)
     if config.checkpoint_every is not None and checkpoint_dir is None:
         raise ValueError("checkpoint_every is set but checkpoint_dir is None: where would checkpoints go?")
     if checkpoint_dir is not None:  # refused now, not at the first checkpoint
@@ -529,6 +529,22 @@ def _seed_everything(seed: int) -> None:
 
 
 # ---------------------------------------------------------------------- validation
+
+
+def _check_arguments(
+    model: Any, dataset: Any, config: Any, collator: Any, eval_fn: Any, checkpoint_dir: Any, resume_from: Any
+) -> None:
+    """Refuses an argument of `train` of the wrong type before anything runs."""
+    check_instance(model, CPTModel, "model")
+    if not isinstance(dataset, Sized) or not hasattr(dataset, "__getitem__"):
+        raise ValueError(f"dataset must be indexable samples with a length, got {type(dataset).__name__}")
+    check_instance(config, TrainConfig, "config")
+    for name, function in (("collator", collator), ("eval_fn", eval_fn)):
+        if not callable(function) and not (name == "eval_fn" and function is None):
+            raise ValueError(f"{name} must be callable, got {type(function).__name__}")
+    for name, path in (("checkpoint_dir", checkpoint_dir), ("resume_from", resume_from)):
+        if path is not None:
+            check_path(path, name)
 
 
 def _check_number(name: str, value: Any, *, minimum: float, inclusive: bool, maximum: float | None = None) -> None:

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_example, build_context
-from cpt.model import CPTModel
+from cpt._fields import check_instance, check_path, check_text, show
+from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context
+from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
 if TYPE_CHECKING:
@@ -118,20 +119,21 @@ def fit(
         and the `TrainResult`.
 
     Raises:
-        ValueError: on empty examples, a malformed example (naming its index), an integer label
-            without ``labels``, a label outside ``labels``, ``labels`` that is not a list of
-            distinct non-empty strings, an unknown ``selection``, or any bad option.
+        ValueError: on empty examples, a malformed example (naming its index; a text that is
+            not valid Unicode included), an integer label without ``labels``, a label outside
+            ``labels``, ``labels`` that is not a list of distinct non-empty strings, an unknown
+            ``selection``, an argument of the wrong type (checked before anything is built), or
+            any bad option.
     """
     if selection is not None and selection not in SELECTIONS:
-        raise ValueError(f"selection must be one of {SELECTIONS} or None, got {selection!r}")
-    template = template or Template()
+        raise ValueError(f"selection must be one of {SELECTIONS} or None, got {show(selection)}")
+    _check_options(train_config, eval_fn, checkpoint_dir, resume_from, model_kwargs)
+    template = as_template(template)
     names = None if labels is None else _label_set(labels)
-    context = [as_example(item, i, names) for i, item in enumerate(examples)]
+    context = as_examples(examples, "examples", names)
     if not context:
         raise ValueError("examples is empty: the context needs at least one labelled example")
-    training = (
-        context if train_examples is None else [as_example(e, i, names) for i, e in enumerate(train_examples)]
-    )
+    training = context if train_examples is None else as_examples(train_examples, "train_examples", names)
     label_set = list(dict.fromkeys(e.label for e in context)) if names is None else names
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
@@ -171,6 +173,21 @@ def fit(
     return model, result
 
 
+def _check_options(
+    train_config: Any, eval_fn: Any, checkpoint_dir: Any, resume_from: Any, model_kwargs: Any
+) -> None:
+    """Refuses a `fit` option of the wrong type before anything is built."""
+    if train_config is not None:
+        check_instance(train_config, TrainConfig, "train_config")
+    if eval_fn is not None and not callable(eval_fn):
+        raise ValueError(f"eval_fn must be callable or None, got {type(eval_fn).__name__}")
+    for name, path in (("checkpoint_dir", checkpoint_dir), ("resume_from", resume_from)):
+        if path is not None:
+            check_path(path, name)
+    if model_kwargs is not None:
+        check_options(check_instance(model_kwargs, dict, "model_kwargs"))
+
+
 def _label_set(labels: Sequence[str]) -> list[str]:
     """``labels`` as a list, checked: distinct non-empty strings (a saved adapter needs them so)."""
     if isinstance(labels, str) or not isinstance(labels, Sequence):
@@ -179,6 +196,7 @@ def _label_set(labels: Sequence[str]) -> list[str]:
     for i, label in enumerate(label_set):
         if not isinstance(label, str) or not label:
             raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
+        check_text(label, f"labels[{i}]")
         if label in label_set[:i]:
             raise ValueError(f"labels holds {label!r} twice (at {label_set.index(label)} and {i})")
     if not label_set:

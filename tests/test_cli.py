@@ -354,7 +354,8 @@ def test_label_names_map_integer_labels(model_dir: Path, tmp_path: Path, capsys)
     assert json.loads((output / "cpt_config.json").read_text())["task"]["labels"] == ["pos", "neg"]
     line = _error(["train", "--model", str(model_dir), "--data", str(path), "--output", str(tmp_path / "b"),
                    "--label-names", "only", "--test", "2"], capsys)
-    assert "has label '1', not an index 0..0 of --label-names ['only']" in line
+    first_of_label_1 = 2 * len(next(iter(TEXTS.values()))) + 1  # the file and line, not the example's index
+    assert f"ints.jsonl, line {first_of_label_1}: label '1' is not an index 0..0 of --label-names ['only']" in line
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_cli import data_file, model_dir  # noqa: F401 - the tiny model folder and data file
+from test_cli import adapter, data_file, model_dir  # noqa: F401 - the tiny model folder, data file, adapter
 
 import cpt.workflow
 from cpt import _io
@@ -123,3 +123,24 @@ def test_a_failed_save_is_one_line(model_dir, data_file, tmp_path, capsys, monke
     line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu"), capsys)
     assert f"cannot write {tmp_path / 'o'}: {text}" in line
     assert not (tmp_path / "o").exists()
+
+
+def test_texts_and_labels_with_bytes_that_are_not_utf8(model_dir, adapter, capsys) -> None:
+    # Python hands a command-line byte that is not UTF-8 over as a lone surrogate (surrogateescape).
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")
+    base = ["--model", str(model_dir), "--adapter", str(adapter), "--no-progress"]
+    line = _one_line(["predict", *base, "fine", bad], capsys)
+    assert line == r"cpt predict: error: text 2 is not valid Unicode: a lone surrogate '\udce9' at character 3 (bytes that are not UTF-8?)"
+    with pytest.raises(SystemExit, match="2"):
+        main(["predict", *base, "--labels", f"pos,{bad}", "fine"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("cpt predict: error: argument --labels: the list is not valid Unicode")
+    line = _one_line(["generate", *base, "--max-new-tokens", "1", bad], capsys)
+    assert line.startswith("cpt generate: error: texts[0] is not valid Unicode: a lone surrogate")
+
+
+def test_a_label_that_only_looks_like_an_index(model_dir, tmp_path, capsys, no_training) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "0"}\n{"text": "b", "label": "\u00b2"}\n', encoding="utf-8")
+    line = _one_line(_train(model_dir, path, tmp_path / "a", "--label-names", "x,y,z"), capsys)
+    assert line == f"cpt train: error: {path}, line 2: label '\u00b2' is not an index 0..2 of --label-names ['x', 'y', 'z']"

@@ -134,6 +134,58 @@ def test_template_fields_must_be_strings() -> None:
         Template(end_token=7)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("value", ["no", "False", 0, 1, None, [True]])
+def test_template_attach_space_must_be_a_bool(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^Template\.attach_space must be True or False, got "):
+        Template(attach_space=value)  # type: ignore[arg-type]
+
+
+LONE = "bad \udcff byte"  # what Python makes of a byte that is not UTF-8 (surrogateescape)
+
+
+@pytest.mark.parametrize("field", ["input_template", "output_template", "intra_separator", "end_token",
+                                   "example_separator"])
+def test_template_text_must_be_valid_unicode(field: str) -> None:
+    value = LONE + " {}" if field.endswith("_template") else LONE
+    with pytest.raises(ValueError, match=rf"^Template\.{field} is not valid Unicode: a lone surrogate '\\udcff' at character 4"):
+        Template(**{field: value})
+
+
+@pytest.mark.parametrize("position", ["text", "label"])
+def test_examples_with_lone_surrogates_are_named(position: str) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    bad = (LONE, "positive") if position == "text" else ("good", "pos\ud800")
+    examples = [("good movie", "positive"), bad]
+    message = rf"^example at index 1: the {position} is not valid Unicode: a lone surrogate"
+    with pytest.raises(ValueError, match=message):
+        build_context(tokenizer, examples)
+    with pytest.raises(ValueError, match=message):
+        CPTDataset(tokenizer, examples)
+    with pytest.raises(ValueError, match=rf"^{position} is not valid Unicode"):
+        render_example(tokenizer, Template(), *bad)
+
+
+@pytest.mark.parametrize("examples", [5, None, {"text": "a", "label": "b"}, b"ab"])
+def test_examples_must_be_a_sequence(examples: object) -> None:
+    with pytest.raises(ValueError, match=r"^examples must be a sequence of examples, got "):
+        build_context(make_wordlevel_tokenizer(), examples)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("template", ["input: {}", {"input_template": "x {}"}, 3])
+def test_template_must_be_a_template(template: object) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    with pytest.raises(ValueError, match=r"^template must be a cpt\.Template or None, got "):
+        build_context(tokenizer, [("good", "positive")], template)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"^template must be a cpt\.Template or None, got "):
+        render_query(tokenizer, template, "good")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("tokenizer", [None, "gpt2", object()])
+def test_tokenizer_must_be_a_tokenizer(tokenizer: object) -> None:
+    with pytest.raises(ValueError, match=r"^tokenizer must be a transformers tokenizer, got "):
+        build_context(tokenizer, [("good", "positive")])  # type: ignore[arg-type]
+
+
 def test_template_is_frozen_and_hashable() -> None:
     template = Template()
     with pytest.raises(AttributeError):
@@ -412,7 +464,7 @@ def test_dataset_errors() -> None:
     ):
         CPTDataset(tokenizer, EXAMPLES, max_length=limit)
     assert len(CPTDataset(tokenizer, EXAMPLES, max_length=max(lengths))) == len(EXAMPLES)
-    with pytest.raises(ValueError, match="max_length must be >= 1 or None, got 0"):
+    with pytest.raises(ValueError, match="max_length must be an integer >= 1 or None, got 0"):
         CPTDataset(tokenizer, EXAMPLES, max_length=0)
     with pytest.raises(ValueError, match="example 2: label '' tokenizes to no tokens"):
         CPTDataset(tokenizer, [("a", "positive"), ("b", "negative"), ("c", "")])
@@ -467,8 +519,10 @@ def test_collator_errors() -> None:
         ValueError, match=r"pad_token_id must be an integer, got None \(set tokenizer.pad_token\?\)"
     ):
         CPTCollator(None)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="pad_token_id must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="pad_token_id must be >= 0 and fit int64, got -1"):
         CPTCollator(-1)
+    with pytest.raises(ValueError, match="pad_token_id must be >= 0 and fit int64, got 9223372036854775808"):
+        CPTCollator(2**63)  # torch.full would overflow
     collate = CPTCollator(0)
     with pytest.raises(ValueError, match="cannot collate an empty list of items"):
         collate([])
@@ -478,6 +532,14 @@ def test_collator_errors() -> None:
         collate([{"input_ids": [1], "input_type_mask": [1]}, {"input_ids": [1, 2], "input_type_mask": [1]}])
     with pytest.raises(ValueError, match="item 0 is empty"):
         collate([{"input_ids": [], "input_type_mask": []}])
+    with pytest.raises(ValueError, match=r"^item 0: input_ids must be a list of integers, got str"):
+        collate([{"input_ids": "ab", "input_type_mask": "cd"}])
+    with pytest.raises(ValueError, match=r"^item 0: input_type_mask\[1\] must be an integer, got 1\.5"):
+        collate([{"input_ids": [1, 2], "input_type_mask": [1, 1.5]}])
+    with pytest.raises(ValueError, match=r"^item 1 must be a mapping with input_ids and input_type_mask, got 5"):
+        collate([{"input_ids": [1], "input_type_mask": [1]}, 5])
+    with pytest.raises(ValueError, match=r"^items must be a sequence of samples, got NoneType"):
+        collate(None)  # type: ignore[arg-type]
 
 
 def test_attached_spaces_give_word_tokens_and_the_same_string() -> None:

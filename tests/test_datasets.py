@@ -303,8 +303,8 @@ def test_csv(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("sentence,label\na,b\n", r": the CSV header needs columns 'text' and 'label'; missing \['text'\], found \['sentence', 'label'\]"),
-        ("text\na\n", r": the CSV header needs columns .*missing \['label'\]"),
+        ("sentence,label\na,b\n", r", line 1: the CSV header needs columns 'text' and 'label'; missing \['text'\], found \['sentence', 'label'\]"),
+        ("text\na\n", r", line 1: the CSV header needs columns .*missing \['label'\]"),
         ("", r": the dataset is empty \(no header row\)"),
         ("text,label\n", r": the dataset is empty$"),
         ("text,label\na,x\nb\n", r", line 3: the row has fewer fields than the header"),
@@ -337,8 +337,58 @@ def test_other_suffix_is_unknown(tmp_path: Path) -> None:
 def test_not_utf8(tmp_path: Path) -> None:
     path = tmp_path / "d.csv"
     path.write_bytes(b"text,label\n\xff\xfe,x\n")
-    with pytest.raises(ValueError, match=r"d\.csv: not UTF-8 text"):
+    with pytest.raises(ValueError, match=r"d\.csv, line 2: not UTF-8 text"):
         load_dataset(path)
+
+
+GOOD_LINE = '{"text": "fine", "label": "pos"}\n'
+
+
+@pytest.mark.parametrize(
+    "line, match",
+    [
+        ('{"text": "a", "label": NaN}', r"NaN is not valid JSON \(JSON has no NaN or Infinity"),
+        ('{"text": "a", "label": -Infinity}', r"-Infinity is not valid JSON"),
+        ('{"text": NaN, "label": "pos"}', r"NaN is not valid JSON"),
+        ('{"text": "a", "label": 1e400}', r"the number 1e400 is beyond a float's range; quote it"),
+        ('{"text": "a", "label": -1e999}', r"the number -1e999 is beyond a float's range"),
+        ('{"text": "a", "label": ' + "9" * 5000 + "}", r"an integer of 5000 digits is too long"),
+        ('{"text": "a", "label": "pos", "label": "neg"}', r'the object has the key "label" more than once'),
+        ('{"text": "a\\ud800b", "label": "pos"}', r'"text" is not valid Unicode: a lone surrogate .\\ud800. at character 1'),
+        ('{"text": "a", "label": "\\udcff"}', r"label is not valid Unicode: a lone surrogate"),
+    ],
+)
+def test_jsonl_refuses_what_would_be_read_as_something_else(tmp_path: Path, line: str, match: str) -> None:
+    path = _write(tmp_path / "d.jsonl", GOOD_LINE + line + "\n")
+    with pytest.raises(ValueError, match=rf"^{str(path)}, line 2: {match}"):
+        load_dataset(path)
+
+
+def test_overflowing_labels_are_not_merged(tmp_path: Path) -> None:
+    path = _write(tmp_path / "d.jsonl", '{"text": "a", "label": 1e400}\n{"text": "b", "label": 1e999}\n')
+    with pytest.raises(ValueError, match=r"line 1: the number 1e400"):
+        load_dataset(path)  # before: both labels read as "inf", one class
+    quoted = _write(tmp_path / "q.jsonl", '{"text": "a", "label": "1e400"}\n{"text": "b", "label": "1e999"}\n')
+    assert load_dataset(quoted).labels == ["1e400", "1e999"]
+
+
+def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(GOOD_LINE.encode() * 2 + b'{"text": "caf\xe9", "label": "pos"}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl, line 3: not UTF-8 text \(invalid continuation byte at byte \d+\)"):
+        load_dataset(path)
+
+
+def test_a_folder_is_not_a_missing_file(tmp_path: Path) -> None:
+    (tmp_path / "d.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"^dataset file '.*d\.jsonl' is a folder, not a file$"):
+        load_dataset(tmp_path / "d.jsonl")
+
+
+@pytest.mark.parametrize("name", [5, None, b"d.jsonl", ["d.jsonl"], ""])
+def test_the_name_must_be_a_path(name: object) -> None:
+    with pytest.raises(ValueError, match=r"^name_or_path must be a non-empty path"):
+        load_dataset(name)  # type: ignore[arg-type]
 
 
 # --- LabelledData --------------------------------------------------------------------------------
@@ -430,3 +480,27 @@ def test_split_real_data(builtin: Callable[[str], LabelledData]) -> None:
     context, train, test = split_examples(data, per_class=2, n_test=100, n_train=50, seed=0)
     assert Counter(e.label for e in context) == {label: 2 for label in data.labels}
     assert len({e.text for e in context + train + test}) == len(context) + 150
+
+
+def test_each_example_knows_its_line(tmp_path: Path) -> None:
+    jsonl = _write(tmp_path / "d.jsonl", '\n{"text": "a", "label": "x"}\n\n{"text": "b", "label": "y"}\n')
+    data = load_dataset(jsonl)
+    assert data.lines == [2, 4] and data.where(1) == f"{jsonl}, line 4"
+    csv_path = _write(tmp_path / "d.csv", 'text,label\n"two\nlines",x\n\nb,y\n')
+    assert load_dataset(csv_path).lines == [3, 5]  # the line a row ends on, as errors name it
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(seed=[1]), r"^seed must be an integer in \[0, 2\*\*64 - 1\], got \[1\]"),
+        (dict(seed="x"), r"^seed must be an integer in \[0, 2\*\*64 - 1\], got 'x'"),
+        (dict(seed=1.5), r"^seed must be an integer in \[0, 2\*\*64 - 1\], got 1\.5"),
+        (dict(data="sst2"), r"^data must be a LabelledData, got str"),
+    ],
+)
+def test_split_arguments_of_the_wrong_type(kwargs: dict, message: str) -> None:
+    data = LabelledData("d", [Example(f"t{i}", "ab"[i % 2]) for i in range(8)], ["a", "b"])
+    args = {"data": data, "per_class": 1, "n_test": 2, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        split_examples(args.pop("data"), **args)

@@ -266,6 +266,42 @@ def test_bad_dtype(tmp_path: Path, dtype: object) -> None:
         load_model_and_tokenizer(folder, dtype=dtype)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("bogus", r"device 'bogus' is not available here \(Expected one of cpu, cuda"),
+        ("cuda:99", r"device 'cuda:99' is not available here \("),
+        ("meta", r"device 'meta' holds no weights"),
+        (3.5, r"device must be a string, a torch\.device or None, got 3\.5"),
+        (True, r"device must be a string, a torch\.device or None, got True"),
+    ],
+)
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path: Path, device: object, message: str) -> None:
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    with pytest.raises(ValueError, match=rf"^cannot load model '.*tiny': {message}"):
+        load_model_and_tokenizer(folder, device=device)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(revision=5), r"revision must be a non-empty string or None, got 5"),
+        (dict(attn_implementation=["eager"]), r"attn_implementation must be a non-empty string or None"),
+        (dict(device_map=0), r"device_map must be a string, a dict or None, got 0"),
+        (dict(trust_remote_code="no"), r"trust_remote_code must be True or False, got 'no'"),
+        (dict(trust_remote_code=1), r"trust_remote_code must be True or False, got 1"),
+    ],
+)
+def test_options_of_the_wrong_type(tmp_path: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=rf"^cannot load model '.*tiny': {message}"):
+        load_model_and_tokenizer(_save_tiny(tmp_path / "tiny", pad=True), **kwargs)
+
+
+@pytest.mark.parametrize("name", [5, b"tiny", ["tiny"], ""])
+def test_the_name_must_be_a_path(name: object) -> None:
+    with pytest.raises(ValueError, match=r"^name_or_path must be a non-empty path \(a str or os\.PathLike\)"):
+        load_model_and_tokenizer(name)  # type: ignore[arg-type]
+
 def test_device_and_device_map_exclude_each_other(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="device or device_map, not both"):
         load_model_and_tokenizer(_save_tiny(tmp_path / "tiny", pad=True), device="cpu", device_map="cpu")

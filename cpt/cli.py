@@ -36,7 +36,17 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one line (``cpt train: error: ...``) with exit status 2."""
+    """Reports a bad command line as one line (``cpt train: error: ...``) with exit status 2.
+
+    Each parser reports its own unknown arguments: argparse hands a subcommand's leftovers up to
+    the top parser, whose message would name ``cpt`` instead of ``cpt train``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)

@@ -371,6 +371,24 @@ def test_bad_values_are_one_line(argv: list[str], message: str, capsys) -> None:
     assert line.startswith(f"cpt {argv[0]}: error: {message}")
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--no-such-option"],
+    ["train", "--data", "d", "--output", "o", "--no-such-option"],
+    ["eval", "--adapter", "a", "--data", "d", "--no-such-option", "1"],
+    ["predict", "--adapter", "a", "t", "--no-such-option"],
+    ["generate", "--adapter", "a", "t", "--no-such-option"],
+])
+def test_a_subcommands_unknown_option_names_the_subcommand(argv: list[str], capsys) -> None:
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"cpt {argv[0]}: error: unrecognized arguments: --no-such-option")
+    assert line.endswith(f"(see cpt {argv[0]} --help)")
+
+
+def test_an_unknown_option_before_the_subcommand_is_the_top_parsers(capsys) -> None:
+    line = _usage_error(["--no-such-option", "predict", "--adapter", "a", "t"], capsys)
+    assert line.startswith("cpt: error: unrecognized arguments: --no-such-option")
+
+
 def test_negative_temperature(adapter: Path, model_dir: Path, capsys) -> None:
     line = _error(["generate", "--model", str(model_dir), "--adapter", str(adapter), "--temperature", "-1", "x"], capsys)
     assert line == "cpt generate: error: --temperature must be >= 0, got -1.0"

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from cpt.warning import CPTWarning
+
 T = TypeVar("T")
 
 TMP_TAG = "tmp"  # .<name>.tmp-<pid>-<hex>: a folder being built (or, after the swap, the old one)
@@ -122,7 +124,9 @@ def locked(folder: Path) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except OSError as error:  # e.g. a network file system without locks
-            warnings.warn(f"cannot lock {folder} ({error.strerror}); writing without the lock", stacklevel=3)
+            warnings.warn(
+                f"cannot lock {folder} ({error.strerror}); writing without the lock", CPTWarning, stacklevel=3
+            )
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -10,12 +10,15 @@ transformers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -70,18 +73,80 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_ERROR
+    with _quiet_libraries(f"cpt {args.command}"):
+        try:
+            return args.run(args)
+        except (CLIError, ValueError, ImportError, OSError) as error:  # OSError: read-only folder, full disk
+            print(f"cpt {args.command}: error: {_one_line(error)}", file=sys.stderr)
+            return USAGE_ERROR
+        except KeyboardInterrupt:
+            print(f"cpt {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+
+def _one_line(message: object) -> str:
+    """``message`` as one line (an exception with no message gives its type's name)."""
+    text = " ".join(str(message).split())
+    return text or type(message).__name__
+
+
+@contextlib.contextmanager
+def _quiet_libraries(prog: str) -> Iterator[None]:
+    """While a command runs, stderr carries only its own progress bars, errors and warnings.
+
+    Everything is put back on exit, so `main` called from Python changes nothing for its caller.
+    """
+    with _transformers_quiet(), _warnings_as_lines(prog):
+        yield
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """`transformers` and the hub draw no progress bars and log errors only (its load reports
+    and tokenizer length notes are for library users; the GGUF converter's bar follows the same
+    switch, see `cpt.loading`). ``TRANSFORMERS_VERBOSITY``, when set, keeps its logging as asked."""
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # stderr is for our own one-line errors and progress
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        hf_logging.set_verbosity_error()
     try:
-        return args.run(args)
-    except (CLIError, ValueError, ImportError, OSError) as error:  # OSError: read-only folder, full disk
-        message = " ".join(str(error).split()) or type(error).__name__  # always one line
-        print(f"cpt {args.command}: error: {message}", file=sys.stderr)
-        return USAGE_ERROR
-    except KeyboardInterrupt:
-        print(f"cpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str) -> Iterator[None]:
+    """`cpt`'s own warnings (`CPTWarning`) and its log records of level WARNING print as one line
+    each, ``cpt train: warning: ...``; the Python warnings of torch, `transformers` and the other
+    libraries are dropped: they speak of code the user did not write. With ``python -W ...`` or
+    ``PYTHONWARNINGS``, Python's own warning filters and format stay in force."""
+    from cpt.warning import CPTWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    cpt_logger = logging.getLogger("cpt")
+    propagate = cpt_logger.propagate
+    cpt_logger.addHandler(handler)
+    cpt_logger.propagate = False  # printed here, not also by a handler of the root logger
+    try:
+        with warnings.catch_warnings():
+            if not sys.warnoptions:
+                warnings.simplefilter("ignore")
+                warnings.filterwarnings("default", category=CPTWarning)
+                warnings.showwarning = show
+            yield
+    finally:
+        cpt_logger.propagate = propagate
+        cpt_logger.removeHandler(handler)
 
 
 def version_line() -> str:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -420,3 +423,88 @@ def test_train_passes_the_selection_to_fit(
         str(tmp_path / "a"), "--max-steps", "2", "--no-progress", "--device", "cpu", "--test", "4", *option,
     ])
     assert status == 0 and seen == [expected]
+
+
+# --- stderr: errors, cpt's own warnings, and nothing else ----------------------------------------
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs gguf")
+
+
+@needs_gguf
+def test_no_progress_leaves_stderr_empty_with_a_gguf_model(
+    adapter: Path, data_file: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tiny_gguf import write_gguf
+
+    monkeypatch.setenv("CPT_HOME", str(tmp_path / "home"))
+    tokenizer = make_bpe_tokenizer()
+    gguf = write_gguf(tmp_path / "tiny.gguf", make_model("llama", vocab_size=len(tokenizer)), tokenizer)
+    capsys.readouterr()
+    assert main(["train", "--model", str(gguf), "--data", str(data_file), "--per-class", "1", "--test", "6",
+                 "--max-steps", "1", "--output", str(tmp_path / "a"), "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # the conversion ran here, and drew no bar
+
+
+def test_a_text_longer_than_the_tokenizer_allows_is_one_error_line(adapter: Path, tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short-model"
+    tokenizer = make_bpe_tokenizer()
+    tokenizer.model_max_length = 64  # transformers notes longer texts on stderr; _check_fits says it
+    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(short)
+    tokenizer.save_pretrained(short)
+    result = subprocess.run(  # transformers logs to the stderr it found at import: a process of its own
+        [sys.executable, "-m", "cpt", "predict", "--model", str(short), "--adapter", str(adapter), "--device", "cpu",
+         "--no-progress", "word " * 600], capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("cpt predict: error: the longest example")
+
+
+def test_weights_missing_from_the_model_are_one_warning_line(adapter: Path, model_dir: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["predict", "--model", str(broken), "--adapter", str(adapter), "--device", "cpu", "--no-progress",
+                 "a fine story"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"cpt predict: warning: model {str(broken)!r}: its files lack 1 weight(s), initialized at random, so its "
+        "outputs mean nothing: model.layers.0.mlp.up_proj.weight"
+    ]
+
+
+def test_library_warnings_are_dropped_and_cpts_own_are_one_line(capsys) -> None:
+    import logging
+
+    from cpt.cli import _quiet_libraries
+    from cpt.warning import CPTWarning
+
+    with _quiet_libraries("cpt train"):
+        warnings.warn("a kernel choice the user did not make", UserWarning)
+        warnings.warn("a deprecated argument", FutureWarning)
+        warnings.warn("CUDA graphs are off\n  for this pass", CPTWarning)
+        logging.getLogger("cpt.train").warning("a log record of cpt")
+        logging.getLogger("cpt.train").info("a note")
+    assert capsys.readouterr().err.splitlines() == [
+        "cpt train: warning: CUDA graphs are off for this pass",
+        "cpt train: warning: a log record of cpt",
+    ]
+
+
+def test_main_leaves_the_libraries_as_it_found_them(adapter: Path, model_dir: Path, capsys) -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    filters, show, verbosity = list(warnings.filters), warnings.showwarning, hf_logging.get_verbosity()
+    assert hf_logging.is_progress_bar_enabled()
+    assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                 "--no-progress", "a fine story"]) == 0
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
+    assert warnings.filters == filters and warnings.showwarning is show
+    assert logging.getLogger("cpt").handlers == [] and logging.getLogger("cpt").propagate

@@ -2,7 +2,7 @@
 
 Bad input (a bad option value, a missing file, a malformed line, an unknown model, a label
 outside the label set, a context too long for the model) ends with one line on stderr and exit
-status 2, no traceback. Adapters are written file by file to a temporary name and renamed, so
+status 2, no traceback; a bug in `cpt` keeps its traceback (see `_user_problem`). Adapters are written file by file to a temporary name and renamed, so
 none is ever half written. ``cpt --help`` and ``cpt --version`` import neither torch nor
 transformers.
 """
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
+BROKEN_PIPE = 141  # as a process that SIGPIPE ended (Python ignores the signal and raises instead)
 
 TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
 """The command line's training defaults (those of `cpt.train.TrainConfig`)."""
@@ -73,15 +75,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_ERROR
-    with _quiet_libraries(f"cpt {args.command}"):
-        try:
+    try:
+        with _quiet_libraries(f"cpt {args.command}"):
             return args.run(args)
-        except (CLIError, ValueError, ImportError, OSError) as error:  # OSError: read-only folder, full disk
-            print(f"cpt {args.command}: error: {_one_line(error)}", file=sys.stderr)
-            return USAGE_ERROR
-        except KeyboardInterrupt:
-            print(f"cpt {args.command}: interrupted", file=sys.stderr)
-            return 130
+    except KeyboardInterrupt:
+        print(f"cpt {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout left (`cpt predict ... | head -1`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush fails no more
+        return BROKEN_PIPE
+    except Exception as error:
+        message = _user_problem(error)
+        if message is None:
+            raise  # a bug in cpt: its traceback is what a report needs
+        print(f"cpt {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _user_problem(error: Exception) -> str | None:
+    """The one-line message of an exception the user can act on; None for a bug.
+
+    The user's: `CLIError`; ``ValueError``, the library's refusal of bad input; ``ImportError``, a
+    missing package; ``OSError``, a file system or network refusal (a missing or unreadable file,
+    a read-only folder, a full disk, an unreachable hub); and running out of memory (host or GPU).
+    Anything else (``TypeError``, ``AttributeError``, ``RuntimeError``, ...) is a bug.
+    """
+    if isinstance(error, (CLIError, ValueError, ImportError, OSError)):
+        return _one_line(error)
+    torch = sys.modules.get("torch")  # imported by then if its memory ran out
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return f"out of memory: {_one_line(error)}"
+    return None
 
 
 def _one_line(message: object) -> str:

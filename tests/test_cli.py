@@ -508,3 +508,46 @@ def test_main_leaves_the_libraries_as_it_found_them(adapter: Path, model_dir: Pa
     assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
     assert warnings.filters == filters and warnings.showwarning is show
     assert logging.getLogger("cpt").handlers == [] and logging.getLogger("cpt").propagate
+
+
+# --- what the catch-all turns into one line, and what it leaves alone -----------------------------
+
+
+def _predict(model_dir: Path, adapter: Path, *texts: str) -> list[str]:
+    return ["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu", "--no-progress",
+            *(texts or ("a fine story",))]
+
+
+def test_a_bug_keeps_its_traceback(adapter: Path, model_dir: Path, monkeypatch, capsys) -> None:
+    import cpt.workflow
+
+    def buggy(model):  # type: ignore[no-untyped-def]
+        return model.no_such_attribute
+
+    monkeypatch.setattr(cpt.workflow, "template_of", buggy)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        main(_predict(model_dir, adapter))
+    assert capsys.readouterr().err == ""  # nothing claims it was the user's input
+
+
+@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2 GiB")])
+def test_running_out_of_memory_is_one_line(error: Exception, adapter: Path, model_dir: Path, monkeypatch,
+                                           capsys) -> None:
+    import cpt.infer
+
+    def too_big(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise error
+
+    monkeypatch.setattr(cpt.infer, "classify", too_big)
+    line = _error(_predict(model_dir, adapter), capsys)
+    assert line.startswith("cpt predict: error: out of memory: ")
+    assert line.endswith("MemoryError" if isinstance(error, MemoryError) else "Tried to allocate 2 GiB")
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(adapter: Path, model_dir: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-m", "cpt", *_predict(model_dir, adapter, *["a fine story"] * 200)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the command prints anything: its first line meets a closed pipe
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 141, stderr
+    assert stderr == ""

@@ -2,9 +2,9 @@
 
 Bad input (a bad option value, a missing file, a malformed line, an unknown model, a label
 outside the label set, a context too long for the model) ends with one line on stderr and exit
-status 2, no traceback; a bug in `cpt` keeps its traceback (see `_user_problem`). Adapters are written file by file to a temporary name and renamed, so
-none is ever half written. ``cpt --help`` and ``cpt --version`` import neither torch nor
-transformers.
+status 2, no traceback; a bug in `cpt` keeps its traceback (see `_user_problem`). Adapters are
+written file by file to a temporary name and renamed, so none is ever half written.
+``cpt --help`` and ``cpt --version`` import neither torch nor transformers.
 """
 
 from __future__ import annotations
@@ -450,7 +450,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if not resume_from.is_dir():
             raise CLIError(f"--resume: no checkpoint to resume in {args.checkpoint_dir} ({resume_from} is missing)")
     data = _load_data(args.data, args.label_names)
-    if args.context:
+    if args.context is not None:  # an empty name is a file that does not exist, not "no --context"
         context = load_dataset(args.context).examples
         train_examples = None
         if args.train:

@@ -530,7 +530,9 @@ def test_a_bug_keeps_its_traceback(adapter: Path, model_dir: Path, monkeypatch, 
     assert capsys.readouterr().err == ""  # nothing claims it was the user's input
 
 
-@pytest.mark.parametrize("error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2 GiB")])
+@pytest.mark.parametrize(
+    "error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2 GiB")], ids=["host", "cuda"]
+)
 def test_running_out_of_memory_is_one_line(error: Exception, adapter: Path, model_dir: Path, monkeypatch,
                                            capsys) -> None:
     import cpt.infer

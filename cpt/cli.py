@@ -82,7 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"cpt {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
     except BrokenPipeError:  # the reader of stdout left (`cpt predict ... | head -1`): nothing to say
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so exit's flush fails no more
+        _drop_stdout()
         return BROKEN_PIPE
     except Exception as error:
         message = _user_problem(error)
@@ -106,6 +106,12 @@ def _user_problem(error: Exception) -> str | None:
     if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
         return f"out of memory: {_one_line(error)}"
     return None
+
+
+def _drop_stdout() -> None:
+    """Points stdout at the null device, so that the interpreter's last flush meets no closed pipe."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor: nothing to do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _one_line(message: object) -> str:

@@ -50,11 +50,12 @@ class _Parser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
+            shown = " ".join(extra if extra.isprintable() else repr(extra) for extra in extras)
+            self.error(f"unrecognized arguments: {shown}")
         return namespace, extras
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
 
 
@@ -120,6 +121,13 @@ def _one_line(message: object) -> str:
     return text or type(message).__name__
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Formats a log record as one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _one_line(super().format(record))
+
+
 @contextlib.contextmanager
 def _quiet_libraries(prog: str) -> Iterator[None]:
     """While a command runs, stderr carries only its own progress bars, errors and warnings.
@@ -161,7 +169,7 @@ def _warnings_as_lines(prog: str) -> Iterator[None]:
         print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
 
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{prog}: warning: %(message)s"))
+    handler.setFormatter(_OneLineFormatter(f"{prog}: warning: %(message)s"))
     handler.setLevel(logging.WARNING)
     cpt_logger = logging.getLogger("cpt")
     propagate = cpt_logger.propagate

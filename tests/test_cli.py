@@ -387,6 +387,16 @@ def test_a_subcommands_unknown_option_names_the_subcommand(argv: list[str], caps
     assert line.endswith(f"(see cpt {argv[0]} --help)")
 
 
+@pytest.mark.parametrize("argv", [
+    ["predict", "--adapter", "a", "t", "--labels", "x", "\r", "\n--fake"],
+    ["train", "--data", "d", "--output", "o", "--epochs", "1\n2"],
+    ["eval", "--adapter", "a", "--data", "d", "--dtype", "float\r\n32"],
+])
+def test_a_parser_error_with_line_breaks_in_the_input_is_one_line(argv: list[str], capsys) -> None:
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"cpt {argv[0]}: error: argument") or "unrecognized arguments: '\\r' '\\n--fake'" in line
+
+
 def test_an_unknown_option_before_the_subcommand_is_the_top_parsers(capsys) -> None:
     line = _usage_error(["--no-such-option", "predict", "--adapter", "a", "t"], capsys)
     assert line.startswith("cpt: error: unrecognized arguments: --no-such-option")
@@ -488,7 +498,7 @@ def test_library_warnings_are_dropped_and_cpts_own_are_one_line(capsys) -> None:
         warnings.warn("a kernel choice the user did not make", UserWarning)
         warnings.warn("a deprecated argument", FutureWarning)
         warnings.warn("CUDA graphs are off\n  for this pass", CPTWarning)
-        logging.getLogger("cpt.train").warning("a log record of cpt")
+        logging.getLogger("cpt.train").warning("a log record\nof cpt")
         logging.getLogger("cpt.train").info("a note")
     assert capsys.readouterr().err.splitlines() == [
         "cpt train: warning: CUDA graphs are off for this pass",

@@ -353,3 +353,44 @@ def test_resume_without_a_checkpoint_is_refused(checkpoint: str, paths: Paths, c
     if checkpoint == "empty":
         folder.mkdir()
     _refused([*_base("train", paths), "--checkpoint-dir", str(folder), "--resume"], paths, capsys)
+
+
+# --- texts and labels from the command line ------------------------------------------------------
+
+NOT_UNICODE = "a\udcffb"  # what Python makes of the byte 0xff in an argument (surrogateescape)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="text validation: a lone surrogate reaches the tokenizer")
+@pytest.mark.parametrize("command", ["predict", "generate"])
+def test_a_text_that_is_not_unicode_is_one_line(command: str, paths: Paths, capsys) -> None:
+    _refused([*_base(command, paths)[:-1], NOT_UNICODE], paths, capsys)
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="text validation: a lone surrogate reaches the tokenizer")
+def test_a_label_that_is_not_unicode_is_one_line(paths: Paths, capsys) -> None:
+    _refused([*_base("predict", paths), "--labels", f"{NOT_UNICODE},negative"], paths, capsys)
+
+
+def _asks_for_help(token: str) -> bool:
+    return len(token) > 2 and ("--help".startswith(token) or "--version".startswith(token)) or token == "-h"
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(extra=st.lists(
+    st.one_of(st.sampled_from(["--batch-size", "--labels", "--dtype", "--device", "--calibrate", "--model", "-"]),
+              st.text(alphabet=st.characters(exclude_categories=["Cs"]), max_size=12)),
+    max_size=4,
+).filter(lambda tokens: not any(_asks_for_help(t) for t in tokens)))
+def test_any_extra_arguments_give_a_result_or_one_line(extra: list[str], paths: Paths, capsys) -> None:
+    argv = [*_base("predict", paths), *extra]
+    capsys.readouterr()
+    try:
+        status = main(argv)
+    except SystemExit as exit_:
+        status = exit_.code
+    captured = capsys.readouterr()
+    if status == 0:
+        assert captured.err == "" and captured.out
+    else:
+        assert status == 2 and len(captured.err.splitlines()) == 1, captured.err
+        assert captured.err.startswith("cpt predict: error: ")

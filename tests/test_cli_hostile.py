@@ -394,3 +394,75 @@ def test_any_extra_arguments_give_a_result_or_one_line(extra: list[str], paths: 
     else:
         assert status == 2 and len(captured.err.splitlines()) == 1, captured.err
         assert captured.err.startswith("cpt predict: error: ")
+
+
+# --- broken adapters and checkpoints ---------------------------------------------------------------
+
+
+def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
+    import shutil
+
+    shutil.copytree(adapter, to)
+    weights, config = to / "cpt_adapter.safetensors", to / "cpt_config.json"
+    fields = json.loads(config.read_text())
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif how == "no weights":
+        weights.unlink()
+    elif how == "empty config":
+        config.write_text("")
+    elif how == "token ids outside the vocabulary":
+        fields["config"]["cpt_token_ids"] = [10**9] * len(fields["config"]["cpt_token_ids"])
+        config.write_text(json.dumps(fields))
+    elif how == "too few token ids":
+        fields["config"]["cpt_token_ids"] = fields["config"]["cpt_token_ids"][:-1]
+        config.write_text(json.dumps(fields))
+    elif how == "attach_space of the wrong type":
+        fields["task"]["template"]["attach_space"] = "no"
+        config.write_text(json.dumps(fields))
+    return to
+
+
+ADAPTER_OUTSIDE_THE_CLI = {
+    "attach_space of the wrong type": "adapter types: a saved attach_space of any type is taken ('no' reads as True)",
+}
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "generate"])
+@pytest.mark.parametrize("how", [
+    pytest.param(how, marks=[pytest.mark.xfail(strict=True, reason=ADAPTER_OUTSIDE_THE_CLI[how])]
+                 if how in ADAPTER_OUTSIDE_THE_CLI else [])
+    for how in ("truncated weights", "no weights", "empty config", "token ids outside the vocabulary",
+                "too few token ids", "attach_space of the wrong type")
+])
+def test_a_broken_adapter_is_one_line(command: str, how: str, paths: Paths, capsys) -> None:
+    spoiled = _spoil_adapter(paths.adapter, paths.work.parent / "spoiled", how)
+    argv = _base(command, paths)
+    at = argv.index("--adapter")
+    argv[at + 1] = str(spoiled)
+    _refused(argv, paths, capsys)
+
+
+@pytest.mark.parametrize("how", [
+    "empty trainer state",
+    "no trainer state",
+    "other data of the same size",  # refused here because the context differs too
+])
+def test_a_checkpoint_that_does_not_fit_is_one_line(how: str, paths: Paths, capsys) -> None:
+    checkpoints = paths.work.parent / "checkpoints"
+    first = [*_base("train", paths), "--checkpoint-dir", str(checkpoints), "--checkpoint-every", "1"]
+    first[first.index("--output") + 1] = str(paths.work.parent / "first")
+    assert main(first) == 0
+    state = checkpoints / "last" / "trainer_state.json"
+    data = paths.data
+    if how == "empty trainer state":
+        state.write_text("")
+    elif how == "no trainer state":
+        state.unlink()
+    else:  # the same number of examples and labels, other texts
+        data = paths.work.parent / "other.jsonl"
+        data.write_text("".join(line.replace('"text": "', '"text": "not ') + "\n"
+                                for line in paths.data.read_text().splitlines()))
+    argv = [*_base("train", paths), "--max-steps", "2", "--checkpoint-dir", str(checkpoints), "--resume",
+            "--data", str(data)]
+    _refused(argv, paths, capsys)

@@ -134,7 +134,7 @@ def _quiet_libraries(prog: str) -> Iterator[None]:
 
     Everything is put back on exit, so `main` called from Python changes nothing for its caller.
     """
-    with _transformers_quiet(), _warnings_as_lines(prog):
+    with _warnings_as_lines(prog), _transformers_quiet():  # warnings first: importing transformers may warn
         yield
 
 

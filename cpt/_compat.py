@@ -16,14 +16,20 @@ breaks one module, and `tests/test_compat.py` sees it:
 - checkpointable decoder layers are ``transformers.modeling_layers.GradientCheckpointingLayer``;
   `cpt.checkpointing` replaces each one's ``forward`` on the instance, because `transformers`' own
   checkpointing turns the KV cache off; whether that one is on is ``is_activation_checkpointing``
-  (5.24) or ``is_gradient_checkpointing`` (5.17).
+  (5.24) or ``is_gradient_checkpointing`` (5.17);
+- the GGUF reader, ``transformers.modeling_gguf_pytorch_utils``, draws its progress bar with
+  plain ``tqdm``, which ``transformers.utils.logging.disable_progress_bar`` does not reach;
+  `gguf_bar_follows_switch` swaps the module's ``tqdm`` for a disabled one while the switch is
+  off (private write, undone on exit).
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
-from functools import lru_cache
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from functools import lru_cache, partial
 from typing import Any, Literal
 
 import torch
@@ -192,3 +198,21 @@ def can_switch_attention(model: torch.nn.Module) -> bool:
 def set_attention(model: torch.nn.Module, name: str) -> None:
     """Switches ``model`` (and its sub-models) to the attention implementation ``name``."""
     model.set_attn_implementation(name)
+
+
+@contextmanager
+def gguf_bar_follows_switch() -> Iterator[None]:
+    """Inside the block, reading a GGUF file draws no progress bar when `transformers`' progress
+    bars are off (``transformers.utils.logging.disable_progress_bar``), as its other bars do."""
+    from transformers.utils import logging as hf_logging
+
+    module = importlib.import_module("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(module, "tqdm", None)
+    if bar is None or hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    module.tqdm = partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = bar

@@ -50,6 +50,8 @@ try:  # Windows
 except ImportError:
     msvcrt = None  # type: ignore[assignment]
 
+from cpt.warning import CPTWarning
+
 T = TypeVar("T")
 
 TMP_TAG = "tmp"  # .<name>.tmp-<pid>-<hex>: a folder being built (or, after the swap, the old one)
@@ -179,7 +181,9 @@ def _wait_for_lock(fd: int, folder: Path) -> bool:
             if _try_lock(fd):
                 return True
         except OSError as error:  # e.g. a network file system without locks
-            warnings.warn(f"cannot lock {folder} ({error.strerror or error}); writing without the lock", stacklevel=4)
+            warnings.warn(
+                f"cannot lock {folder} ({error.strerror or error}); writing without the lock", CPTWarning, stacklevel=4
+            )
             return False
         if time.monotonic() >= deadline:
             raise TimeoutError(
@@ -371,7 +375,7 @@ def _remove(path: Path) -> None:
         except OSError:
             pass
     if os.path.lexists(path):
-        warnings.warn(f"cannot delete {path}; delete it by hand", stacklevel=3)
+        warnings.warn(f"cannot delete {path}; delete it by hand", CPTWarning, stacklevel=3)
 
 
 def _open_up(folder: str | Path) -> None:

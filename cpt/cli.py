@@ -2,26 +2,31 @@
 
 Bad input (a bad option value, a missing file, a malformed line, an unknown model, a label
 outside the label set, a context too long for the model) ends with one line on stderr and exit
-status 2, no traceback. Adapters are written file by file to a temporary name and renamed, so
-none is ever half written. ``cpt --help`` and ``cpt --version`` import neither torch nor
-transformers.
+status 2, no traceback; a bug in `cpt` keeps its traceback (see `_user_problem`). Adapters are
+written file by file to a temporary name and renamed, so none is ever half written.
+``cpt --help`` and ``cpt --version`` import neither torch nor transformers.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 from cpt._fields import check_text, text_problem  # light: no torch
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
+BROKEN_PIPE = 141  # as a process that SIGPIPE ended (Python ignores the signal and raises instead)
 
 TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
 """The command line's training defaults (those of `cpt.train.TrainConfig`)."""
@@ -38,10 +43,21 @@ class CLIError(Exception):
 
 
 class _Parser(argparse.ArgumentParser):
-    """Reports a bad command line as one line (``cpt train: error: ...``) with exit status 2."""
+    """Reports a bad command line as one line (``cpt train: error: ...``) with exit status 2.
+
+    Each parser reports its own unknown arguments: argparse hands a subcommand's leftovers up to
+    the top parser, whose message would name ``cpt`` instead of ``cpt train``.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            shown = " ".join(extra if extra.isprintable() else repr(extra) for extra in extras)
+            self.error(f"unrecognized arguments: {shown}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
-        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        print(f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)", file=sys.stderr)
         raise SystemExit(USAGE_ERROR)
 
 
@@ -62,18 +78,115 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return USAGE_ERROR
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # stderr is for our own one-line errors and progress
     try:
-        return args.run(args)
-    except (CLIError, ValueError, ImportError, OSError) as error:  # OSError: read-only folder, full disk
-        message = " ".join(str(error).split()) or type(error).__name__  # always one line
-        print(f"cpt {args.command}: error: {message}", file=sys.stderr)
-        return USAGE_ERROR
+        with _quiet_libraries(f"cpt {args.command}"):
+            return args.run(args)
     except KeyboardInterrupt:
         print(f"cpt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
+    except BrokenPipeError:  # the reader of stdout left (`cpt predict ... | head -1`): nothing to say
+        _drop_stdout()
+        return BROKEN_PIPE
+    except Exception as error:
+        message = _user_problem(error)
+        if message is None:
+            raise  # a bug in cpt: its traceback is what a report needs
+        print(f"cpt {args.command}: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _user_problem(error: Exception) -> str | None:
+    """The one-line message of an exception the user can act on; None for a bug.
+
+    The user's: `CLIError`; ``ValueError``, the library's refusal of bad input; ``ImportError``, a
+    missing package; ``OSError``, a file system or network refusal (a missing or unreadable file,
+    a read-only folder, a full disk, an unreachable hub); and running out of memory (host or GPU).
+    Anything else (``TypeError``, ``AttributeError``, ``RuntimeError``, ...) is a bug.
+    """
+    if isinstance(error, (CLIError, ValueError, ImportError, OSError)):
+        return _one_line(error)
+    torch = sys.modules.get("torch")  # imported by then if its memory ran out
+    if isinstance(error, MemoryError) or (torch is not None and isinstance(error, torch.OutOfMemoryError)):
+        return f"out of memory: {_one_line(error)}"
+    return None
+
+
+def _drop_stdout() -> None:
+    """Points stdout at the null device, so that the interpreter's last flush meets no closed pipe."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout without a file descriptor: nothing to do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+
+def _one_line(message: object) -> str:
+    """``message`` as one line (an exception with no message gives its type's name)."""
+    text = " ".join(str(message).split())
+    return text or type(message).__name__
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Formats a log record as one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _one_line(super().format(record))
+
+
+@contextlib.contextmanager
+def _quiet_libraries(prog: str) -> Iterator[None]:
+    """While a command runs, stderr carries only its own progress bars, errors and warnings.
+
+    Everything is put back on exit, so `main` called from Python changes nothing for its caller.
+    """
+    with _warnings_as_lines(prog), _transformers_quiet():  # warnings first: importing transformers may warn
+        yield
+
+
+@contextlib.contextmanager
+def _transformers_quiet() -> Iterator[None]:
+    """`transformers` and the hub draw no progress bars and log errors only (its load reports
+    and tokenizer length notes are for library users; the GGUF converter's bar follows the same
+    switch, see `cpt.loading`). ``TRANSFORMERS_VERBOSITY``, when set, keeps its logging as asked."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    if not os.environ.get("TRANSFORMERS_VERBOSITY"):
+        hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _warnings_as_lines(prog: str) -> Iterator[None]:
+    """`cpt`'s own warnings (`CPTWarning`) and its log records of level WARNING print as one line
+    each, ``cpt train: warning: ...``; the Python warnings of torch, `transformers` and the other
+    libraries are dropped: they speak of code the user did not write. With ``python -W ...`` or
+    ``PYTHONWARNINGS``, Python's own warning filters and format stay in force."""
+    from cpt.warning import CPTWarning
+
+    def show(message, category, filename, lineno, file=None, line=None):  # type: ignore[no-untyped-def]
+        print(f"{prog}: warning: {_one_line(message)}", file=sys.stderr)
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(f"{prog}: warning: %(message)s"))
+    handler.setLevel(logging.WARNING)
+    cpt_logger = logging.getLogger("cpt")
+    propagate = cpt_logger.propagate
+    cpt_logger.addHandler(handler)
+    cpt_logger.propagate = False  # printed here, not also by a handler of the root logger
+    try:
+        with warnings.catch_warnings():
+            if not sys.warnoptions:
+                warnings.simplefilter("ignore")
+                warnings.filterwarnings("default", category=CPTWarning)
+                warnings.showwarning = show
+            yield
+    finally:
+        cpt_logger.propagate = propagate
+        cpt_logger.removeHandler(handler)
 
 
 def version_line() -> str:
@@ -366,7 +479,7 @@ def _run_train(args: argparse.Namespace) -> int:
         if not resume_from.is_dir():
             raise CLIError(f"--resume: no checkpoint to resume in {args.checkpoint_dir} ({resume_from} is missing)")
     data = _load_data(args.data, args.label_names)
-    if args.context:
+    if args.context is not None:  # an empty name is a file that does not exist, not "no --context"
         context = load_dataset(args.context).examples
         train_examples = None
         if args.train:

@@ -38,6 +38,7 @@ from cpt.config import IGNORE_INDEX
 from cpt.loss import Targets, plan_targets
 from cpt.passes import ContextCache, input_embeddings, to_device
 from cpt.plan import Plan, Purpose
+from cpt.warning import CPTWarning
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -138,7 +139,9 @@ class _Replayer:
     def disable(self, reason: str) -> None:
         self.enabled = False
         self.graphs.clear()
-        warnings.warn(f"CUDA graphs are off for this {self.what}: {reason}; using eager passes", stacklevel=4)
+        warnings.warn(
+            f"CUDA graphs are off for this {self.what}: {reason}; using eager passes", CPTWarning, stacklevel=4
+        )
 
     def _capture(
         self, inputs: Tensors, fn: Callable[[Tensors], dict[str, torch.Tensor]], keep_alive: Any

@@ -25,7 +25,8 @@ import importlib.util
 import json
 import logging
 import os
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +34,7 @@ import torch
 
 from cpt import _io, hub
 from cpt._fields import check_path, show
+from cpt.warning import CPTWarning
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -67,6 +69,7 @@ MARKER_FILE = "cpt-source.json"
 _HASH_BLOCK = 1 << 22  # bytes read at a time while hashing a GGUF file
 _REASON_MAX_CHARS = 300  # long enough for a path and a hub error's first sentence
 _DEVICE_REASON_MAX_CHARS = 160  # torch's first sentence about a device; its lists of backends run on
+_MISSING_SHOWN = 3  # missing weight names a warning lists
 
 
 def cpt_home() -> Path:
@@ -192,10 +195,11 @@ def load_model_and_tokenizer(
     source, hub_kwargs = _resolve(name, revision)
 
     def load(hub_kwargs: dict[str, Any]) -> tuple[Any, Any]:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs, **hub_kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, **kwargs, **hub_kwargs, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(
             source, trust_remote_code=trust_remote_code, **hub_kwargs
         )
+        _warn_missing_weights(name, info.get("missing_keys") or ())
         return model, tokenizer
 
     try:
@@ -217,6 +221,21 @@ def load_model_and_tokenizer(
         model = model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _warn_missing_weights(name: str, missing: Collection[str]) -> None:
+    """One `CPTWarning` naming the weights ``name``'s files lack: `transformers` initializes them
+    at random, and CPT never trains the base model, so every result would be noise."""
+    if not missing:
+        return
+    shown = sorted(missing)[:_MISSING_SHOWN]
+    more = f" and {len(missing) - len(shown)} more" if len(missing) > len(shown) else ""
+    warnings.warn(
+        f"model {name!r}: its files lack {len(missing)} weight(s), initialized at random, so its "
+        f"outputs mean nothing: {', '.join(shown)}{more}",
+        CPTWarning,
+        stacklevel=4,
+    )
 
 
 def _resolve(name: str, revision: str | None) -> tuple[str, dict[str, Any]]:
@@ -392,10 +411,11 @@ def _convert_gguf(gguf_path: Path, folder: Path, marker: dict[str, Any]) -> None
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from cpt import _compat
+
     gguf_kwargs = {"gguf_file": gguf_path.name}
-    loaded = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), dtype=torch.float32, **gguf_kwargs
-    )
+    with _compat.gguf_bar_follows_switch():  # the reader's bar ignores disable_progress_bar
+        loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **gguf_kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **gguf_kwargs)
 
     config_dict = loaded.config.to_dict()

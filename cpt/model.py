@@ -25,6 +25,7 @@ from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
+from cpt.warning import CPTWarning
 
 __all__ = ["CPTModel", "CPTOutput", "ContextCache"]
 
@@ -255,7 +256,9 @@ class CPTModel(_TrainerSupport, _Conveniences):
             return CPTOutput(logits=self.sample_logits(input_ids, attention_mask))
         how = self.execution_plan("loss", *input_ids.shape)
         if how.why_plain in (plan.Why.HF_CHECKPOINTING, plan.Why.SLIDING_WINDOW) and not self._warned_fallback:
-            warnings.warn(f"context sharing is off: {how.why_plain.value}; using the plain path", stacklevel=2)
+            warnings.warn(
+                f"context sharing is off: {how.why_plain.value}; using the plain path", CPTWarning, stacklevel=2
+            )
             self._warned_fallback = True
         if how.shared:
             targets = loss.plan_targets(self.context, labels, input_type_mask, attention_mask)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import torch
 
 from cpt.config import EPSILON_REFERENCE_DIM, FROZEN_EPSILON, CPTConfig, TokenRole, token_roles
+from cpt.warning import CPTWarning
 
 
 def epsilons(config: CPTConfig, hidden_size: int) -> torch.Tensor:
@@ -100,6 +101,6 @@ def project_(delta: torch.Tensor, eps: torch.Tensor, compile: bool = False) -> N
             if fn is project:
                 raise
             _compile_failed = True
-            warnings.warn(f"torch.compile of the projection failed, using eager: {error}", stacklevel=2)
+            warnings.warn(f"torch.compile of the projection failed, using eager: {error}", CPTWarning, stacklevel=2)
             projected = project(delta, eps)
         delta.copy_(projected)

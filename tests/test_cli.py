@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -440,6 +443,34 @@ def test_non_finite_scores_are_refused_naming_the_text(
     assert line.startswith("cpt eval: error: text ") and "label scores are NaN or infinite" in line
 
 
+@pytest.mark.parametrize("argv", [
+    ["demo", "--no-such-option"],
+    ["train", "--data", "d", "--output", "o", "--no-such-option"],
+    ["eval", "--adapter", "a", "--data", "d", "--no-such-option", "1"],
+    ["predict", "--adapter", "a", "t", "--no-such-option"],
+    ["generate", "--adapter", "a", "t", "--no-such-option"],
+])
+def test_a_subcommands_unknown_option_names_the_subcommand(argv: list[str], capsys) -> None:
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"cpt {argv[0]}: error: unrecognized arguments: --no-such-option")
+    assert line.endswith(f"(see cpt {argv[0]} --help)")
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--adapter", "a", "t", "--labels", "x", "\r", "\n--fake"],
+    ["train", "--data", "d", "--output", "o", "--epochs", "1\n2"],
+    ["eval", "--adapter", "a", "--data", "d", "--dtype", "float\r\n32"],
+])
+def test_a_parser_error_with_line_breaks_in_the_input_is_one_line(argv: list[str], capsys) -> None:
+    line = _usage_error(argv, capsys)
+    assert line.startswith(f"cpt {argv[0]}: error: argument") or "unrecognized arguments: '\\r' '\\n--fake'" in line
+
+
+def test_an_unknown_option_before_the_subcommand_is_the_top_parsers(capsys) -> None:
+    line = _usage_error(["--no-such-option", "predict", "--adapter", "a", "t"], capsys)
+    assert line.startswith("cpt: error: unrecognized arguments: --no-such-option")
+
+
 def test_help_imports_neither_torch_nor_transformers() -> None:
     script = "import sys\nfrom cpt.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n" \
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))"
@@ -519,8 +550,15 @@ def _interrupted(argv: list[str], monkeypatch) -> None:
 def test_resume_with_leave_one_out_matches_one_run(selection_run, tmp_path: Path, monkeypatch, caplog) -> None:
     from safetensors.torch import load_file
 
-    with caplog.at_level("INFO", logger="cpt.workflow"):
-        assert main(_selection_argv(selection_run, tmp_path / "whole", tmp_path / "whole-checkpoints")) == 0
+    import logging
+
+    cpt_logger = logging.getLogger("cpt")  # the command keeps cpt's records from the root logger
+    cpt_logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level("INFO", logger="cpt.workflow"):
+            assert main(_selection_argv(selection_run, tmp_path / "whole", tmp_path / "whole-checkpoints")) == 0
+    finally:
+        cpt_logger.removeHandler(caplog.handler)
     assert "leave-one-out kept the context of step 2" in caplog.text  # before the interruption below
     argv = _selection_argv(selection_run, tmp_path / "resumed", tmp_path / "checkpoints")
     _interrupted(argv, monkeypatch)
@@ -561,3 +599,133 @@ def test_a_bad_checkpoint_field_is_one_line(selection_run, tmp_path: Path, monke
     meta["state_sha256"] = _sha256(_io.json_bytes(meta))
     path.write_text(json.dumps(meta))
     assert message in _error([*argv, "--resume"], capsys)
+
+
+# --- stderr: errors, cpt's own warnings, and nothing else ----------------------------------------
+
+needs_gguf = pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="needs gguf")
+
+
+@needs_gguf
+def test_no_progress_leaves_stderr_empty_with_a_gguf_model(
+    adapter: Path, data_file: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    from tiny_gguf import write_gguf
+
+    monkeypatch.setenv("CPT_HOME", str(tmp_path / "home"))
+    tokenizer = make_bpe_tokenizer()
+    gguf = write_gguf(tmp_path / "tiny.gguf", make_model("llama", vocab_size=len(tokenizer)), tokenizer)
+    capsys.readouterr()
+    assert main(["train", "--model", str(gguf), "--data", str(data_file), "--per-class", "1", "--test", "6",
+                 "--max-steps", "1", "--output", str(tmp_path / "a"), "--device", "cpu", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""  # the conversion ran here, and drew no bar
+
+
+def test_a_text_longer_than_the_tokenizer_allows_is_one_error_line(adapter: Path, tmp_path: Path, capsys) -> None:
+    short = tmp_path / "short-model"
+    tokenizer = make_bpe_tokenizer()
+    tokenizer.model_max_length = 64  # transformers notes longer texts on stderr; _check_fits says it
+    make_model("llama", vocab_size=len(tokenizer)).save_pretrained(short)
+    tokenizer.save_pretrained(short)
+    result = subprocess.run(  # transformers logs to the stderr it found at import: a process of its own
+        [sys.executable, "-m", "cpt", "predict", "--model", str(short), "--adapter", str(adapter), "--device", "cpu",
+         "--no-progress", "word " * 600], capture_output=True, text=True,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("cpt predict: error: the longest example")
+
+
+def test_weights_missing_from_the_model_are_one_warning_line(adapter: Path, model_dir: Path, tmp_path: Path,
+                                                             capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "broken"
+    shutil.copytree(model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["model.layers.0.mlp.up_proj.weight"]
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["predict", "--model", str(broken), "--adapter", str(adapter), "--device", "cpu", "--no-progress",
+                 "a fine story"]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        f"cpt predict: warning: model {str(broken)!r}: its files lack 1 weight(s), initialized at random, so its "
+        "outputs mean nothing: model.layers.0.mlp.up_proj.weight"
+    ]
+
+
+def test_library_warnings_are_dropped_and_cpts_own_are_one_line(capsys) -> None:
+    import logging
+
+    from cpt.cli import _quiet_libraries
+    from cpt.warning import CPTWarning
+
+    with _quiet_libraries("cpt train"):
+        warnings.warn("a kernel choice the user did not make", UserWarning)
+        warnings.warn("a deprecated argument", FutureWarning)
+        warnings.warn("CUDA graphs are off\n  for this pass", CPTWarning)
+        logging.getLogger("cpt.train").warning("a log record\nof cpt")
+        logging.getLogger("cpt.train").info("a note")
+    assert capsys.readouterr().err.splitlines() == [
+        "cpt train: warning: CUDA graphs are off for this pass",
+        "cpt train: warning: a log record of cpt",
+    ]
+
+
+def test_main_leaves_the_libraries_as_it_found_them(adapter: Path, model_dir: Path, capsys) -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    filters, show, verbosity = list(warnings.filters), warnings.showwarning, hf_logging.get_verbosity()
+    assert hf_logging.is_progress_bar_enabled()
+    assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
+                 "--no-progress", "a fine story"]) == 0
+    assert hf_logging.is_progress_bar_enabled() and hf_logging.get_verbosity() == verbosity
+    assert warnings.filters == filters and warnings.showwarning is show
+    assert logging.getLogger("cpt").handlers == [] and logging.getLogger("cpt").propagate
+
+
+# --- what the catch-all turns into one line, and what it leaves alone -----------------------------
+
+
+def _predict(model_dir: Path, adapter: Path, *texts: str) -> list[str]:
+    return ["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu", "--no-progress",
+            *(texts or ("a fine story",))]
+
+
+def test_a_bug_keeps_its_traceback(adapter: Path, model_dir: Path, monkeypatch, capsys) -> None:
+    import cpt.workflow
+
+    def buggy(model):  # type: ignore[no-untyped-def]
+        return model.no_such_attribute
+
+    monkeypatch.setattr(cpt.workflow, "template_of", buggy)
+    with pytest.raises(AttributeError, match="no_such_attribute"):
+        main(_predict(model_dir, adapter))
+    assert capsys.readouterr().err == ""  # nothing claims it was the user's input
+
+
+@pytest.mark.parametrize(
+    "error", [MemoryError(), torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2 GiB")], ids=["host", "cuda"]
+)
+def test_running_out_of_memory_is_one_line(error: Exception, adapter: Path, model_dir: Path, monkeypatch,
+                                           capsys) -> None:
+    import cpt.infer
+
+    def too_big(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise error
+
+    monkeypatch.setattr(cpt.infer, "classify", too_big)
+    line = _error(_predict(model_dir, adapter), capsys)
+    assert line.startswith("cpt predict: error: out of memory: ")
+    assert line.endswith("MemoryError" if isinstance(error, MemoryError) else "Tried to allocate 2 GiB")
+
+
+def test_a_reader_that_leaves_ends_the_command_quietly(adapter: Path, model_dir: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-m", "cpt", *_predict(model_dir, adapter, *["a fine story"] * 200)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the command prints anything: its first line meets a closed pipe
+    stderr = child.stderr.read().decode()
+    assert child.wait() == 141, stderr
+    assert stderr == ""

@@ -259,6 +259,9 @@ def test_check_target_accepts_what_write_folder_can_write(tmp_path: Path) -> Non
     (tmp_path / "link").symlink_to(tmp_path / "out")
     assert _io.check_target(tmp_path / "link") == tmp_path / "out"
     assert sorted(os.listdir(tmp_path)) == ["link", "out"]  # a check writes nothing
+    (tmp_path / "dangling").symlink_to(tmp_path / "later")  # a link to a folder not made yet
+    assert _io.check_target(tmp_path / "dangling") == tmp_path / "later"  # is written where it points
+    assert sorted(os.listdir(tmp_path)) == ["dangling", "link", "out"]
 
 
 # ---------------------------------------------------------------------- as another user

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -248,15 +249,16 @@ def test_options_reach_from_pretrained(tmp_path: Path, monkeypatch: pytest.Monke
 
     def spy(source: str, **kwargs: object):  # type: ignore[no-untyped-def]
         seen.update(kwargs)
-        return real(source, dtype=kwargs["dtype"])
+        return real(source, dtype=kwargs["dtype"], output_loading_info=kwargs["output_loading_info"])
 
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     model, _ = load_model_and_tokenizer(folder, dtype="bfloat16", attn_implementation="eager")
-    assert seen == {"dtype": torch.bfloat16, "trust_remote_code": False, "attn_implementation": "eager"}
+    assert seen == {"dtype": torch.bfloat16, "trust_remote_code": False, "attn_implementation": "eager",
+                    "output_loading_info": True}
     assert model.dtype == torch.bfloat16
     seen.clear()
     load_model_and_tokenizer(folder, dtype="auto", device_map="cpu", trust_remote_code=True)
-    assert seen == {"dtype": "auto", "trust_remote_code": True, "device_map": "cpu"}
+    assert seen == {"dtype": "auto", "trust_remote_code": True, "device_map": "cpu", "output_loading_info": True}
 
 
 @pytest.mark.parametrize("dtype", ["int8", "float33", 3])
@@ -353,6 +355,54 @@ def test_gguf_file_converts_once_into_the_cache(
     changed = write_gguf(tmp_path / "Tiny-Llama.Q8.gguf", make_model("llama", seed=1, vocab_size=len(tokenizer)), tokenizer)
     with pytest.raises(ValueError, match="converted twice"):  # other bytes: another folder
         load_model_and_tokenizer(changed)
+
+
+@needs_gguf
+@pytest.mark.parametrize("bars", [True, False])
+def test_gguf_conversion_bar_follows_transformers_switch(bars: bool, tmp_path: Path, capsys) -> None:
+    from tiny_gguf import write_gguf
+    from tokenizers_util import make_bpe_tokenizer
+    from transformers.modeling_gguf_pytorch_utils import tqdm as reader_bar
+    from transformers.utils import logging as hf_logging
+
+    tokenizer = make_bpe_tokenizer()
+    path = write_gguf(tmp_path / "tiny.gguf", make_model("llama", vocab_size=len(tokenizer)), tokenizer)
+    capsys.readouterr()
+    if not bars:
+        hf_logging.disable_progress_bar()
+    try:
+        loading.gguf_model_path(path)
+    finally:
+        hf_logging.enable_progress_bar()
+    assert ("Converting and de-quantizing GGUF tensors" in capsys.readouterr().err) == bars
+    from transformers import modeling_gguf_pytorch_utils
+
+    assert modeling_gguf_pytorch_utils.tqdm is reader_bar  # put back
+
+
+def test_weights_missing_from_the_files_are_one_warning(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from cpt.warning import CPTWarning
+
+    folder = _save_tiny(tmp_path / "tiny", pad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CPTWarning)
+        load_model_and_tokenizer(folder)  # whole: no warning
+    weights = load_file(folder / "model.safetensors")
+    for name in ("model.norm.weight", "model.layers.1.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight",
+                 "model.layers.0.input_layernorm.weight"):
+        del weights[name]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.warns(CPTWarning) as record:
+        load_model_and_tokenizer(folder)
+    (warning,) = [w for w in record if w.category is CPTWarning]
+    assert str(warning.message) == (
+        f"model {str(folder)!r}: its files lack 4 weight(s), initialized at random, so its outputs mean nothing: "
+        "model.layers.0.input_layernorm.weight, model.layers.0.mlp.up_proj.weight, "
+        "model.layers.1.mlp.up_proj.weight and 1 more"
+    )
+    assert warning.filename == __file__  # the caller's line
 
 
 @needs_gguf

@@ -220,6 +220,30 @@ def label_token_ids(
     return ids
 
 
+def check_distinct_labels(labels: Sequence[str], label_ids: Sequence[Sequence[int]]) -> None:
+    """Refuses two labels that render to the same tokens (words a word-level tokenizer maps to
+    the same unknown token, spaces it drops): every score would tie between them, and the first
+    would always win, whatever the model says.
+
+    Args:
+        labels: the labels.
+        label_ids: each label's rendered tokens (`label_token_ids`, or everything
+            `render_example` writes after the query).
+
+    Raises:
+        ValueError: naming both labels and their tokens.
+    """
+    first: dict[tuple[int, ...], int] = {}
+    for j, ids in enumerate(label_ids):
+        i = first.setdefault(tuple(ids), j)
+        if i != j:
+            raise ValueError(
+                f"labels {i} ({labels[i]!r}) and {j} ({labels[j]!r}) render to the same tokens "
+                f"{list(ids)}, so no score can tell them apart; use labels that the tokenizer "
+                "writes differently"
+            )
+
+
 def shift_type_codes(type_codes: Sequence[int], offset: int) -> list[int]:
     """Adds ``offset`` to the non-zero codes, leaving separators (code 0) at 0.
 

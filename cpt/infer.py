@@ -26,9 +26,9 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cpt import _compat, calibration, passes
-from cpt._fields import as_list, check_bool, check_text, int_list, is_int, is_number, show
+from cpt._fields import as_list, check_bool, check_text, check_vocabulary, int_list, is_int, is_number, show
 from cpt.context import Context
-from cpt.data import Template, as_template, as_texts, render_example, render_query
+from cpt.data import Template, as_template, as_texts, check_distinct_labels, render_example, render_query
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
 
@@ -143,7 +143,9 @@ def classify(
     Raises:
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` or ``labels`` is empty or not a
             sequence of strings (each valid Unicode, `cpt._fields.check_text`), a flag is not a
-            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
+            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens,
+            two labels render to the same tokens (`cpt.data.check_distinct_labels`), a text or
+            label holds a token id outside the model's vocabulary, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
@@ -163,8 +165,9 @@ def classify(
     check_bool(calibrate, "calibrate")
     template = as_template(template)
 
-    queries = [render_query(tokenizer, template, text).input_ids for text in texts]
-    continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
+    queries = [_query_ids(model, tokenizer, template, text, i) for i, text in enumerate(texts)]
+    continuations = [_continuation(model, tokenizer, template, label, j) for j, label in enumerate(labels)]
+    check_distinct_labels(labels, continuations)
     longest = max(len(ids) for ids in continuations)
     i = max(range(len(queries)), key=lambda j: len(queries[j]))  # the first of the longest texts
     what = f"text {i} with the longest label"
@@ -263,7 +266,8 @@ def generate(
 
     Raises:
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` is empty or holds a non-string
-            or a text that is not valid Unicode, ``template`` is not a `Template`, a generation
+            or a text that is not valid Unicode or holds a token id outside the model's vocabulary
+            (naming the text), ``template`` is not a `Template`, a generation
             argument would replace the prompt or the cache, ``num_return_sequences`` or
             ``num_beams`` is not 1, ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
@@ -298,7 +302,7 @@ def generate(
 
     outputs: list[str] = []
     for i, text in enumerate(texts):
-        query = render_query(tokenizer, template, text).input_ids
+        query = _query_ids(model, tokenizer, template, text, i)
         _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(query), f"text {i}")
         _check_generation_fits(model, len(query), generation_kwargs, i)
         cached = n
@@ -506,16 +510,32 @@ def _continuation_log_probs(
     return torch.where(real, token_log_probs, 0.0).sum(dim=-1).view(batch_size, num_labels)
 
 
+def _query_ids(
+    model: CPTModel, tokenizer: PreTrainedTokenizerBase, template: Template, text: str, index: int
+) -> list[int]:
+    """``render_query(text)``'s ids, refused (naming the text) if the model cannot embed one."""
+    ids = render_query(tokenizer, template, text).input_ids
+    check_vocabulary(ids, _vocab_size(model), _text_name(index, text))
+    return ids
+
+
 def _continuation(
-    tokenizer: PreTrainedTokenizerBase, template: Template, label: str, index: int
+    model: CPTModel, tokenizer: PreTrainedTokenizerBase, template: Template, label: str, index: int
 ) -> list[int]:
     """What `render_example` writes after the query: label, output suffix, end token."""
+    what = f"label {index} ({label!r})"
     try:
         # render_example(text, label) is render_query(text) + this, whatever the text.
         full = render_example(tokenizer, template, "", label).input_ids
     except ValueError as error:
-        raise ValueError(f"label {index} ({label!r}): {error}") from error
-    return full[len(render_query(tokenizer, template, "").input_ids) :]
+        raise ValueError(f"{what}: {error}") from error
+    ids = full[len(render_query(tokenizer, template, "").input_ids) :]
+    check_vocabulary(ids, _vocab_size(model), what)
+    return ids
+
+
+def _vocab_size(model: CPTModel) -> int:
+    return int(passes.input_embeddings(model.base_model).weight.shape[0])
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:

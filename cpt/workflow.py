@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from cpt._fields import check_instance, check_path, check_text, show
-from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context
+from cpt.data import (
+    CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
+    check_distinct_labels, label_token_ids,
+)
 from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
@@ -121,7 +124,8 @@ def fit(
     Raises:
         ValueError: on empty examples, a malformed example (naming its index; a text that is
             not valid Unicode included), an integer label without ``labels``, a label outside
-            ``labels``, ``labels`` that is not a list of distinct non-empty strings, an unknown
+            ``labels``, ``labels`` that is not a list of distinct non-empty strings, two labels
+            that render to the same tokens (`cpt.data.check_distinct_labels`), an unknown
             ``selection``, an argument of the wrong type (checked before anything is built), or
             any bad option.
     """
@@ -140,6 +144,7 @@ def fit(
             if example.label not in label_set:
                 raise ValueError(f"{name}[{i}] has label {example.label!r}, not in the label set {label_set}")
     config = build_context(tokenizer, context, template, **{**CONTEXT_DEFAULTS, **context_options})
+    check_distinct_labels(label_set, [label_token_ids(tokenizer, template, label) for label in label_set])
     model = CPTModel(base_model, config, **(model_kwargs or {}))
     model.task = task_of(template, label_set)
     dataset = CPTDataset(tokenizer, training, template)

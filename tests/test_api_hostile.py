@@ -1,0 +1,53 @@
+"""A second hostile pass over the Python API: inputs that used to give a quietly wrong result or a
+traceback, each now one ValueError naming the input (or a right answer)."""
+
+import pytest
+import torch
+from tiny_models import make_model
+from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
+
+from cpt import CPTModel, TrainConfig, classify, fit, generate
+from cpt.data import build_context
+
+CONTEXT = [("the movie was great", "positive"), ("an awful film", "negative")]
+
+
+@pytest.fixture(scope="module")
+def wordlevel():
+    return make_wordlevel_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(wordlevel) -> CPTModel:
+    return CPTModel(make_model("llama", vocab_size=len(wordlevel)), build_context(wordlevel, CONTEXT))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [["zzz", "qqq"], ["very positive", "very  positive"], ["positive", "negative", "positive\n"]],
+    ids=["both-unknown-words", "spaces-the-tokenizer-drops", "a-trailing-newline"],
+)
+def test_classify_refuses_labels_that_render_to_the_same_tokens(wordlevel, model, labels) -> None:
+    """Such labels tie on every score and the first always won, whatever the model said."""
+    with pytest.raises(ValueError, match=r"labels \d \(.*\) and \d \(.*\) render to the same tokens"):
+        classify(model, wordlevel, ["a fine story"], labels)
+
+
+def test_fit_refuses_labels_that_render_to_the_same_tokens(wordlevel) -> None:
+    examples = [("the movie was great", "zzz"), ("an awful film", "qqq")]
+    with pytest.raises(ValueError, match=r"labels 0 \('zzz'\) and 1 \('qqq'\) render to the same tokens"):
+        fit(make_model("llama", vocab_size=len(wordlevel)), wordlevel, examples, train_config=TrainConfig(max_steps=1))
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_the_text() -> None:
+    """The BPE tokenizer has 320 ids, the model 300: a text's or label's id above 299 reached the
+    embedding lookup (IndexError), though the context's own ids fit."""
+    bpe = make_bpe_tokenizer()
+    model = CPTModel(make_model("llama", vocab_size=300), build_context(bpe, [("zq", "x"), ("qz", "y")]))
+    assert classify(model, bpe, ["zq"], ["x", "y"]).predictions[0] in ("x", "y")
+    with pytest.raises(ValueError, match=r"text 1 \('the movie'\) holds token id 3\d\d, outside the model's vocabulary of 300"):
+        classify(model, bpe, ["zq", "the movie"], ["x", "y"])
+    with pytest.raises(ValueError, match=r"label 1 \(' movie'\) holds token id 3\d\d, outside the model's vocabulary of 300"):
+        classify(model, bpe, ["zq"], ["x", " movie"])
+    with pytest.raises(ValueError, match=r"text 0 \('the movie'\) holds token id 3\d\d, outside the model's vocabulary of 300"):
+        generate(model, bpe, ["the movie"], max_new_tokens=1)

@@ -245,8 +245,10 @@ class CPTModel(_TrainerSupport, _Conveniences):
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, float ids, ids or labels
-                outside the vocabulary, negative type codes, a batch without any label token, or
+            ValueError: on shapes that differ from ``input_ids``, no rows or no tokens, float
+                ids, ids or labels outside the vocabulary, a tensor on the meta device, an
+                attention mask holding other values than 0 and 1 (checked on the CPU),
+                negative type codes, a batch without any label token, or
                 context and samples longer than the model's positions.
         """
         check_batch(input_ids, attention_mask, labels, input_type_mask)

@@ -3,6 +3,7 @@ traceback, each now one ValueError naming the input (or a right answer)."""
 
 import pytest
 import torch
+from contexts import context_config, sample_batch
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 
@@ -51,3 +52,32 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_naming_the_tex
         classify(model, bpe, ["zq"], ["x", " movie"])
     with pytest.raises(ValueError, match=r"text 0 \('the movie'\) holds token id 3\d\d, outside the model's vocabulary of 300"):
         generate(model, bpe, ["the movie"], max_new_tokens=1)
+
+
+@pytest.mark.parametrize("value", [2, -1, float("nan"), 0.5])
+def test_an_attention_mask_of_other_values_than_0_and_1_is_refused(value) -> None:
+    """The passes read any non-zero value as a real token: a mask of 2, -1 or NaN was obeyed as
+    all ones, a quiet misreading of what it says."""
+    model = CPTModel(make_model("llama"), context_config())
+    batch = sample_batch(2)
+    mask = batch["attention_mask"].float()
+    mask[0, 0] = value
+    with pytest.raises(ValueError, match="attention_mask must hold 0 .padding. and 1 .token. only, got"):
+        model(**{**batch, "attention_mask": mask})
+    with pytest.raises(ValueError, match="attention_mask must hold 0"):
+        model(batch["input_ids"], mask)
+    same = model(**{**batch, "attention_mask": batch["attention_mask"].bool()}).loss  # bool and float 0/1 work
+    assert torch.equal(same, model(**batch).loss)
+
+
+def test_a_batch_on_the_meta_device_or_without_rows_is_refused() -> None:
+    model = CPTModel(make_model("llama"), context_config())
+    batch = sample_batch(2)
+    with pytest.raises(ValueError, match="input_ids is on the meta device"):
+        model(**{**batch, "input_ids": batch["input_ids"].to("meta")})
+    with pytest.raises(ValueError, match="labels is on the meta device"):
+        model(**{**batch, "labels": batch["labels"].to("meta")})
+    with pytest.raises(ValueError, match=r"input_ids has no rows \(batch size 0\)"):
+        model(batch["input_ids"][:0])  # no labels: the logits path
+    with pytest.raises(ValueError, match=r"input_ids has no rows \(batch size 0\)"):
+        model(**{name: tensor[:0] for name, tensor in batch.items()})

@@ -571,6 +571,23 @@ def _sample(item: Any, index: int) -> dict[str, list[int]]:
     return {key: int_list(f"item {index}: {key}", item[key]) for key in ("input_ids", "input_type_mask")}
 
 
+def task_template(task: Mapping[str, Any] | None) -> Template:
+    """The template a task records (`fit` and saved adapters write it to ``CPTModel.task``), or
+    the default `Template` when it records none.
+
+    Raises:
+        ValueError: if ``task`` is not a mapping, or its template not one of `Template`'s fields.
+    """
+    if task is not None and not isinstance(task, Mapping):
+        raise ValueError(f"the model's task must be a dict or None, got {type(task).__name__}")
+    if task is None or "template" not in task:
+        return Template()
+    try:
+        return Template(**task["template"])
+    except TypeError:
+        raise ValueError(f"the model's task template must be a dict of Template fields, got {_short(task['template'])}") from None
+
+
 def as_template(template: Template | None) -> Template:
     """``template``, or the default `Template` for None (what every function that takes a
     template does with it).

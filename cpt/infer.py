@@ -28,7 +28,9 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from cpt import _compat, calibration, passes
 from cpt._fields import as_list, check_bool, check_text, check_vocabulary, int_list, is_int, is_number, show
 from cpt.context import Context
-from cpt.data import Template, as_template, as_texts, check_distinct_labels, render_example, render_query
+from cpt.data import (
+    Template, as_template, as_texts, check_distinct_labels, render_example, render_query, task_template,
+)
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
 
@@ -120,7 +122,8 @@ def classify(
         tokenizer: the tokenizer the context was made with.
         texts: T >= 1 input texts.
         labels: L >= 1 distinct candidate labels, each rendering to at least one token.
-        template: how examples are written out (use the context's); the default `Template` if None.
+        template: how examples are written out; None: the one the model's context was written
+            with (``model.task``, which `fit` and saved adapters record), else the default.
         batch_size: queries (or pair sequences) per forward pass, >= 1; a query pass is
             followed by one pass over its ``batch_size * L`` continuations.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
@@ -163,7 +166,7 @@ def classify(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_bool(use_cache, "use_cache")
     check_bool(calibrate, "calibrate")
-    template = as_template(template)
+    template = _template(model, template)
 
     queries = [_query_ids(model, tokenizer, template, text, i) for i, text in enumerate(texts)]
     continuations = [_continuation(model, tokenizer, template, label, j) for j, label in enumerate(labels)]
@@ -255,7 +258,8 @@ def generate(
         model: a trained `CPTModel`.
         tokenizer: the tokenizer the context was made with.
         texts: one text or a sequence of texts.
-        template: how examples are written out (use the context's); the default `Template` if None.
+        template: how examples are written out; None: the one the model's context was written
+            with (``model.task``, which `fit` and saved adapters record), else the default.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
             model keeps while its adapter is unchanged.
         **generation_kwargs: passed to ``transformers``' ``generate`` (``max_new_tokens``,
@@ -285,7 +289,7 @@ def generate(
     returns = generation_kwargs.get("num_return_sequences", 1)
     if returns != 1:
         raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
-    template = as_template(template)
+    template = _template(model, template)
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
     sampling = _check_sampling(base_model, generation_kwargs)
@@ -536,6 +540,12 @@ def _continuation(
 
 def _vocab_size(model: CPTModel) -> int:
     return int(passes.input_embeddings(model.base_model).weight.shape[0])
+
+
+def _template(model: CPTModel, template: Template | None) -> Template:
+    """``template``, or for None the one the model's context was written with (its ``task``):
+    scoring with another template than the context's would quietly give other numbers."""
+    return task_template(model.task) if template is None else as_template(template)
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:

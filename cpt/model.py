@@ -70,12 +70,9 @@ class _Conveniences(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
-        """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
-        from cpt.data import Template
+        """`cpt.infer.generate` (which uses the model's own template unless ``template`` is given)."""
         from cpt.infer import generate
 
-        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
-        kwargs.setdefault("template", template)
         return generate(self, tokenizer, texts, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]

@@ -20,7 +20,7 @@ from torch import nn
 from cpt._fields import check_instance, check_path, check_text, show
 from cpt.data import (
     CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
-    check_distinct_labels, label_token_ids,
+    check_distinct_labels, label_token_ids, task_template,
 )
 from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
@@ -56,8 +56,7 @@ def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
 
 def template_of(model: CPTModel) -> Template:
     """The template a model was trained with (from its task), or the default one."""
-    task = model.task or {}
-    return Template(**task["template"]) if "template" in task else Template()
+    return task_template(model.task)
 
 
 def labels_of(model: CPTModel) -> list[str]:

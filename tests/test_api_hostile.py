@@ -8,7 +8,7 @@ from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 
 from cpt import CPTModel, TrainConfig, classify, fit, generate
-from cpt.data import build_context
+from cpt.data import Template, build_context
 
 CONTEXT = [("the movie was great", "positive"), ("an awful film", "negative")]
 
@@ -81,3 +81,22 @@ def test_a_batch_on_the_meta_device_or_without_rows_is_refused() -> None:
         model(batch["input_ids"][:0])  # no labels: the logits path
     with pytest.raises(ValueError, match=r"input_ids has no rows \(batch size 0\)"):
         model(**{name: tensor[:0] for name, tensor in batch.items()})
+
+
+def test_classify_and_generate_use_the_template_the_model_was_fitted_with(wordlevel) -> None:
+    """With ``template=None`` both used the default Template, whatever the context was written
+    with: a model fitted with its own template was quietly scored on another prompt."""
+    template = Template(input_template="Q: {} ?", output_template="A: {} .", intra_separator=" ")
+    model, _ = fit(
+        make_model("llama", vocab_size=len(wordlevel)), wordlevel, CONTEXT, template=template,
+        train_config=TrainConfig(max_steps=1), selection=None,
+    )
+    texts, labels = ["a fine story", "boring and too long"], ["positive", "negative"]
+    implicit = classify(model, wordlevel, texts, labels).log_likelihoods
+    assert torch.equal(implicit, classify(model, wordlevel, texts, labels, template=template).log_likelihoods)
+    assert not torch.equal(implicit, classify(model, wordlevel, texts, labels, template=Template()).log_likelihoods)
+    greedy = dict(max_new_tokens=3, do_sample=False)
+    assert generate(model, wordlevel, texts, **greedy) == generate(model, wordlevel, texts, template=template, **greedy)
+    model.task = {"template": ["not", "fields"]}
+    with pytest.raises(ValueError, match="the model's task template must be a dict of Template fields"):
+        classify(model, wordlevel, texts, labels)

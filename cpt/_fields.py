@@ -194,6 +194,6 @@ def check_vocabulary(ids: list[int], vocab_size: int, what: str) -> None:
     outside = [i for i in ids if not 0 <= i < vocab_size]
     if outside:
         raise ValueError(
-            f"{what} holds token id {outside[0]}, outside the model's vocabulary of {vocab_size}: "
-            "a tokenizer that does not belong to the model?"
+            f"{what} holds token id {outside[0]}, outside the model's vocabulary of {vocab_size} "
+            f"(ids 0..{vocab_size - 1})"
         )

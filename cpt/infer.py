@@ -272,7 +272,10 @@ def generate(
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` is empty or holds a non-string
             or a text that is not valid Unicode or holds a token id outside the model's vocabulary
             (naming the text), ``template`` is not a `Template`, a generation
-            argument would replace the prompt or the cache, ``num_return_sequences`` or
+            argument would replace the prompt or the cache, a count (`COUNT_ARGUMENTS`) is not
+            an integer, a token id (`TOKEN_ARGUMENTS`) lies outside the model's vocabulary,
+            ``generation_config``, ``logits_processor``, ``stopping_criteria`` or ``streamer``
+            is not one, ``num_return_sequences`` or
             ``num_beams`` is not 1, ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
             or a text renders to no query tokens while the context's last token carries a trained
@@ -286,8 +289,9 @@ def generate(
     clashing = sorted(reserved & generation_kwargs.keys())
     if clashing:
         raise ValueError(f"generate builds {clashing} itself; do not pass them")
+    _check_generation_arguments(model, generation_kwargs)
     returns = generation_kwargs.get("num_return_sequences", 1)
-    if returns != 1:
+    if returns != 1 or isinstance(returns, bool):
         raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
     template = _template(model, template)
     cache = _checked_cache(model, context_cache)
@@ -605,7 +609,7 @@ def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool
         return kwargs[name] if name in kwargs else getattr(config, name, None)
 
     beams = setting("num_beams")
-    if beams not in (None, 1):
+    if beams not in (None, 1) or isinstance(beams, bool):
         raise ValueError(f"num_beams must be 1 (the context's cache holds one sequence), got {show(beams)}")
     if not setting("do_sample"):
         return False
@@ -621,6 +625,38 @@ def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool
     if top_k is not None and not (is_int(top_k) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {show(top_k)}")
     return True
+
+
+COUNT_ARGUMENTS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_return_sequences", "no_repeat_ngram_size")
+"""`generate`'s arguments that count tokens or sequences: integers, never floats or bools (which
+``transformers`` would take as 1.5 or True tokens)."""
+TOKEN_ARGUMENTS = ("eos_token_id", "pad_token_id", "bos_token_id", "forced_bos_token_id", "forced_eos_token_id")
+"""`generate`'s arguments that name token ids: each id must be one the model can embed."""
+
+
+def _check_generation_arguments(model: CPTModel, kwargs: dict[str, Any]) -> None:
+    """Refuses a count that is not an integer, a token id outside the model's vocabulary (an
+    ``IndexError`` inside sampling, or a stop token that can never come), and a processor,
+    stopping criterion, streamer or generation config that is not one."""
+    from transformers import GenerationConfig
+
+    for name in COUNT_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None and not is_int(value):
+            raise ValueError(f"{name} must be an integer, got {show(value)}")
+    for name in TOKEN_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            check_vocabulary(_as_list(kwargs[name], name), _vocab_size(model), name)
+    config = kwargs.get("generation_config")
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ValueError(f"generation_config must be a transformers GenerationConfig, got {show(config)}")
+    for name in ("logits_processor", "stopping_criteria"):  # lists of callables(input_ids, scores)
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, Sequence) and all(callable(x) for x in value)):
+            raise ValueError(f"{name} must be a list of callables (input_ids, scores), got {show(value)}")
+    streamer = kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise ValueError(f"streamer must have put() and end() methods (a transformers streamer), got {show(streamer)}")
 
 
 def _text_name(index: int, text: str) -> str:

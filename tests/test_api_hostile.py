@@ -100,3 +100,35 @@ def test_classify_and_generate_use_the_template_the_model_was_fitted_with(wordle
     model.task = {"template": ["not", "fields"]}
     with pytest.raises(ValueError, match="the model's task template must be a dict of Template fields"):
         classify(model, wordlevel, texts, labels)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (dict(max_new_tokens=1.5), "max_new_tokens must be an integer, got 1.5"),  # generated 2 tokens
+        (dict(max_new_tokens=True), "max_new_tokens must be an integer, got True"),  # generated 1
+        (dict(max_new_tokens="3"), "max_new_tokens must be an integer, got '3'"),  # TypeError
+        (dict(max_new_tokens=2, num_return_sequences=True), "num_return_sequences must be an integer, got True"),
+        (dict(max_new_tokens=2, eos_token_id=10**6), r"eos_token_id holds token id 1000000, outside the model's vocabulary of 37"),
+        (dict(max_new_tokens=2, eos_token_id=[2, -1]), r"eos_token_id holds token id -1, outside"),  # a warning, then ignored
+        (dict(max_new_tokens=2, forced_eos_token_id=10**6), r"forced_eos_token_id holds token id 1000000"),  # IndexError
+        (dict(max_new_tokens=2, generation_config=5), "generation_config must be a transformers GenerationConfig, got 5"),
+        (dict(max_new_tokens=2, logits_processor=5), "logits_processor must be a list of callables"),
+        (dict(max_new_tokens=2, stopping_criteria=[5]), "stopping_criteria must be a list of callables"),
+        (dict(max_new_tokens=2, streamer=5), r"streamer must have put\(\) and end\(\) methods"),
+    ],
+)
+def test_generate_refuses_generation_arguments_it_would_misread(wordlevel, model, arguments, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        generate(model, wordlevel, ["a fine story"], **arguments)
+
+
+def test_generate_takes_well_formed_generation_arguments(wordlevel, model) -> None:
+    from transformers import GenerationConfig
+
+    greedy = generate(model, wordlevel, ["a fine story"], max_new_tokens=2, do_sample=False)
+    same = generate(
+        model, wordlevel, ["a fine story"], generation_config=GenerationConfig(max_new_tokens=2, do_sample=False),
+        logits_processor=[lambda ids, scores: scores], stopping_criteria=[], eos_token_id=[wordlevel.eos_token_id],
+    )
+    assert same == greedy

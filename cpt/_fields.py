@@ -128,6 +128,8 @@ def check_path(value: Any, what: str) -> str | os.PathLike[str]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} must be a non-empty path (a str or os.PathLike), got {show(value)}")
     check_text(name, what)
+    if "\0" in name:  # the OS would refuse it with a bare "embedded null byte"
+        raise ValueError(f"{what} holds a NUL character, which no file name can: {show(value)}")
     return value
 
 

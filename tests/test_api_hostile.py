@@ -7,7 +7,8 @@ from contexts import context_config, sample_batch
 from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 
-from cpt import CPTModel, TrainConfig, classify, fit, generate
+from cpt import CPTModel, TrainConfig, classify, fit, generate, load_model_and_tokenizer
+from cpt.datasets import load_dataset
 from cpt.data import Template, build_context
 
 CONTEXT = [("the movie was great", "positive"), ("an awful film", "negative")]
@@ -132,3 +133,27 @@ def test_generate_takes_well_formed_generation_arguments(wordlevel, model) -> No
         logits_processor=[lambda ids, scores: scores], stopping_criteria=[], eos_token_id=[wordlevel.eos_token_id],
     )
     assert same == greedy
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda m: m.save_pretrained("out\0put"), "path"),
+        (lambda m: CPTModel.from_pretrained(make_model("llama"), "ad\0apter"), "path"),
+        (lambda m: load_dataset("da\0ta.jsonl"), "name_or_path"),
+        (lambda m: load_model_and_tokenizer("mo\0del"), "name_or_path"),
+    ],
+    ids=["save_pretrained", "from_pretrained", "load_dataset", "load_model_and_tokenizer"],
+)
+def test_a_path_with_a_nul_character_is_refused_naming_the_argument(call, argument) -> None:
+    """The OS refuses such a name with a bare "embedded null byte", naming nothing."""
+    model = CPTModel(make_model("llama"), context_config())
+    with pytest.raises(ValueError, match=f"^{argument} holds a NUL character, which no file name can"):
+        call(model)
+
+
+def test_load_model_and_tokenizer_refuses_a_dtype_that_is_not_floating(tmp_path) -> None:
+    """A ``torch.dtype`` went unchecked (only names were), to fail inside transformers."""
+    make_model("llama").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="dtype must be a floating torch dtype.*got torch.int8"):
+        load_model_and_tokenizer(tmp_path, dtype=torch.int8)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt._fields import as_list, check_bool, check_text, int_list, show
+from cpt._fields import as_list, check_bool, check_text, int_list, is_int, show
 from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
@@ -495,6 +495,17 @@ class CPTDataset(Dataset[dict[str, list[int]]]):
         """Returns ``dict(input_ids=list[int], input_type_mask=list[int])`` (codes 0..4), length S."""
         sample = self.samples[index]
         return {"input_ids": list(sample.input_ids), "input_type_mask": list(sample.type_codes)}
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The id to write on padding positions. Every pass masks them out, but the embedding lookup
+    still reads them, so any id the model can embed serves: the tokenizer's pad token, else its
+    eos token, when the model's ``vocab_size`` embeddings hold it, else 0. (A tokenizer may have
+    no pad token, or one added without the model's embeddings growing.)"""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if is_int(candidate) and 0 <= candidate < vocab_size:
+            return candidate
+    return 0
 
 
 class CPTCollator:

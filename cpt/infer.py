@@ -29,7 +29,8 @@ from cpt import _compat, calibration, passes
 from cpt._fields import as_list, check_bool, check_text, check_vocabulary, int_list, is_int, is_number, show
 from cpt.context import Context
 from cpt.data import (
-    Template, as_template, as_texts, check_distinct_labels, render_example, render_query, task_template,
+    Template, as_template, as_texts, check_distinct_labels, padding_id, render_example, render_query,
+    task_template,
 )
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
@@ -179,7 +180,7 @@ def classify(
     how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer, _vocab_size(model))
     if how.query_once:
         scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
     else:
@@ -305,8 +306,7 @@ def generate(
         generation_kwargs["eos_token_id"] = stop_token_ids(model, tokenizer, template)
     stops = set(_as_list(generation_kwargs["eos_token_id"]))
     if generation_kwargs.get("pad_token_id", base_model.generation_config.pad_token_id) is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-        generation_kwargs["pad_token_id"] = pad  # spares the warning; one sequence is never padded
+        generation_kwargs["pad_token_id"] = padding_id(tokenizer, _vocab_size(model))  # spares the warning; one sequence is never padded
 
     outputs: list[str] = []
     for i, text in enumerate(texts):

@@ -20,7 +20,7 @@ from torch import nn
 from cpt._fields import check_instance, check_path, check_text, show
 from cpt.data import (
     CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
-    check_distinct_labels, label_token_ids, task_template,
+    check_distinct_labels, label_token_ids, padding_id, task_template,
 )
 from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
@@ -162,7 +162,7 @@ def fit(
         model,
         dataset,
         config,
-        collator=CPTCollator(tokenizer.pad_token_id),
+        collator=CPTCollator(padding_id(tokenizer, int(model.base_model.get_input_embeddings().weight.shape[0]))),
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,

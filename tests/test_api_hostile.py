@@ -11,6 +11,8 @@ from cpt import CPTModel, TrainConfig, classify, fit, generate, load_model_and_t
 from cpt.datasets import load_dataset
 from cpt.data import Template, build_context
 
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # cpt.train.SMALLEST_NORMAL
+
 CONTEXT = [("the movie was great", "positive"), ("an awful film", "negative")]
 
 
@@ -157,3 +159,52 @@ def test_load_model_and_tokenizer_refuses_a_dtype_that_is_not_floating(tmp_path)
     make_model("llama").save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="dtype must be a floating torch dtype.*got torch.int8"):
         load_model_and_tokenizer(tmp_path, dtype=torch.int8)
+
+
+@pytest.fixture(scope="module")
+def without_pad(wordlevel):
+    """The word-level tokenizer without a pad token."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=wordlevel.backend_tokenizer, unk_token="[UNK]", eos_token="[EOS]")
+    assert tokenizer.pad_token_id is None
+    return tokenizer
+
+
+@pytest.mark.parametrize("added_pad", [False, True], ids=["no-pad-token", "pad-token-outside-the-model"])
+def test_fit_and_classify_work_with_a_tokenizer_whose_pad_token_the_model_lacks(wordlevel, without_pad, added_pad) -> None:
+    """Padding is masked out, but its id is still looked up: a pad id past the model's
+    embeddings gave an IndexError in classify and a refusal in fit; no pad token refused fit."""
+    tokenizer = without_pad
+    if added_pad:  # at id 37, one past the model's 37 embeddings (added without resizing the model)
+        tokenizer = tokenizer.__class__(tokenizer_object=wordlevel.backend_tokenizer, unk_token="[UNK]", eos_token="[EOS]")
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        assert tokenizer.pad_token_id == len(wordlevel)
+    examples = CONTEXT + [("a fine story", "positive"), ("boring and too long", "negative")]
+    model, result = fit(
+        make_model("llama", vocab_size=len(wordlevel)), tokenizer, examples,
+        train_config=TrainConfig(max_steps=1, batch_size=4), selection=None,
+    )
+    texts, labels = ["the", "the movie was great"], ["positive", "very negative"]  # padded queries and labels
+    cached = classify(model, tokenizer, texts, labels).log_likelihoods
+    torch.testing.assert_close(cached, classify(model, tokenizer, texts, labels, use_cache=False).log_likelihoods)
+    same = classify(model, wordlevel, texts, labels).log_likelihoods  # the same ids, with the model's own pad
+    torch.testing.assert_close(cached, same)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(learning_rate=1e-320), r"learning_rate must be a finite number in \[1.17"),  # 0 in float32
+        (dict(learning_rate=1e-40), r"learning_rate must be a finite number in \[1.17"),  # subnormal: may flush
+        (dict(max_grad_norm=1e-45), r"max_grad_norm must be a finite number >= 1.17"),  # clips every gradient to 0
+        (dict(weight_decay=3000.0), r"learning_rate \* weight_decay must be at most 1, got 0.001 \* 3000.0"),
+    ],
+)
+def test_train_config_refuses_what_would_train_nothing_or_flip_the_context(wordlevel, fields, message) -> None:
+    """Each of these trained "fine": the context never moved (the step or the clipped gradient
+    was 0 in float32), or weight decay multiplied it by 1 - 3 = -2 each step."""
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**fields)
+    at_the_bounds = TrainConfig(learning_rate=SMALLEST_NORMAL, max_grad_norm=SMALLEST_NORMAL, weight_decay=1 / SMALLEST_NORMAL / 2)
+    assert at_the_bounds.learning_rate * at_the_bounds.weight_decay <= 1

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt._fields import check_instance, check_path, check_text, show
+from cpt._fields import check_instance, check_path, check_text, check_vocabulary, show
 from cpt.data import (
     CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
     check_distinct_labels, label_token_ids, padding_id, task_template,
@@ -124,7 +124,8 @@ def fit(
         ValueError: on empty examples, a malformed example (naming its index; a text that is
             not valid Unicode included), an integer label without ``labels``, a label outside
             ``labels``, ``labels`` that is not a list of distinct non-empty strings, two labels
-            that render to the same tokens (`cpt.data.check_distinct_labels`), an unknown
+            that render to the same tokens (`cpt.data.check_distinct_labels`), an example with a
+            token id outside the model's vocabulary (naming it), an unknown
             ``selection``, an argument of the wrong type (checked before anything is built), or
             any bad option.
     """
@@ -147,6 +148,9 @@ def fit(
     model = CPTModel(base_model, config, **(model_kwargs or {}))
     model.task = task_of(template, label_set)
     dataset = CPTDataset(tokenizer, training, template)
+    vocab_size = int(model.base_model.get_input_embeddings().weight.shape[0])
+    for i, sample in enumerate(dataset.samples):  # refused by name here, not at some step of training
+        check_vocabulary(sample.input_ids, vocab_size, f"train_examples[{i}]" if train_examples is not None else f"examples[{i}]")
     config = train_config or TrainConfig()
     selector = None
     if selection == "leave-one-out" and _every_label_twice(context):
@@ -162,7 +166,7 @@ def fit(
         model,
         dataset,
         config,
-        collator=CPTCollator(padding_id(tokenizer, int(model.base_model.get_input_embeddings().weight.shape[0]))),
+        collator=CPTCollator(padding_id(tokenizer, vocab_size)),
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,

@@ -208,3 +208,13 @@ def test_train_config_refuses_what_would_train_nothing_or_flip_the_context(wordl
         TrainConfig(**fields)
     at_the_bounds = TrainConfig(learning_rate=SMALLEST_NORMAL, max_grad_norm=SMALLEST_NORMAL, weight_decay=1 / SMALLEST_NORMAL / 2)
     assert at_the_bounds.learning_rate * at_the_bounds.weight_decay <= 1
+
+
+def test_fit_refuses_a_training_example_the_model_cannot_embed_by_its_index() -> None:
+    """Only the context was checked up front; a training example with an id past the model's
+    embeddings was refused at the first step, as "input_ids holds 319", naming no example."""
+    bpe = make_bpe_tokenizer()
+    context = [("zq", "x"), ("qz", "y")]  # ids below 300
+    with pytest.raises(ValueError, match=r"^train_examples\[1\] holds token id 3\d\d, outside the model's vocabulary of 300"):
+        fit(make_model("llama", vocab_size=300), bpe, context, train_examples=[("zq", "x"), ("the movie", "y")],
+            train_config=TrainConfig(max_steps=1), selection=None)

@@ -677,13 +677,7 @@ def _check_model(model: CPTModel) -> None:
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
         return model.context_cache()
-    if not isinstance(cache, ContextCache):
-        raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
-    if cache.num_tokens != model.num_virtual_tokens:
-        raise ValueError(
-            f"context_cache holds {cache.num_tokens} tokens but the model's context has "
-            f"{model.num_virtual_tokens}; build it with model.build_context_cache()"
-        )
+    model.check_context_cache(cache)
     return cache
 
 

@@ -218,3 +218,30 @@ def test_fit_refuses_a_training_example_the_model_cannot_embed_by_its_index() ->
     with pytest.raises(ValueError, match=r"^train_examples\[1\] holds token id 3\d\d, outside the model's vocabulary of 300"):
         fit(make_model("llama", vocab_size=300), bpe, context, train_examples=[("zq", "x"), ("the movie", "y")],
             train_config=TrainConfig(max_steps=1), selection=None)
+
+
+def test_a_context_cache_of_another_context_is_refused(wordlevel) -> None:
+    """Only the cache's length was checked: one built before the adapter changed, or from another
+    model with a context of the same length, quietly scored with that other context."""
+    config = build_context(wordlevel, CONTEXT)
+    model = CPTModel(make_model("llama", vocab_size=len(wordlevel)), config)
+    other = CPTModel(make_model("llama", vocab_size=len(wordlevel), seed=1), config)
+    texts, labels = ["a fine story"], ["positive", "negative"]
+    cache = model.build_context_cache()
+    assert torch.equal(
+        classify(model, wordlevel, texts, labels, context_cache=cache).log_likelihoods,
+        classify(model, wordlevel, texts, labels).log_likelihoods,
+    )
+    with pytest.raises(ValueError, match="context_cache was built from another context"):
+        classify(other, wordlevel, texts, labels, context_cache=cache)
+    with torch.no_grad():
+        model.delta.add_(0.5 * model.context.trainable_rows)  # the adapter changes: the cache is stale
+    for call in (
+        lambda: classify(model, wordlevel, texts, labels, context_cache=cache),
+        lambda: generate(model, wordlevel, texts, context_cache=cache, max_new_tokens=1),
+        lambda: model.sample_logits(torch.tensor([[3, 4]]), context_cache=cache),
+    ):
+        with pytest.raises(ValueError, match="context_cache was built from another context"):
+            call()
+    fresh = classify(model, wordlevel, texts, labels, context_cache=model.build_context_cache()).log_likelihoods
+    assert torch.equal(fresh, classify(model, wordlevel, texts, labels).log_likelihoods)

@@ -9,7 +9,7 @@ from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 
 from cpt import CPTModel, TrainConfig, classify, fit, generate, load_model_and_tokenizer
 from cpt.datasets import load_dataset
-from cpt.data import Template, build_context
+from cpt.data import Example, Template, build_context
 
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # cpt.train.SMALLEST_NORMAL
 
@@ -245,3 +245,14 @@ def test_a_context_cache_of_another_context_is_refused(wordlevel) -> None:
             call()
     fresh = classify(model, wordlevel, texts, labels, context_cache=model.build_context_cache()).log_likelihoods
     assert torch.equal(fresh, classify(model, wordlevel, texts, labels).log_likelihoods)
+
+
+def test_leave_one_out_hides_every_copy_of_the_held_out_text(wordlevel) -> None:
+    """With a text twice in the context, holding one copy out left the other in view: the
+    example was scored with its own answer in the context, and fit's selection trusted that."""
+    from cpt.selection import held_out_log_probs
+
+    examples = [Example(*pair) for pair in [("a fine story", "positive"), ("a fine story", "positive"), *CONTEXT]]
+    model = CPTModel(make_model("llama", vocab_size=len(wordlevel)), build_context(wordlevel, examples))
+    scored = held_out_log_probs(model, wordlevel, examples, ["positive", "negative"])
+    assert scored[0] == scored[1]  # both copies hidden: the same visible context for either

@@ -213,13 +213,14 @@ def _label_set(labels: Sequence[str]) -> list[str]:
 
 
 def _every_label_twice(context: Sequence[Example]) -> bool:
-    """Whether leaving any one example out keeps its label in the context: without that, the
-    held-out example's label is missing from what it is scored against, and the score says
-    nothing about the trained context (docs/tuning.md has the measurement)."""
-    counts: dict[str, int] = {}
-    for example in context:
-        counts[example.label] = counts.get(example.label, 0) + 1
-    return min(counts.values()) >= 2
+    """Whether leaving any one example (and its copies) out keeps its label in the context: each
+    label needs two distinct texts. Without that, the held-out example's label is missing from
+    what it is scored against, and the score says nothing about the trained context
+    (docs/tuning.md has the measurement)."""
+    texts: dict[str, set[str]] = {}
+    for example in context:  # distinct texts: leave-one-out hides every copy of the held-out one
+        texts.setdefault(example.label, set()).add(example.text)
+    return min(len(t) for t in texts.values()) >= 2
 
 
 def _total_steps(config: TrainConfig, num_samples: int) -> int:

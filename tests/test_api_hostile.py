@@ -256,3 +256,11 @@ def test_leave_one_out_hides_every_copy_of_the_held_out_text(wordlevel) -> None:
     model = CPTModel(make_model("llama", vocab_size=len(wordlevel)), build_context(wordlevel, examples))
     scored = held_out_log_probs(model, wordlevel, examples, ["positive", "negative"])
     assert scored[0] == scored[1]  # both copies hidden: the same visible context for either
+
+
+def test_fit_skips_leave_one_out_when_a_label_has_one_distinct_text(wordlevel) -> None:
+    """Two copies of one text counted as two examples of its label, so the selection ran with a
+    held-out text whose label the rest of the context no longer showed."""
+    examples = [("a fine story", "positive"), ("a fine story", "positive"), *CONTEXT[1:], ("boring and too long", "negative")]
+    _, result = fit(make_model("llama", vocab_size=len(wordlevel)), wordlevel, examples, train_config=TrainConfig(max_steps=1))
+    assert not any("loo_accuracy" in entry for entry in result.eval_history)

@@ -128,6 +128,8 @@ def check_path(value: Any, what: str) -> str | os.PathLike[str]:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{what} must be a non-empty path (a str or os.PathLike), got {show(value)}")
     check_text(name, what)
+    if "\0" in name:  # the OS would refuse it with a bare "embedded null byte"
+        raise ValueError(f"{what} holds a NUL character, which no file name can: {show(value)}")
     return value
 
 
@@ -181,3 +183,19 @@ def int_list(name: str, values: Any) -> list[int]:
             raise ValueError(f"{name}[{i}] is out of range: {show(v)}")
         out.append(v)
     return out
+
+
+def check_vocabulary(ids: list[int], vocab_size: int, what: str) -> None:
+    """Refuses token ids (a tokenizer's output) that the model cannot embed: a tokenizer with a
+    larger vocabulary than the model's would otherwise reach the embedding lookup (an
+    ``IndexError`` on the CPU, a device-side assert on CUDA).
+
+    Raises:
+        ValueError: naming ``what`` and the first id outside ``0 .. vocab_size - 1``.
+    """
+    outside = [i for i in ids if not 0 <= i < vocab_size]
+    if outside:
+        raise ValueError(
+            f"{what} holds token id {outside[0]}, outside the model's vocabulary of {vocab_size} "
+            f"(ids 0..{vocab_size - 1})"
+        )

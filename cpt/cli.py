@@ -637,12 +637,12 @@ def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-unt
 
 def _preflight(args: argparse.Namespace) -> None:
     """What `demo` and `train` check before any data, model or training: the output and checkpoint
-    folders, the device and the learning rate (`cpt.train.MAX_LEARNING_RATE`).
+    folders, the device and the learning rate (`cpt.train.SMALLEST_NORMAL` to `MAX_LEARNING_RATE`).
 
     Raises:
         CLIError: naming the option and the value.
     """
-    from cpt.train import MAX_LEARNING_RATE
+    from cpt.train import MAX_LEARNING_RATE, SMALLEST_NORMAL
 
     _check_output("--output", args.output)
     if getattr(args, "checkpoint_dir", None) is not None:
@@ -650,8 +650,10 @@ def _preflight(args: argparse.Namespace) -> None:
 
         _check_output("--checkpoint-dir", args.checkpoint_dir / LAST_CHECKPOINT_NAME)
     _device(args.device)
-    if not 0.0 < args.lr <= MAX_LEARNING_RATE:  # NaN fails this too
-        raise CLIError(f"--lr must be a number in (0, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {args.lr}")
+    if not SMALLEST_NORMAL <= args.lr <= MAX_LEARNING_RATE:  # NaN fails this too
+        raise CLIError(
+            f"--lr must be a number in [{SMALLEST_NORMAL!r}, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {args.lr}"
+        )
 
 
 def _device(name: str | None) -> str:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cpt._fields import is_finite, show
+from cpt._fields import check_vocabulary, is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig, is_label, is_trainable
 from cpt.projection import epsilons, project_
 
@@ -33,9 +33,7 @@ class Context(nn.Module):
     def __init__(self, config: CPTConfig, embeddings: nn.Embedding, compile_projection: bool | None = None) -> None:
         super().__init__()
         vocab_size, hidden_size = embeddings.weight.shape
-        too_big = [i for i in config.cpt_token_ids if i >= vocab_size]
-        if too_big:
-            raise ValueError(f"cpt_token_ids holds id {too_big[0]}, outside the model's vocabulary of {vocab_size}")
+        check_vocabulary(config.cpt_token_ids, vocab_size, "cpt_token_ids")
         self.config = config
         self.compile_projection = compile_projection
         device = embeddings.weight.device

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.utils.data import Dataset
 
-from cpt._fields import as_list, check_bool, check_text, int_list, show
+from cpt._fields import as_list, check_bool, check_text, int_list, is_int, show
 from cpt.config import CODES_PER_EXAMPLE, IGNORE_INDEX, CPTConfig, TokenRole
 
 if TYPE_CHECKING:
@@ -218,6 +218,30 @@ def label_token_ids(
     if not ids:
         raise ValueError(f"label {label!r} tokenizes to no tokens; a label needs at least one")
     return ids
+
+
+def check_distinct_labels(labels: Sequence[str], label_ids: Sequence[Sequence[int]]) -> None:
+    """Refuses two labels that render to the same tokens (words a word-level tokenizer maps to
+    the same unknown token, spaces it drops): every score would tie between them, and the first
+    would always win, whatever the model says.
+
+    Args:
+        labels: the labels.
+        label_ids: each label's rendered tokens (`label_token_ids`, or everything
+            `render_example` writes after the query).
+
+    Raises:
+        ValueError: naming both labels and their tokens.
+    """
+    first: dict[tuple[int, ...], int] = {}
+    for j, ids in enumerate(label_ids):
+        i = first.setdefault(tuple(ids), j)
+        if i != j:
+            raise ValueError(
+                f"labels {i} ({labels[i]!r}) and {j} ({labels[j]!r}) render to the same tokens "
+                f"{list(ids)}, so no score can tell them apart; use labels that the tokenizer "
+                "writes differently"
+            )
 
 
 def shift_type_codes(type_codes: Sequence[int], offset: int) -> list[int]:
@@ -473,6 +497,17 @@ class CPTDataset(Dataset[dict[str, list[int]]]):
         return {"input_ids": list(sample.input_ids), "input_type_mask": list(sample.type_codes)}
 
 
+def padding_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
+    """The id to write on padding positions. Every pass masks them out, but the embedding lookup
+    still reads them, so any id the model can embed serves: the tokenizer's pad token, else its
+    eos token, when the model's ``vocab_size`` embeddings hold it, else 0. (A tokenizer may have
+    no pad token, or one added without the model's embeddings growing.)"""
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if is_int(candidate) and 0 <= candidate < vocab_size:
+            return candidate
+    return 0
+
+
 class CPTCollator:
     """Right-pads `CPTDataset` items into a batch.
 
@@ -545,6 +580,23 @@ def _sample(item: Any, index: int) -> dict[str, list[int]]:
     if missing:
         raise ValueError(f"item {index} lacks {missing}")
     return {key: int_list(f"item {index}: {key}", item[key]) for key in ("input_ids", "input_type_mask")}
+
+
+def task_template(task: Mapping[str, Any] | None) -> Template:
+    """The template a task records (`fit` and saved adapters write it to ``CPTModel.task``), or
+    the default `Template` when it records none.
+
+    Raises:
+        ValueError: if ``task`` is not a mapping, or its template not one of `Template`'s fields.
+    """
+    if task is not None and not isinstance(task, Mapping):
+        raise ValueError(f"the model's task must be a dict or None, got {type(task).__name__}")
+    if task is None or "template" not in task:
+        return Template()
+    try:
+        return Template(**task["template"])
+    except TypeError:
+        raise ValueError(f"the model's task template must be a dict of Template fields, got {_short(task['template'])}") from None
 
 
 def as_template(template: Template | None) -> Template:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cpt._fields import check_instance, check_path, check_seed, check_text, is_int, show
+from cpt._fields import as_list, check_instance, check_path, check_seed, check_text, is_int, show
 from cpt.data import Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
@@ -105,8 +105,9 @@ class LabelledData:
             for a built-in set.
 
     Raises:
-        ValueError: if ``labels`` is empty or repeats a label, an example's label is not in it, or
-            ``lines`` does not give one line per example.
+        ValueError: if a field has the wrong type (``examples`` holds `Example` objects, ``labels``
+            strings, ``lines`` integers >= 1), ``labels`` is empty or repeats a label, an
+            example's label is not in it, or ``lines`` does not give one line per example.
     """
 
     name: str
@@ -115,6 +116,17 @@ class LabelledData:
     lines: list[int] | None = None
 
     def __post_init__(self) -> None:
+        check_text(check_instance(self.name, str, "LabelledData.name"), "LabelledData.name")
+        self.examples = as_list(self.examples, "LabelledData.examples", "Example objects")
+        for i, example in enumerate(self.examples):
+            check_instance(example, Example, f"LabelledData.examples[{i}]")
+        self.labels = as_list(self.labels, "LabelledData.labels", "strings")
+        for i, label in enumerate(self.labels):
+            check_instance(label, str, f"LabelledData.labels[{i}]")
+        if self.lines is not None:
+            self.lines = as_list(self.lines, "LabelledData.lines", "line numbers")
+            if not all(is_int(line) and line >= 1 for line in self.lines):
+                raise ValueError(f"LabelledData.lines must hold line numbers (integers >= 1), got {show(self.lines)}")
         if not self.labels:
             raise ValueError(f"{self.name}: the label set is empty")
         repeated = [label for label, n in Counter(self.labels).items() if n > 1]

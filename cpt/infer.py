@@ -26,9 +26,12 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cpt import _compat, calibration, passes
-from cpt._fields import as_list, check_bool, check_text, int_list, is_int, is_number, show
+from cpt._fields import as_list, check_bool, check_text, check_vocabulary, int_list, is_int, is_number, show
 from cpt.context import Context
-from cpt.data import Template, as_template, as_texts, render_example, render_query
+from cpt.data import (
+    Template, as_template, as_texts, check_distinct_labels, padding_id, render_example, render_query,
+    task_template,
+)
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
 
@@ -120,7 +123,8 @@ def classify(
         tokenizer: the tokenizer the context was made with.
         texts: T >= 1 input texts.
         labels: L >= 1 distinct candidate labels, each rendering to at least one token.
-        template: how examples are written out (use the context's); the default `Template` if None.
+        template: how examples are written out; None: the one the model's context was written
+            with (``model.task``, which `fit` and saved adapters record), else the default.
         batch_size: queries (or pair sequences) per forward pass, >= 1; a query pass is
             followed by one pass over its ``batch_size * L`` continuations.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
@@ -143,7 +147,9 @@ def classify(
     Raises:
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` or ``labels`` is empty or not a
             sequence of strings (each valid Unicode, `cpt._fields.check_text`), a flag is not a
-            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens, ``batch_size`` is below 1,
+            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens,
+            two labels render to the same tokens (`cpt.data.check_distinct_labels`), a text or
+            label holds a token id outside the model's vocabulary, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
@@ -161,10 +167,11 @@ def classify(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_bool(use_cache, "use_cache")
     check_bool(calibrate, "calibrate")
-    template = as_template(template)
+    template = _template(model, template)
 
-    queries = [render_query(tokenizer, template, text).input_ids for text in texts]
-    continuations = [_continuation(tokenizer, template, label, j) for j, label in enumerate(labels)]
+    queries = [_query_ids(model, tokenizer, template, text, i) for i, text in enumerate(texts)]
+    continuations = [_continuation(model, tokenizer, template, label, j) for j, label in enumerate(labels)]
+    check_distinct_labels(labels, continuations)
     longest = max(len(ids) for ids in continuations)
     i = max(range(len(queries)), key=lambda j: len(queries[j]))  # the first of the longest texts
     what = f"text {i} with the longest label"
@@ -173,7 +180,7 @@ def classify(
     how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = padding_id(tokenizer, _vocab_size(model))
     if how.query_once:
         scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
     else:
@@ -252,7 +259,8 @@ def generate(
         model: a trained `CPTModel`.
         tokenizer: the tokenizer the context was made with.
         texts: one text or a sequence of texts.
-        template: how examples are written out (use the context's); the default `Template` if None.
+        template: how examples are written out; None: the one the model's context was written
+            with (``model.task``, which `fit` and saved adapters record), else the default.
         context_cache: the context's KV cache; by default ``model.context_cache()``, which the
             model keeps while its adapter is unchanged.
         **generation_kwargs: passed to ``transformers``' ``generate`` (``max_new_tokens``,
@@ -263,8 +271,12 @@ def generate(
 
     Raises:
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` is empty or holds a non-string
-            or a text that is not valid Unicode, ``template`` is not a `Template`, a generation
-            argument would replace the prompt or the cache, ``num_return_sequences`` or
+            or a text that is not valid Unicode or holds a token id outside the model's vocabulary
+            (naming the text), ``template`` is not a `Template`, a generation
+            argument would replace the prompt or the cache, a count (`COUNT_ARGUMENTS`) is not
+            an integer, a token id (`TOKEN_ARGUMENTS`) lies outside the model's vocabulary,
+            ``generation_config``, ``logits_processor``, ``stopping_criteria`` or ``streamer``
+            is not one, ``num_return_sequences`` or
             ``num_beams`` is not 1, ``context_cache`` has the wrong length, a text's prompt, or the prompt and ``max_new_tokens`` (or
             ``max_length``), do not fit the model's maximum number of positions (naming the text),
             or a text renders to no query tokens while the context's last token carries a trained
@@ -278,10 +290,11 @@ def generate(
     clashing = sorted(reserved & generation_kwargs.keys())
     if clashing:
         raise ValueError(f"generate builds {clashing} itself; do not pass them")
+    _check_generation_arguments(model, generation_kwargs)
     returns = generation_kwargs.get("num_return_sequences", 1)
-    if returns != 1:
+    if returns != 1 or isinstance(returns, bool):
         raise ValueError(f"num_return_sequences must be 1 (one output per text), got {returns!r}")
-    template = as_template(template)
+    template = _template(model, template)
     cache = _checked_cache(model, context_cache)
     base_model = model.base_model
     sampling = _check_sampling(base_model, generation_kwargs)
@@ -293,12 +306,11 @@ def generate(
         generation_kwargs["eos_token_id"] = stop_token_ids(model, tokenizer, template)
     stops = set(_as_list(generation_kwargs["eos_token_id"]))
     if generation_kwargs.get("pad_token_id", base_model.generation_config.pad_token_id) is None:
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(stops), 0)
-        generation_kwargs["pad_token_id"] = pad  # spares the warning; one sequence is never padded
+        generation_kwargs["pad_token_id"] = padding_id(tokenizer, _vocab_size(model))  # spares the warning; one sequence is never padded
 
     outputs: list[str] = []
     for i, text in enumerate(texts):
-        query = render_query(tokenizer, template, text).input_ids
+        query = _query_ids(model, tokenizer, template, text, i)
         _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(query), f"text {i}")
         _check_generation_fits(model, len(query), generation_kwargs, i)
         cached = n
@@ -506,16 +518,38 @@ def _continuation_log_probs(
     return torch.where(real, token_log_probs, 0.0).sum(dim=-1).view(batch_size, num_labels)
 
 
+def _query_ids(
+    model: CPTModel, tokenizer: PreTrainedTokenizerBase, template: Template, text: str, index: int
+) -> list[int]:
+    """``render_query(text)``'s ids, refused (naming the text) if the model cannot embed one."""
+    ids = render_query(tokenizer, template, text).input_ids
+    check_vocabulary(ids, _vocab_size(model), _text_name(index, text))
+    return ids
+
+
 def _continuation(
-    tokenizer: PreTrainedTokenizerBase, template: Template, label: str, index: int
+    model: CPTModel, tokenizer: PreTrainedTokenizerBase, template: Template, label: str, index: int
 ) -> list[int]:
     """What `render_example` writes after the query: label, output suffix, end token."""
+    what = f"label {index} ({label!r})"
     try:
         # render_example(text, label) is render_query(text) + this, whatever the text.
         full = render_example(tokenizer, template, "", label).input_ids
     except ValueError as error:
-        raise ValueError(f"label {index} ({label!r}): {error}") from error
-    return full[len(render_query(tokenizer, template, "").input_ids) :]
+        raise ValueError(f"{what}: {error}") from error
+    ids = full[len(render_query(tokenizer, template, "").input_ids) :]
+    check_vocabulary(ids, _vocab_size(model), what)
+    return ids
+
+
+def _vocab_size(model: CPTModel) -> int:
+    return int(passes.input_embeddings(model.base_model).weight.shape[0])
+
+
+def _template(model: CPTModel, template: Template | None) -> Template:
+    """``template``, or for None the one the model's context was written with (its ``task``):
+    scoring with another template than the context's would quietly give other numbers."""
+    return task_template(model.task) if template is None else as_template(template)
 
 
 def _strings(name: str, values: Sequence[str]) -> list[str]:
@@ -575,7 +609,7 @@ def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool
         return kwargs[name] if name in kwargs else getattr(config, name, None)
 
     beams = setting("num_beams")
-    if beams not in (None, 1):
+    if beams not in (None, 1) or isinstance(beams, bool):
         raise ValueError(f"num_beams must be 1 (the context's cache holds one sequence), got {show(beams)}")
     if not setting("do_sample"):
         return False
@@ -591,6 +625,38 @@ def _check_sampling(base_model: torch.nn.Module, kwargs: dict[str, Any]) -> bool
     if top_k is not None and not (is_int(top_k) and top_k >= 0):
         raise ValueError(f"top_k must be an integer >= 0 (0: no limit), got {show(top_k)}")
     return True
+
+
+COUNT_ARGUMENTS = ("max_new_tokens", "min_new_tokens", "max_length", "min_length", "num_return_sequences", "no_repeat_ngram_size")
+"""`generate`'s arguments that count tokens or sequences: integers, never floats or bools (which
+``transformers`` would take as 1.5 or True tokens)."""
+TOKEN_ARGUMENTS = ("eos_token_id", "pad_token_id", "bos_token_id", "forced_bos_token_id", "forced_eos_token_id")
+"""`generate`'s arguments that name token ids: each id must be one the model can embed."""
+
+
+def _check_generation_arguments(model: CPTModel, kwargs: dict[str, Any]) -> None:
+    """Refuses a count that is not an integer, a token id outside the model's vocabulary (an
+    ``IndexError`` inside sampling, or a stop token that can never come), and a processor,
+    stopping criterion, streamer or generation config that is not one."""
+    from transformers import GenerationConfig
+
+    for name in COUNT_ARGUMENTS:
+        value = kwargs.get(name)
+        if value is not None and not is_int(value):
+            raise ValueError(f"{name} must be an integer, got {show(value)}")
+    for name in TOKEN_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            check_vocabulary(_as_list(kwargs[name], name), _vocab_size(model), name)
+    config = kwargs.get("generation_config")
+    if config is not None and not isinstance(config, GenerationConfig):
+        raise ValueError(f"generation_config must be a transformers GenerationConfig, got {show(config)}")
+    for name in ("logits_processor", "stopping_criteria"):  # lists of callables(input_ids, scores)
+        value = kwargs.get(name)
+        if value is not None and not (isinstance(value, Sequence) and all(callable(x) for x in value)):
+            raise ValueError(f"{name} must be a list of callables (input_ids, scores), got {show(value)}")
+    streamer = kwargs.get("streamer")
+    if streamer is not None and not all(callable(getattr(streamer, m, None)) for m in ("put", "end")):
+        raise ValueError(f"streamer must have put() and end() methods (a transformers streamer), got {show(streamer)}")
 
 
 def _text_name(index: int, text: str) -> str:
@@ -611,13 +677,7 @@ def _check_model(model: CPTModel) -> None:
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
         return model.context_cache()
-    if not isinstance(cache, ContextCache):
-        raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
-    if cache.num_tokens != model.num_virtual_tokens:
-        raise ValueError(
-            f"context_cache holds {cache.num_tokens} tokens but the model's context has "
-            f"{model.num_virtual_tokens}; build it with model.build_context_cache()"
-        )
+    model.check_context_cache(cache)
     return cache
 
 

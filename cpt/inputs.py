@@ -58,8 +58,9 @@ def check_batch(
     labels: torch.Tensor | None,
     input_type_mask: torch.Tensor | None,
 ) -> None:
-    """Checks that the batch's tensors are tensors of ``input_ids``' (B, S) shape, S >= 1, and
-    that the type codes are integers.
+    """Checks that the batch's tensors are tensors of ``input_ids``' (B, S) shape, B >= 1 and
+    S >= 1, off the meta device, that the type codes are integers and that a CPU attention mask
+    holds only 0 and 1.
 
     Raises:
         ValueError: naming the argument and what it is.
@@ -67,6 +68,8 @@ def check_batch(
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise ValueError(f"input_ids must be a (batch, seq_len) tensor, got {shape}")
+    if input_ids.shape[0] == 0:
+        raise ValueError("input_ids has no rows (batch size 0)")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has no tokens (seq_len 0)")
     for name, tensor in (("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
@@ -80,6 +83,21 @@ def check_batch(
             )
     if input_type_mask is not None and (input_type_mask.dtype.is_floating_point or input_type_mask.dtype.is_complex):
         raise ValueError(f"input_type_mask must hold integer type codes, got {input_type_mask.dtype}")
+    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
+        if tensor is not None and tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device, which holds no data; give a tensor on the CPU or the model's device")
+    if attention_mask is not None and attention_mask.device.type == "cpu":  # a GPU mask would make the host wait
+        _check_mask_values(attention_mask)
+
+
+def _check_mask_values(attention_mask: torch.Tensor) -> None:
+    """Refuses a mask value other than 0 and 1: the passes read any non-zero value (2, -1, NaN) as
+    a real token, so such a mask would be obeyed as something it does not say."""
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bool(bad.any()):
+        raise ValueError(
+            f"attention_mask must hold 0 (padding) and 1 (token) only, got {attention_mask[bad][0].item()!r}"
+        )
 
 
 def check_base_model(model: nn.Module) -> nn.Embedding:

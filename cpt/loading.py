@@ -311,9 +311,9 @@ def _device(name: str, device: str | torch.device | None) -> torch.device | None
 def _dtype(name: str, dtype: torch.dtype | str | None) -> torch.dtype | str:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
+    if dtype == "auto":
         return dtype
-    value = getattr(torch, dtype, None) if isinstance(dtype, str) else None
+    value = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
     if not isinstance(value, torch.dtype) or not value.is_floating_point:
         raise ValueError(
             f"cannot load model {name!r}: dtype must be a floating torch dtype, its name "

@@ -70,12 +70,9 @@ class _Conveniences(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
-        """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
-        from cpt.data import Template
+        """`cpt.infer.generate` (which uses the model's own template unless ``template`` is given)."""
         from cpt.infer import generate
 
-        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
-        kwargs.setdefault("template", template)
         return generate(self, tokenizer, texts, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
@@ -165,7 +162,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         self.base_model.requires_grad_(False)
         if activation_checkpointing:
             checkpointing.enable(base_model)
-        self._context_cache: tuple[tuple, ContextCache] | None = None  # see context_cache()
+        self._context_cache: ContextCache | None = None  # see context_cache()
         self._warned_fallback = False
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)
 
@@ -245,8 +242,10 @@ class CPTModel(_TrainerSupport, _Conveniences):
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, float ids, ids or labels
-                outside the vocabulary, negative type codes, a batch without any label token, or
+            ValueError: on shapes that differ from ``input_ids``, no rows or no tokens, float
+                ids, ids or labels outside the vocabulary, a tensor on the meta device, an
+                attention mask holding other values than 0 and 1 (checked on the CPU),
+                negative type codes, a batch without any label token, or
                 context and samples longer than the model's positions.
         """
         check_batch(input_ids, attention_mask, labels, input_type_mask)
@@ -274,12 +273,37 @@ class CPTModel(_TrainerSupport, _Conveniences):
     def context_cache(self) -> ContextCache:
         """The context's KV cache, built on first use and kept while the adapter is unchanged
         (rebuilt after a step, a projection, a load, or a move to another device or dtype)."""
+        if self._context_cache is None or self._context_cache.source != self.context_key():
+            self._context_cache = self.build_context_cache()
+        return self._context_cache
+
+    def context_key(self) -> tuple:
+        """What the context's KV cache depends on: this model, its adapter's tensors and their
+        in-place versions (a step, a projection, a load), and the base model's dtype."""
         delta, base = self.delta, self.base
         dtype = passes.input_embeddings(self.base_model).weight.dtype
-        key = (delta._version, delta.data_ptr(), base._version, base.data_ptr(), dtype)
-        if self._context_cache is None or self._context_cache[0] != key:
-            self._context_cache = (key, self.build_context_cache())
-        return self._context_cache[1]
+        return (id(self), delta._version, delta.data_ptr(), base._version, base.data_ptr(), dtype)
+
+    def check_context_cache(self, cache: ContextCache) -> None:
+        """Refuses a cache built from another context: another model, or this one before its
+        adapter or dtype changed (it would quietly score with the old context).
+
+        Raises:
+            ValueError: if ``cache`` is not a `ContextCache`, has another length than the context,
+                or was built from another context.
+        """
+        if not isinstance(cache, ContextCache):
+            raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
+        if cache.num_tokens != self.num_virtual_tokens:
+            raise ValueError(
+                f"context_cache holds {cache.num_tokens} tokens but the model's context has "
+                f"{self.num_virtual_tokens}; build it with model.build_context_cache()"
+            )
+        if cache.source is not None and cache.source != self.context_key():
+            raise ValueError(
+                "context_cache was built from another context (another model, or this one before its "
+                "adapter or dtype changed); build it again with model.build_context_cache(), or pass None"
+            )
 
     def build_context_cache(self) -> ContextCache:
         """Runs the (constant, trained) context once and keeps its KV cache for inference.
@@ -288,7 +312,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
             ValueError: where a cache cannot stand in for the context (a sliding window).
         """
         how = self.execution_plan("infer", 1, 1, context_cache="on")
-        return passes.build_context_cache(self.base_model, self.context, causal=how.causal_context)
+        cache = passes.build_context_cache(self.base_model, self.context, causal=how.causal_context)
+        return replace(cache, source=self.context_key())
 
     def sample_logits(
         self,
@@ -315,6 +340,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         if context_cache is None:
             keep = positions + self.num_virtual_tokens
             return passes.plain(self.base_model, self.context, embeds, attention_mask, keep)
+        self.check_context_cache(context_cache)
         how = self.execution_plan("infer", *input_ids.shape)
         states = context_cache.tensors
         return passes.against_context(

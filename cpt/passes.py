@@ -46,11 +46,15 @@ class ContextCache:
         last_logits: (V,) float32 logits at the context's last position (they score the first
             token that follows the context).
         num_tokens: N.
+        source: what it was built from (`cpt.model.CPTModel.context_key`: the model, its
+            adapter's version, the dtype), so that a cache of another context is refused; None
+            when unknown.
     """
 
     tensors: KV
     last_logits: torch.Tensor
     num_tokens: int
+    source: tuple | None = None
 
 
 def input_embeddings(model: nn.Module) -> nn.Embedding:

@@ -64,7 +64,8 @@ def held_out_log_probs(
     *,
     template: Template | None = None,
 ) -> list[tuple[float, str]]:
-    """Each context example classified with its own tokens masked out of the context.
+    """Each context example classified with its own tokens, and those of every other example of
+    the same text, masked out of the context.
 
     Args: as for `leave_one_out`.
 
@@ -81,8 +82,11 @@ def held_out_log_probs(
     spans = example_spans(model, len(examples))
     visible = list(model.config.cpt_mask)
     scored = []
-    for example, (start, stop) in zip(examples, spans, strict=True):
-        mask = visible[:start] + [0] * (stop - start) + visible[stop:]
+    for example in examples:
+        mask = list(visible)
+        for other, (start, stop) in zip(examples, spans, strict=True):
+            if other.text == example.text:  # every copy of the text: a copy left in would give it away
+                mask[start:stop] = [0] * (stop - start)
         held_out = CPTModel(model.base_model, replace(model.config, cpt_mask=mask))
         held_out.delta.data = model.delta.data  # the trained rows, shared, not copied
         result = classify(held_out, tokenizer, [example.text], labels, template=template)

@@ -75,6 +75,10 @@ def _largest_learning_rate() -> float:
 
 MAX_LEARNING_RATE = _largest_learning_rate()
 """The largest learning rate AdamW can step float32 parameters with (about 3.4e37)."""
+SMALLEST_NORMAL = torch.finfo(torch.float32).tiny
+"""The smallest learning rate and gradient-norm bound (about 1.2e-38): AdamW and the clipping
+compute in float32, where a smaller (subnormal) number may flush to 0, and 1e-320 is 0 outright,
+so the context would never move while training reported every step."""
 
 
 class Selector(Protocol):
@@ -89,13 +93,14 @@ class TrainConfig:
     """How `train` optimises a CPT context.
 
     Args:
-        learning_rate: AdamW's step size, at most `MAX_LEARNING_RATE` (the first step divides it
-            by ``1 - beta1``, and the quotient must be a float32).
+        learning_rate: AdamW's step size, a normal float32 (`SMALLEST_NORMAL` up) at most
+            `MAX_LEARNING_RATE` (the first step divides it by ``1 - beta1``, and the quotient
+            must be a float32).
         epochs: passes over the dataset; ignored when ``max_steps`` is set.
         batch_size: samples per forward pass (micro-batch).
         gradient_accumulation_steps: micro-batches per optimizer step.
         weight_decay: AdamW's decoupled weight decay on ``delta`` (pulls it towards 0, the
-            original context).
+            original context); ``learning_rate * weight_decay`` at most 1.
         max_steps: if set, train for exactly this many optimizer steps, cycling epochs as
             needed (as in ``transformers``); ``epochs`` is then ignored.
         seed: seeds the sample order (with the epoch) and, on a fresh run, the global torch and
@@ -109,7 +114,8 @@ class TrainConfig:
         mixed_precision: ``"auto"`` runs the forward pass under bf16 autocast on CUDA (where bf16
             is supported) and in full precision elsewhere; ``"bf16"`` forces bf16 autocast;
             ``"no"`` never autocasts. ``delta``, the optimizer and the projection stay float32.
-        max_grad_norm: clip the gradient's L2 norm to this before each step; None never clips.
+        max_grad_norm: clip the gradient's L2 norm to this (at least `SMALLEST_NORMAL`) before
+            each step; None never clips.
         shard_base_model: with several processes (``torchrun``), shard the frozen decoder
             layers across them with FSDP2 (`cpt.distributed.shard_base_model`), for a base model
             too large for one device; no effect with one process. Does not combine with CUDA
@@ -146,10 +152,16 @@ class TrainConfig:
     shard_base_model: bool = False  # one device holds the whole model unless asked
 
     def __post_init__(self) -> None:
-        _check_number("learning_rate", self.learning_rate, minimum=0.0, inclusive=False, maximum=MAX_LEARNING_RATE)
+        _check_number("learning_rate", self.learning_rate, minimum=SMALLEST_NORMAL, inclusive=True, maximum=MAX_LEARNING_RATE)
         _check_number("weight_decay", self.weight_decay, minimum=0.0, inclusive=True)
+        if self.learning_rate * self.weight_decay > 1:
+            raise ValueError(
+                f"learning_rate * weight_decay must be at most 1, got {show(self.learning_rate)} * "
+                f"{show(self.weight_decay)}: AdamW multiplies delta by 1 - learning_rate * weight_decay "
+                "each step, and above 1 that flips its sign instead of decaying it"
+            )
         if self.max_grad_norm is not None:
-            _check_number("max_grad_norm", self.max_grad_norm, minimum=0.0, inclusive=False)
+            _check_number("max_grad_norm", self.max_grad_norm, minimum=SMALLEST_NORMAL, inclusive=True)
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "log_every"):
             _check_int(name, getattr(self, name), minimum=1)
         for name in ("max_steps", "eval_every", "checkpoint_every"):

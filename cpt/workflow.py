@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt._fields import check_instance, check_path, check_text, show
-from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context
+from cpt._fields import check_instance, check_path, check_text, check_vocabulary, show
+from cpt.data import (
+    CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
+    check_distinct_labels, label_token_ids, padding_id, task_template,
+)
 from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
@@ -53,8 +56,7 @@ def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
 
 def template_of(model: CPTModel) -> Template:
     """The template a model was trained with (from its task), or the default one."""
-    task = model.task or {}
-    return Template(**task["template"]) if "template" in task else Template()
+    return task_template(model.task)
 
 
 def labels_of(model: CPTModel) -> list[str]:
@@ -121,7 +123,9 @@ def fit(
     Raises:
         ValueError: on empty examples, a malformed example (naming its index; a text that is
             not valid Unicode included), an integer label without ``labels``, a label outside
-            ``labels``, ``labels`` that is not a list of distinct non-empty strings, an unknown
+            ``labels``, ``labels`` that is not a list of distinct non-empty strings, two labels
+            that render to the same tokens (`cpt.data.check_distinct_labels`), an example with a
+            token id outside the model's vocabulary (naming it), an unknown
             ``selection``, an argument of the wrong type (checked before anything is built), or
             any bad option.
     """
@@ -140,9 +144,13 @@ def fit(
             if example.label not in label_set:
                 raise ValueError(f"{name}[{i}] has label {example.label!r}, not in the label set {label_set}")
     config = build_context(tokenizer, context, template, **{**CONTEXT_DEFAULTS, **context_options})
+    check_distinct_labels(label_set, [label_token_ids(tokenizer, template, label) for label in label_set])
     model = CPTModel(base_model, config, **(model_kwargs or {}))
     model.task = task_of(template, label_set)
     dataset = CPTDataset(tokenizer, training, template)
+    vocab_size = int(model.base_model.get_input_embeddings().weight.shape[0])
+    for i, sample in enumerate(dataset.samples):  # refused by name here, not at some step of training
+        check_vocabulary(sample.input_ids, vocab_size, f"train_examples[{i}]" if train_examples is not None else f"examples[{i}]")
     config = train_config or TrainConfig()
     selector = None
     if selection == "leave-one-out" and _every_label_twice(context):
@@ -158,7 +166,7 @@ def fit(
         model,
         dataset,
         config,
-        collator=CPTCollator(tokenizer.pad_token_id),
+        collator=CPTCollator(padding_id(tokenizer, vocab_size)),
         eval_fn=eval_fn,
         checkpoint_dir=checkpoint_dir,
         resume_from=resume_from,
@@ -205,13 +213,14 @@ def _label_set(labels: Sequence[str]) -> list[str]:
 
 
 def _every_label_twice(context: Sequence[Example]) -> bool:
-    """Whether leaving any one example out keeps its label in the context: without that, the
-    held-out example's label is missing from what it is scored against, and the score says
-    nothing about the trained context (docs/tuning.md has the measurement)."""
-    counts: dict[str, int] = {}
-    for example in context:
-        counts[example.label] = counts.get(example.label, 0) + 1
-    return min(counts.values()) >= 2
+    """Whether leaving any one example (and its copies) out keeps its label in the context: each
+    label needs two distinct texts. Without that, the held-out example's label is missing from
+    what it is scored against, and the score says nothing about the trained context
+    (docs/tuning.md has the measurement)."""
+    texts: dict[str, set[str]] = {}
+    for example in context:  # distinct texts: leave-one-out hides every copy of the held-out one
+        texts.setdefault(example.label, set()).add(example.text)
+    return min(len(t) for t in texts.values()) >= 2
 
 
 def _total_steps(config: TrainConfig, num_samples: int) -> int:

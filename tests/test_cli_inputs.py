@@ -93,10 +93,12 @@ def test_checkpoint_dir_that_cannot_be_written(model_dir, data_file, tmp_path, c
     assert line == f"cpt train: error: --checkpoint-dir: cannot write {tmp_path}/file/last: {tmp_path}/file is a file, not a folder"
 
 
-@pytest.mark.parametrize("lr", ["1e39", "3.5e37", repr(math.nextafter(MAX_LEARNING_RATE, math.inf)), "nan", "0", "-1"])
+@pytest.mark.parametrize("lr", ["1e39", "3.5e37", repr(math.nextafter(MAX_LEARNING_RATE, math.inf)), "nan", "0", "-1", "1e-320", "1e-39"])
 def test_learning_rates_adamw_cannot_step(model_dir, data_file, tmp_path, capsys, no_training, lr: str) -> None:
+    from cpt.train import SMALLEST_NORMAL
+
     line = _one_line(_train(model_dir, data_file, tmp_path / "o", "--device", "cpu", "--lr", lr), capsys)
-    assert f"--lr must be a number in (0, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {float(lr)}" in line
+    assert f"--lr must be a number in [{SMALLEST_NORMAL!r}, {MAX_LEARNING_RATE!r}] (AdamW's float32 range), got {float(lr)}" in line
 
 
 def test_learning_rate_at_the_bound_trains(model_dir, data_file, tmp_path, no_training) -> None:

@@ -504,3 +504,20 @@ def test_split_arguments_of_the_wrong_type(kwargs: dict, message: str) -> None:
     args = {"data": data, "per_class": 1, "n_test": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         split_examples(args.pop("data"), **args)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(name=None), r"LabelledData.name must be a str, got NoneType"),
+        (dict(examples=[("a", "b")]), r"LabelledData.examples\[0\] must be a Example, got tuple"),  # AttributeError before
+        (dict(examples=None), r"LabelledData.examples must be a sequence of Example objects, got NoneType"),  # TypeError
+        (dict(labels="b"), r"LabelledData.labels must be a sequence of strings, got the string 'b'"),
+        (dict(lines=["q"]), r"LabelledData.lines must hold line numbers \(integers >= 1\), got \['q'\]"),
+    ],
+)
+def test_labelled_data_refuses_fields_of_the_wrong_type(fields, message) -> None:
+    good = dict(name="d", examples=[Example("a", "b")], labels=["b"], lines=[1])
+    assert LabelledData(**good).examples == [Example("a", "b")]
+    with pytest.raises(ValueError, match=message):
+        LabelledData(**{**good, **fields})

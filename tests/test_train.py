@@ -336,7 +336,7 @@ def test_train_rejects_bad_arguments(context, dataset, collator) -> None:
 
 
 def test_learning_rate_bound_is_what_adamw_can_step(context, dataset, collator) -> None:
-    from cpt.train import ADAM_BETAS, MAX_LEARNING_RATE
+    from cpt.train import ADAM_BETAS, MAX_LEARNING_RATE, SMALLEST_NORMAL
 
     at, beyond = MAX_LEARNING_RATE, math.nextafter(MAX_LEARNING_RATE, math.inf)
     for rate in (at, beyond):  # torch's AdamW itself: its first step computes exactly up to the bound
@@ -349,7 +349,7 @@ def test_learning_rate_bound_is_what_adamw_can_step(context, dataset, collator) 
         else:
             with pytest.raises(RuntimeError, match="overflow"):
                 optimizer.step()
-    message = f"learning_rate must be a finite number in (0.0, {at!r}], got {beyond!r}"
+    message = f"learning_rate must be a finite number in [{SMALLEST_NORMAL!r}, {at!r}], got {beyond!r}"
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         TrainConfig(learning_rate=beyond)
     model = fresh_model(context)

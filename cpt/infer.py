@@ -677,7 +677,7 @@ def _check_model(model: CPTModel) -> None:
 def _checked_cache(model: CPTModel, cache: ContextCache | None) -> ContextCache:
     if cache is None:
         return model.context_cache()
-    model.check_context_cache(cache)
+    passes.check_context_cache(cache, model.num_virtual_tokens, model.context_key())
     return cache
 
 

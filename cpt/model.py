@@ -132,9 +132,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
     Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
 
     Raises:
-        ValueError: if ``base_model`` is not a loaded causal LM with floating-point embeddings
-            (`cpt.inputs.check_base_model`), the context does not fit the model (ids outside the
-            vocabulary, more tokens than its positions) or an option is not one of its choices.
+        ValueError: if ``base_model`` is not a loaded causal LM (`cpt.inputs.check_base_model`),
+            the context does not fit it (ids, positions) or an option is not one of its choices.
     """
 
     context_sharing = plan.Option()
@@ -151,10 +150,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
         shared_attention: plan.Choice | bool | None = "auto",
     ) -> None:
         super().__init__()
-        if not isinstance(config, CPTConfig):
-            raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
+        _check_arguments(config, compile_projection, activation_checkpointing)
         embeddings = check_base_model(base_model)
-        _check_flags(compile_projection, activation_checkpointing)
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
         self.context = Context(config, embeddings, compile_projection)
         _compat.check_positions(base_model.config, self.context.num_tokens)
@@ -242,11 +239,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
             `CPTOutput`: ``loss`` with labels; else ``logits`` (B, S, V) of the sample positions.
 
         Raises:
-            ValueError: on shapes that differ from ``input_ids``, no rows or no tokens, float
-                ids, ids or labels outside the vocabulary, a tensor on the meta device, an
-                attention mask holding other values than 0 and 1 (checked on the CPU),
-                negative type codes, a batch without any label token, or
-                context and samples longer than the model's positions.
+            ValueError: on a batch `cpt.inputs.check_batch` refuses, one without any label token,
+                or context and samples longer than the model's positions.
         """
         check_batch(input_ids, attention_mask, labels, input_type_mask)
         _compat.check_positions(self.base_model.config, self.num_virtual_tokens, int(input_ids.shape[1]))
@@ -278,32 +272,10 @@ class CPTModel(_TrainerSupport, _Conveniences):
         return self._context_cache
 
     def context_key(self) -> tuple:
-        """What the context's KV cache depends on: this model, its adapter's tensors and their
-        in-place versions (a step, a projection, a load), and the base model's dtype."""
+        """What the context's KV cache depends on: this model, its adapter's tensors, their dtype."""
         delta, base = self.delta, self.base
         dtype = passes.input_embeddings(self.base_model).weight.dtype
         return (id(self), delta._version, delta.data_ptr(), base._version, base.data_ptr(), dtype)
-
-    def check_context_cache(self, cache: ContextCache) -> None:
-        """Refuses a cache built from another context: another model, or this one before its
-        adapter or dtype changed (it would quietly score with the old context).
-
-        Raises:
-            ValueError: if ``cache`` is not a `ContextCache`, has another length than the context,
-                or was built from another context.
-        """
-        if not isinstance(cache, ContextCache):
-            raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
-        if cache.num_tokens != self.num_virtual_tokens:
-            raise ValueError(
-                f"context_cache holds {cache.num_tokens} tokens but the model's context has "
-                f"{self.num_virtual_tokens}; build it with model.build_context_cache()"
-            )
-        if cache.source is not None and cache.source != self.context_key():
-            raise ValueError(
-                "context_cache was built from another context (another model, or this one before its "
-                "adapter or dtype changed); build it again with model.build_context_cache(), or pass None"
-            )
 
     def build_context_cache(self) -> ContextCache:
         """Runs the (constant, trained) context once and keeps its KV cache for inference.
@@ -340,7 +312,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         if context_cache is None:
             keep = positions + self.num_virtual_tokens
             return passes.plain(self.base_model, self.context, embeds, attention_mask, keep)
-        self.check_context_cache(context_cache)
+        passes.check_context_cache(context_cache, self.num_virtual_tokens, self.context_key())
         how = self.execution_plan("infer", *input_ids.shape)
         states = context_cache.tensors
         return passes.against_context(
@@ -374,8 +346,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         from cpt.adapter import read_adapter
         from cpt.hub import resolve_adapter
 
-        _check_location(path, revision)
-        check_options(kwargs)
+        _check_location(path, revision, kwargs)
         embeddings = check_base_model(base_model)
         vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
         embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
@@ -389,16 +360,19 @@ class CPTModel(_TrainerSupport, _Conveniences):
         return model
 
 
-def _check_flags(compile_projection: object, activation_checkpointing: object) -> None:
+def _check_arguments(config: object, compile_projection: object, activation_checkpointing: object) -> None:
+    if not isinstance(config, CPTConfig):
+        raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
     if compile_projection is not None and not isinstance(compile_projection, bool):
         raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
     check_bool(activation_checkpointing, "activation_checkpointing")
 
 
-def _check_location(path: object, revision: object) -> None:
+def _check_location(path: object, revision: object, options: dict[str, object]) -> None:
     check_path(path, "path")
     if revision is not None and not isinstance(revision, str):
         raise ValueError(f"revision must be a string or None, got {show(revision)}")
+    check_options(options)
 
 
 def check_options(options: dict[str, object]) -> None:

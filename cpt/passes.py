@@ -206,6 +206,33 @@ def facts(model: nn.Module, device: torch.device) -> Facts:
 _PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool]] = weakref.WeakKeyDictionary()
 
 
+def check_context_cache(cache: Any, num_tokens: int, source: tuple) -> None:
+    """Refuses a cache built from another context: another model, or this one before its adapter
+    or dtype changed (it would quietly score with the old context).
+
+    Args:
+        cache: what a caller passed as the context's cache.
+        num_tokens: the context's length.
+        source: what the context's cache is built from now (`cpt.model.CPTModel.context_key`).
+
+    Raises:
+        ValueError: if ``cache`` is not a `ContextCache`, has another length than the context, or
+            was built from another context.
+    """
+    if not isinstance(cache, ContextCache):
+        raise ValueError(f"context_cache must be a ContextCache or None, got {type(cache).__name__}")
+    if cache.num_tokens != num_tokens:
+        raise ValueError(
+            f"context_cache holds {cache.num_tokens} tokens but the model's context has "
+            f"{num_tokens}; build it with model.build_context_cache()"
+        )
+    if cache.source is not None and cache.source != source:
+        raise ValueError(
+            "context_cache was built from another context (another model, or this one before its "
+            "adapter or dtype changed); build it again with model.build_context_cache(), or pass None"
+        )
+
+
 def one_copy_exact(model: nn.Module) -> bool:
     """Whether one-copy attention (`cpt.attention`) computes what ``model``'s own attention does.
 

@@ -68,6 +68,7 @@ DIR_FDS = (
 )
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 # Windows flushes a file only through a descriptor open for writing.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY  # a FIFO's open must not wait for a writer
 _SYNC_FLAGS = os.O_RDONLY if os.name == "posix" else os.O_RDWR | _BINARY
 
 
@@ -510,15 +511,9 @@ class Folder:
         """
         if not self.is_file(name):
             raise ValueError(f"{what} missing: {self.path / name}")
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _BINARY
+        flags = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(self._at / name, flags) if self._fd is None else os.open(name, flags, dir_fd=self._fd)
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise ValueError(
-                    f"{what} {self.path / name} is larger than it can be: {size} bytes, at most {limit} expected"
-                )
-            return f.read(limit + 1)  # a file that grew meanwhile is cut, and fails its checks
+        return _read_regular(fd, self.path / name, what, limit)
 
     def read_json(self, name: str, what: str, limit: int = 64 * 2**20) -> dict[str, Any]:
         """The JSON object in the file ``name``.
@@ -539,6 +534,55 @@ class Folder:
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self._fd)
         self._opened.append(fd)
         return Folder(self.path / name, fd, self._opened)
+
+
+def read_file(path: str | Path, what: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed), at most ``limit`` of them.
+
+    The file is opened without blocking and checked through its descriptor, so that a FIFO, a
+    device or ``/dev/stdin`` is refused rather than waited on or read without end, even when one
+    replaces the file between a caller's look and the open.
+
+    Raises:
+        ValueError: ``<what> <path> ...`` naming the problem: missing, a folder, not a regular
+            file, larger than ``limit`` bytes, or unreadable (with the OS's reason).
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a file") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {_refusal(path, error)}") from None
+    try:
+        return _read_regular(fd, Path(path), what, limit)
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def _read_regular(fd: int, path: Path, what: str, limit: int) -> bytes:
+    """Reads the open ``fd`` (closing it) if it is a regular file of at most ``limit`` bytes."""
+    _check_regular(fd, path, what)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{what} {path} is larger than it can be: {size} bytes, at most {limit} expected")
+        data = f.read(limit + 1)  # O_NONBLOCK leaves a regular file's reads as they are; one that grew is cut ...
+    if len(data) > limit:  # ... and refused
+        raise ValueError(f"{what} {path} is larger than it can be: more than {limit} bytes")
+    return data
+
+
+def _check_regular(fd: int, path: Path, what: str) -> None:
+    """Closes ``fd`` and raises ValueError naming what it is, unless it is a regular file."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device cannot be read)")
 
 
 def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:

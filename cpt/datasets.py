@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt import _io
 from cpt._fields import check_instance, check_path, check_seed, check_text, is_int, show
 from cpt.data import Example
 
@@ -210,20 +211,12 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
             f"unknown dataset {name!r}: expected one of {', '.join(BUILTIN_DATASETS)}, "
             "or a path to a .jsonl or .csv file"
         )
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ValueError(f"dataset file {name!r} {what}")
+    raw = _io.read_file(path, "dataset file", MAX_FILE_BYTES)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ValueError(f"{name}: the file has {size} bytes, more than the {MAX_FILE_BYTES} accepted")
-        raw = path.read_bytes()
         content = raw.decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise ValueError(f"{name}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
         rows = _parse_jsonl(content, name)
     else:

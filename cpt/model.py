@@ -71,11 +71,10 @@ class _Conveniences(nn.Module):
 
     def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
         """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
-        from cpt.data import Template
         from cpt.infer import generate
+        from cpt.workflow import template_of
 
-        template = Template(**self.task["template"]) if "template" in (self.task or {}) else Template()
-        kwargs.setdefault("template", template)
+        kwargs.setdefault("template", template_of(self))
         return generate(self, tokenizer, texts, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]

@@ -52,9 +52,10 @@ def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
 
 
 def template_of(model: CPTModel) -> Template:
-    """The template a model was trained with (from its task), or the default one."""
-    task = model.task or {}
-    return Template(**task["template"]) if "template" in task else Template()
+    """The template a model was trained with (from its task), or the default one where the task
+    records none (no key, or null, as `cpt.adapter` accepts)."""
+    template = (model.task or {}).get("template")
+    return Template() if template is None else Template(**template)
 
 
 def labels_of(model: CPTModel) -> list[str]:

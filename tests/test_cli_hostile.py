@@ -378,6 +378,9 @@ def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
     elif how == "too few token ids":
         fields["config"]["cpt_token_ids"] = fields["config"]["cpt_token_ids"][:-1]
         config.write_text(json.dumps(fields))
+    elif how == "a null template":  # read as the default template, so the command succeeds
+        fields["task"]["template"] = None
+        config.write_text(json.dumps(fields))
     elif how == "attach_space of the wrong type":
         fields["task"]["template"]["attach_space"] = "no"
         config.write_text(json.dumps(fields))
@@ -420,3 +423,21 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(how: str, paths: Paths, caps
     argv = [*_base("train", paths), "--max-steps", "2", "--checkpoint-dir", str(checkpoints), "--resume",
             "--data", str(data)]
     _refused(argv, paths, capsys)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "generate"])
+def test_an_adapter_with_a_null_template_runs_with_the_default_one(command: str, paths: Paths, capsys) -> None:
+    spoiled = _spoil_adapter(paths.adapter, paths.work.parent / "spoiled", "a null template")
+    argv = _base(command, paths)  # the adapter was trained with the default template: same output
+    capsys.readouterr()
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    argv[argv.index("--adapter") + 1] = str(spoiled)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and _without_seconds(captured.out) == _without_seconds(expected)
+
+
+def _without_seconds(out: str) -> list[dict]:
+    rows = [json.loads(line) for line in out.splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]

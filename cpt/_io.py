@@ -31,8 +31,10 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -330,18 +332,48 @@ def write_folder(
         tmp = target.parent / f".{target.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             os.mkdir(tmp)
-            fill(tmp)
-            if keep is not None and target.is_dir():
-                _carry_over(target, tmp, keep)
-            _seal(tmp)
-            _swap_in(tmp, target)
-            fsync_folder(target.parent)
+            fill(tmp)  # may take long (a model's conversion): an interrupt stops it
+            with interrupts_held():  # the swap, once begun, ends: no folder aside, no temp left
+                if keep is not None and target.is_dir():
+                    _carry_over(target, tmp, keep)
+                _seal(tmp)
+                _swap_in(tmp, target)
+                fsync_folder(target.parent)
         except OSError as error:  # a full disk, a read-only folder: say where
             message = f"cannot write {target}: {error.strerror or error}"
             raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
         finally:
-            _remove(tmp)  # the unfinished new folder, or after the swap the old one
+            with interrupts_held():
+                _remove(tmp)  # the unfinished new folder, or after the swap the old one
     return target
+
+
+HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Holds `HELD_SIGNALS` (Ctrl-C, ``kill``) until the block ends, then delivers them.
+
+    So a save's swap and its clean-up finish before an interrupt acts, and leave no temporary
+    folder behind. Only Python-level handlers can be held, and only in the main thread; elsewhere
+    the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in HELD_SIGNALS:
+        if signal.getsignal(number) is not None:  # None: a handler set outside Python, left alone
+            previous[number] = signal.signal(number, lambda got, frame: caught.append(got))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)  # now the restored handler acts (KeyboardInterrupt ...)
 
 
 def recover(target: Path) -> None:

@@ -441,3 +441,36 @@ def test_an_adapter_with_a_null_template_runs_with_the_default_one(command: str,
 def _without_seconds(out: str) -> list[dict]:
     rows = [json.loads(line) for line in out.splitlines()]
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "status", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_during_training_ends_with_one_line_and_a_whole_checkpoint(
+    name: str, status: int, word: str, paths: Paths
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkpoints = paths.work.parent / "checkpoints"
+    argv = [*_base("train", paths), "--max-steps", "100000", "--checkpoint-dir", str(checkpoints),
+            "--checkpoint-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(cpt.workflow.__file__).parents[1])}  # the cpt under test
+    process = subprocess.Popen([sys.executable, "-m", "cpt", *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (checkpoints / "last").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few more saves: the signal lands anywhere, a save included
+        process.send_signal(getattr(signal, name))
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == status and err == f"cpt train: {word}\n", (process.returncode, err)
+    assert os.listdir(checkpoints) == ["last"]  # no temporary folder left
+    step = json.loads((checkpoints / "last" / "trainer_state.json").read_text())["step"]
+    assert main([*argv, "--max-steps", str(step + 1), "--resume"]) == 0  # the checkpoint is whole

@@ -5,6 +5,7 @@ import errno
 import importlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -83,6 +84,26 @@ def test_a_failing_fill_leaves_the_old_folder_and_no_leftovers(tmp_path: Path) -
         _io.write_folder(target, broken)
     assert _io.open_folder(target, _read_all, "thing") == {"a": "1"}
     assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_the_swap_waits_for_the_swap_to_end(tmp_path: Path, name: str) -> None:
+    number = getattr(signal, name)
+    target = tmp_path / "out"
+    _io.write_folder(target, _fill({"a": "old"}))
+
+    def keep(name: str) -> bool:  # runs inside the swap: the signal arrives there
+        os.kill(os.getpid(), number)
+        return False
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises too, as in `cpt`
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _io.write_folder(target, _fill({"a": "new"}), keep=keep)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (target / "a").read_text() == "new"  # the save that began ended ...
+    assert os.listdir(tmp_path) == ["out"]  # ... leaving no temporary folder; then the interrupt acted
 
 
 def test_dead_writers_leftovers_are_removed_by_the_next_writer(tmp_path: Path) -> None:

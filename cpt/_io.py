@@ -340,12 +340,21 @@ def write_folder(
                 _swap_in(tmp, target)
                 fsync_folder(target.parent)
         except OSError as error:  # a full disk, a read-only folder: say where
-            message = f"cannot write {target}: {error.strerror or error}"
-            raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
+            raise _write_error(target, error) from error
         finally:
             with interrupts_held():
                 _remove(tmp)  # the unfinished new folder, or after the swap the old one
     return target
+
+
+def _write_error(target: Path, error: OSError) -> OSError:
+    """``cannot write <target>: <the OS's reason>``, keeping ``errno``; the reason of a nested
+    write (a checkpoint's adapter) is the OS's, not that write's message about its temporary folder."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    kind = type(OSError(error.errno, reason)) if error.errno else OSError  # PermissionError for EACCES ...
+    wrapped = kind(f"cannot write {target}: {reason}")  # one argument: printed without "[Errno n]"
+    wrapped.errno = error.errno
+    return wrapped
 
 
 HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))

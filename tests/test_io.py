@@ -197,7 +197,10 @@ def test_a_write_error_names_the_folder(tmp_path: Path) -> None:
 
     with pytest.raises(OSError, match=r"cannot write .*/out: No space left on device") as error:
         _io.write_folder(tmp_path / "out", full)
-    assert error.value.errno == 28
+    assert error.value.errno == 28 and str(error.value) == f"cannot write {tmp_path / 'out'}: No space left on device"
+    with pytest.raises(OSError) as error:  # a nested write (a checkpoint's adapter): the outer folder, once
+        _io.write_folder(tmp_path / "outer", lambda folder: _io.write_folder(folder / "inner", full))
+    assert str(error.value) == f"cannot write {tmp_path / 'outer'}: No space left on device"
     with pytest.raises(PermissionError, match="cannot write"):
         _io.write_folder(tmp_path / "out", lambda folder: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     assert sorted(os.listdir(tmp_path)) == []

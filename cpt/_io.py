@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import shutil
 import signal
@@ -626,13 +627,37 @@ def _check_regular(fd: int, path: Path, what: str) -> None:
     raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device cannot be read)")
 
 
-def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:
-    """Parses ``raw`` as a JSON object (no NaN or Infinity constants, bounded nesting)."""
+def strict_json(text: str) -> Any:
+    """The JSON value in ``text``, read strictly: ``json.loads`` alone would take ``NaN`` and
+    ``Infinity``, read ``1e400`` as infinity, and keep only the last of a key given twice.
+
+    Raises:
+        ValueError: naming the problem (``RecursionError`` for nesting too deep is left as it is).
+    """
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {number[:40]} is beyond a float's range")
+        return value
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {json.dumps(key)} is given more than once")
+            seen.add(key)
+        return dict(pairs)
+
+    return json.loads(text, parse_constant=refuse, parse_float=finite, object_pairs_hook=unique)
+
+
+def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:
+    """Parses ``raw`` as a JSON object (`strict_json`: no NaN, no key twice; bounded nesting)."""
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=refuse)
+        data = strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
     if not isinstance(data, dict):

@@ -381,6 +381,8 @@ def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
     elif how == "a key given twice":  # json.loads keeps the last labels: here, the two swapped
         text = json.dumps(fields)
         config.write_text(text[:-1] + ', "task": {"labels": ["positive", "negative"]}}')
+    elif how == "PEFT's config beside cpt's":  # two adapters in one folder: cpt and PEFT would differ
+        (to / "adapter_config.json").write_text(json.dumps(fields["config"]))
     elif how == "a null template":  # read as the default template, so the command succeeds
         fields["task"]["template"] = None
         config.write_text(json.dumps(fields))
@@ -393,7 +395,7 @@ def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
 @pytest.mark.parametrize("command", ["eval", "predict", "generate"])
 @pytest.mark.parametrize("how", [
     "truncated weights", "no weights", "empty config", "token ids outside the vocabulary", "too few token ids",
-    "attach_space of the wrong type", "a key given twice",
+    "attach_space of the wrong type", "a key given twice", "PEFT's config beside cpt's",
 ])
 def test_a_broken_adapter_is_one_line(command: str, how: str, paths: Paths, capsys) -> None:
     spoiled = _spoil_adapter(paths.adapter, paths.work.parent / "spoiled", how)

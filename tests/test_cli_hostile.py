@@ -124,7 +124,7 @@ OPTIONS: list[tuple[str, tuple[str, ...], list[str]]] = [
     ("--output", TRAINING, ["@data", "@under_data"]),  # a dangling link is written where it points
     ("--adapter", ("eval", "predict", "generate"),
      ["@missing", "@dangling", "", "@data", "@folder", "@foreign_adapter"]),
-    ("--labels", ("predict",), ["", ",", "a,a"]),
+    ("--labels", ("predict",), ["", ",", "a,a", "positive"]),  # one label: it would win with probability 1
     ("--max-new-tokens", ("generate",), [*_COUNTS, "0"]),
     ("--temperature", ("generate",), [*_NUMBERS, "1e-45"]),
 ]
@@ -211,10 +211,12 @@ BAD_ROWS: dict[str, tuple[str, bytes | None]] = {
     "a CSV without a label column": (".csv", None),  # the whole file: a header without label
     "a .txt file": (".txt", b"a fine story\tpositive"),
     "a binary file": (".jsonl", bytes(range(256))),
+    "one label only": (".jsonl", None),  # the whole file: every example labelled alike
 }
 
 def _data_cases() -> list:
-    return [pytest.param(command, name, id=f"{command} {name}") for name in BAD_ROWS for command in ("demo", "train", "eval")]
+    return [pytest.param(command, name, id=f"{command} {name}") for name in BAD_ROWS for command in ("demo", "train", "eval")
+            if not (command == "eval" and name == "one label only")]  # eval scores with the adapter's label set
 
 
 @pytest.mark.parametrize(("command", "name"), _data_cases())
@@ -223,6 +225,8 @@ def test_a_malformed_data_file_is_one_line(command: str, name: str, paths: Paths
     path = paths.work.parent / f"data{suffix}"
     if suffix == ".csv":
         path.write_bytes(b"text,other\na fine story,positive\nan awful film,negative\n")
+    elif bad is None:
+        path.write_text("".join(line.replace("negative", "positive") + "\n" for line in paths.data.read_text().splitlines()))
     else:  # one bad line among good ones: the bad line alone must be the reason
         path.write_bytes(paths.data.read_bytes() + bad + b"\n")
     _refused([*_base(command, paths), "--data", str(path)], paths, capsys)

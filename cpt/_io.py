@@ -251,7 +251,7 @@ def check_target(target: str | Path) -> Path:
         existing = existing.parent  # where a parent cannot be searched
     if not os.path.isdir(existing):
         culprit = "it" if existing == target else existing
-        raise ValueError(f"cannot write {target}: {culprit} is a file, not a folder")
+        raise ValueError(f"cannot write {target}: {culprit} {_not_a_folder(existing)}")
     folder = target.parent if existing == target else existing  # where the new folder is made
     problem = _access_problem(folder)
     if problem:
@@ -264,6 +264,15 @@ def check_target(target: str | Path) -> Path:
                 f"what is in {stuck}; remove it, or write elsewhere"
             )
     return target
+
+
+def _not_a_folder(path: Path) -> str:
+    """What ``path``, which exists but is no folder, is instead: the end of a refusal."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # a link in a loop
+        return f"is a link that leads to no folder ({error.strerror or error})"
+    return "is a file, not a folder" if stat.S_ISREG(mode) else "is not a folder (a FIFO, socket or device)"
 
 
 def _access_problem(folder: Path) -> str | None:

@@ -121,7 +121,8 @@ OPTIONS: list[tuple[str, tuple[str, ...], list[str]]] = [
     ("--context", ("train",), ["@missing", "@dangling", "@under_data", "", "@folder", "@empty", "@malformed"]),
     ("--data", ("demo", "train", "eval"),
      ["@missing", "@dangling", "@under_data", "", "@folder", "@empty", "@malformed", "no_such_set"]),
-    ("--output", TRAINING, ["@data", "@under_data"]),  # a dangling link is written where it points
+    ("--output", TRAINING, ["@data", "@under_data", "@loop", "@fifo"]),  # a dangling link is written where it points
+    ("--checkpoint-dir", ("train",), ["@loop", "@fifo"]),
     ("--adapter", ("eval", "predict", "generate"),
      ["@missing", "@dangling", "", "@data", "@folder", "@foreign_adapter"]),
     ("--labels", ("predict",), ["", ",", "a,a", "positive"]),  # one label: it would win with probability 1
@@ -147,6 +148,16 @@ def _bad_path(name: str, p: Paths) -> str:
         if not link.is_symlink():
             link.symlink_to(bad / "nowhere")
         return str(link)
+    if name == "loop":  # a link to itself
+        link = bad / "loop"
+        if not link.is_symlink():
+            link.symlink_to(link)
+        return str(link)
+    if name == "fifo":
+        fifo = bad / "fifo"
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        return str(fifo)
     if name == "empty":
         (bad / "empty.jsonl").write_text("")
         return str(bad / "empty.jsonl")

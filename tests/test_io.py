@@ -150,6 +150,15 @@ def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
     assert (tmp_path / "out").read_text() == "mine"
 
 
+def test_a_link_loop_or_a_fifo_in_the_way_is_named_for_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValueError, match=r"cannot write .*/loop: it is a link that leads to no folder \(Too many levels"):
+        _io.check_target(tmp_path / "loop")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=r"cannot write .*/fifo/x: .*/fifo is not a folder \(a FIFO, socket or device\)"):
+        _io.check_target(tmp_path / "fifo" / "x")
+
+
 def test_reader_retries_when_the_folder_is_swapped_under_it(tmp_path: Path) -> None:
     target = tmp_path / "out"
     _io.write_folder(target, _fill({"a": "1", "b": "1"}))

@@ -561,6 +561,13 @@ def as_template(template: Template | None) -> Template:
     return template
 
 
+def task_template(task: Mapping[str, Any] | None) -> Template:
+    """The template a saved task records, or the default one where it records none (no task, no
+    ``"template"`` key, or null: what `cpt.adapter` accepts)."""
+    template = (task or {}).get("template")
+    return Template() if template is None else Template(**template)
+
+
 def _attach_space(template: Template, prefix: str, text: str) -> tuple[str, str]:
     """Moves the whitespace that ends ``prefix`` to the start of ``text`` (if asked and useful)."""
     if not template.attach_space or not text:

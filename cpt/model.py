@@ -71,10 +71,10 @@ class _Conveniences(nn.Module):
 
     def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
         """`cpt.infer.generate`, with the model's own template unless ``template`` is given."""
+        from cpt.data import task_template
         from cpt.infer import generate
-        from cpt.workflow import template_of
 
-        kwargs.setdefault("template", template_of(self))
+        kwargs.setdefault("template", task_template(self.task))
         return generate(self, tokenizer, texts, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]

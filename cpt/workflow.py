@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from cpt._fields import check_instance, check_path, check_text, show
-from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context
+from cpt.data import CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context, task_template
 from cpt.model import CPTModel, check_options
 from cpt.train import EvalFn, TrainConfig, TrainResult, train
 
@@ -52,10 +52,8 @@ def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
 
 
 def template_of(model: CPTModel) -> Template:
-    """The template a model was trained with (from its task), or the default one where the task
-    records none (no key, or null, as `cpt.adapter` accepts)."""
-    template = (model.task or {}).get("template")
-    return Template() if template is None else Template(**template)
+    """The template a model was trained with (from its task), or the default one (`task_template`)."""
+    return task_template(model.task)
 
 
 def labels_of(model: CPTModel) -> list[str]:

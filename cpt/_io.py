@@ -72,6 +72,7 @@ DIR_FDS = (
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 # Windows flushes a file only through a descriptor open for writing.
 _READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY  # a FIFO's open must not wait for a writer
+_READ_CHUNK = 2**20  # bytes read at a time from a file that grew while read
 _SYNC_FLAGS = os.O_RDONLY if os.name == "posix" else os.O_RDWR | _BINARY
 
 
@@ -619,8 +620,10 @@ def _read_regular(fd: int, path: Path, what: str, limit: int) -> bytes:
         size = os.fstat(f.fileno()).st_size
         if size > limit:
             raise ValueError(f"{what} {path} is larger than it can be: {size} bytes, at most {limit} expected")
-        data = f.read(limit + 1)  # O_NONBLOCK leaves a regular file's reads as they are; one that grew is cut ...
-    if len(data) > limit:  # ... and refused
+        data = f.read(size + 1)  # read(n) sets n bytes aside first: the size, not the limit
+        while size < len(data) <= limit and (more := f.read(min(_READ_CHUNK, limit + 1 - len(data)))):
+            data += more  # a file that grew meanwhile is read on, up to the limit ...
+    if len(data) > limit:  # ... and refused past it
         raise ValueError(f"{what} {path} is larger than it can be: more than {limit} bytes")
     return data
 

@@ -25,7 +25,7 @@ import os
 import pickle
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -477,6 +477,16 @@ def _json_record(line: str, where: str) -> Any:
         raise ValueError(f"{where}: the JSON is nested too deeply") from None
 
 
+def _lines(content: str) -> Iterator[str]:
+    """``content.split("\n")``, one line at a time: a file of a billion blank lines would
+    otherwise make a list of a billion entries (8 GiB of pointers) before the first is read."""
+    start = 0
+    while (end := content.find("\n", start)) != -1:
+        yield content[start:end]
+        start = end + 1
+    yield content[start:]
+
+
 def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
     """Parses JSON Lines into ``(text, label, line number)``; blank lines are skipped.
 
@@ -484,7 +494,7 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
     string; a ``"\\r"`` before the ``"\\n"`` is JSON whitespace.
     """
     rows: list[tuple[str, str, int]] = []
-    for number, line in enumerate(content.split("\n"), start=1):
+    for number, line in enumerate(_lines(content), start=1):
         if not line.strip(" \t\r"):
             continue
         where = f"{name}, line {number}"

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import threading
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -409,6 +410,21 @@ def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path, mo
         f.truncate(datasets.MAX_FILE_BYTES + 1)  # sparse: takes no room
     with pytest.raises(ValueError, match=rf"d\.jsonl is larger than it can be: {datasets.MAX_FILE_BYTES + 1} bytes"):
         load_dataset(path)
+
+
+def test_blank_lines_cost_no_memory_beyond_the_file(tmp_path: Path) -> None:
+    # Splitting first made a list of one pointer per line: 8 bytes per 1-byte blank line, so a
+    # file of 2**30 newlines, under the size limit, needed 8 GiB before its first line was read.
+    size = 4 * 2**20
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n" * size + b'{"text": "a", "label": "b"}\n')
+    tracemalloc.start()
+    try:
+        assert len(load_dataset(path)) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * size  # the bytes and the text (about 2 x size), not 8 bytes a line
 
 
 def test_a_folder_is_not_a_missing_file(tmp_path: Path) -> None:

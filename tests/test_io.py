@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -157,6 +158,18 @@ def test_a_link_loop_or_a_fifo_in_the_way_is_named_for_what_it_is(tmp_path: Path
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(ValueError, match=r"cannot write .*/fifo/x: .*/fifo is not a folder \(a FIFO, socket or device\)"):
         _io.check_target(tmp_path / "fifo" / "x")
+
+
+def test_reading_sets_aside_the_file_s_size_not_its_limit(tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    tracemalloc.start()
+    try:  # read(limit + 1) set a whole limit aside for every read: 256 MiB for a checkpoint's state
+        assert _io.open_folder(tmp_path, lambda f: f.read_bytes("small", "file", 2**30), "folder") == b"x" * 100
+        assert _io.read_file(tmp_path / "small", "file", 2**30) == b"x" * 100
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
 
 
 def test_reader_retries_when_the_folder_is_swapped_under_it(tmp_path: Path) -> None:

@@ -29,10 +29,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import json
+import math
 import os
 import shutil
+import signal
 import stat
 import sys
+import threading
 import time
 import uuid
 import warnings
@@ -68,6 +71,8 @@ DIR_FDS = (
 )
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 # Windows flushes a file only through a descriptor open for writing.
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY  # a FIFO's open must not wait for a writer
+_READ_CHUNK = 2**20  # bytes read at a time from a file that grew while read
 _SYNC_FLAGS = os.O_RDONLY if os.name == "posix" else os.O_RDWR | _BINARY
 
 
@@ -247,7 +252,7 @@ def check_target(target: str | Path) -> Path:
         existing = existing.parent  # where a parent cannot be searched
     if not os.path.isdir(existing):
         culprit = "it" if existing == target else existing
-        raise ValueError(f"cannot write {target}: {culprit} is a file, not a folder")
+        raise ValueError(f"cannot write {target}: {culprit} {_not_a_folder(existing)}")
     folder = target.parent if existing == target else existing  # where the new folder is made
     problem = _access_problem(folder)
     if problem:
@@ -260,6 +265,15 @@ def check_target(target: str | Path) -> Path:
                 f"what is in {stuck}; remove it, or write elsewhere"
             )
     return target
+
+
+def _not_a_folder(path: Path) -> str:
+    """What ``path``, which exists but is no folder, is instead: the end of a refusal."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as error:  # a link in a loop
+        return f"is a link that leads to no folder ({error.strerror or error})"
+    return "is a file, not a folder" if stat.S_ISREG(mode) else "is not a folder (a FIFO, socket or device)"
 
 
 def _access_problem(folder: Path) -> str | None:
@@ -329,18 +343,57 @@ def write_folder(
         tmp = target.parent / f".{target.name}.{TMP_TAG}-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         try:
             os.mkdir(tmp)
-            fill(tmp)
-            if keep is not None and target.is_dir():
-                _carry_over(target, tmp, keep)
-            _seal(tmp)
-            _swap_in(tmp, target)
-            fsync_folder(target.parent)
+            fill(tmp)  # may take long (a model's conversion): an interrupt stops it
+            with interrupts_held():  # the swap, once begun, ends: no folder aside, no temp left
+                if keep is not None and target.is_dir():
+                    _carry_over(target, tmp, keep)
+                _seal(tmp)
+                _swap_in(tmp, target)
+                fsync_folder(target.parent)
         except OSError as error:  # a full disk, a read-only folder: say where
-            message = f"cannot write {target}: {error.strerror or error}"
-            raise (OSError(error.errno, message) if error.errno else OSError(message)) from error
+            raise _write_error(target, error) from error
         finally:
-            _remove(tmp)  # the unfinished new folder, or after the swap the old one
+            with interrupts_held():
+                _remove(tmp)  # the unfinished new folder, or after the swap the old one
     return target
+
+
+def _write_error(target: Path, error: OSError) -> OSError:
+    """``cannot write <target>: <the OS's reason>``, keeping ``errno``; the reason of a nested
+    write (a checkpoint's adapter) is the OS's, not that write's message about its temporary folder."""
+    reason = os.strerror(error.errno) if error.errno else str(error)
+    kind = type(OSError(error.errno, reason)) if error.errno else OSError  # PermissionError for EACCES ...
+    wrapped = kind(f"cannot write {target}: {reason}")  # one argument: printed without "[Errno n]"
+    wrapped.errno = error.errno
+    return wrapped
+
+
+HELD_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM") if hasattr(signal, name))
+
+
+@contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Holds `HELD_SIGNALS` (Ctrl-C, ``kill``) until the block ends, then delivers them.
+
+    So a save's swap and its clean-up finish before an interrupt acts, and leave no temporary
+    folder behind. Only Python-level handlers can be held, and only in the main thread; elsewhere
+    the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous: dict[int, Any] = {}
+    for number in HELD_SIGNALS:
+        if signal.getsignal(number) is not None:  # None: a handler set outside Python, left alone
+            previous[number] = signal.signal(number, lambda got, frame: caught.append(got))
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)  # now the restored handler acts (KeyboardInterrupt ...)
 
 
 def recover(target: Path) -> None:
@@ -510,15 +563,9 @@ class Folder:
         """
         if not self.is_file(name):
             raise ValueError(f"{what} missing: {self.path / name}")
-        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | _BINARY
+        flags = _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0)
         fd = os.open(self._at / name, flags) if self._fd is None else os.open(name, flags, dir_fd=self._fd)
-        with os.fdopen(fd, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size > limit:
-                raise ValueError(
-                    f"{what} {self.path / name} is larger than it can be: {size} bytes, at most {limit} expected"
-                )
-            return f.read(limit + 1)  # a file that grew meanwhile is cut, and fails its checks
+        return _read_regular(fd, self.path / name, what, limit)
 
     def read_json(self, name: str, what: str, limit: int = 64 * 2**20) -> dict[str, Any]:
         """The JSON object in the file ``name``.
@@ -541,13 +588,88 @@ class Folder:
         return Folder(self.path / name, fd, self._opened)
 
 
-def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:
-    """Parses ``raw`` as a JSON object (no NaN or Infinity constants, bounded nesting)."""
+def read_file(path: str | Path, what: str, limit: int) -> bytes:
+    """The bytes of the regular file at ``path`` (links followed), at most ``limit`` of them.
+
+    The file is opened without blocking and checked through its descriptor, so that a FIFO, a
+    device or ``/dev/stdin`` is refused rather than waited on or read without end, even when one
+    replaces the file between a caller's look and the open.
+
+    Raises:
+        ValueError: ``<what> <path> ...`` naming the problem: missing, a folder, not a regular
+            file, larger than ``limit`` bytes, or unreadable (with the OS's reason).
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ValueError(f"{what} {path} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a folder, not a file") from None
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {_refusal(path, error)}") from None
+    try:
+        return _read_regular(fd, Path(path), what, limit)
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror or error}") from None
+
+
+def _read_regular(fd: int, path: Path, what: str, limit: int) -> bytes:
+    """Reads the open ``fd`` (closing it) if it is a regular file of at most ``limit`` bytes."""
+    _check_regular(fd, path, what)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{what} {path} is larger than it can be: {size} bytes, at most {limit} expected")
+        data = f.read(size + 1)  # read(n) sets n bytes aside first: the size, not the limit
+        while size < len(data) <= limit and (more := f.read(min(_READ_CHUNK, limit + 1 - len(data)))):
+            data += more  # a file that grew meanwhile is read on, up to the limit ...
+    if len(data) > limit:  # ... and refused past it
+        raise ValueError(f"{what} {path} is larger than it can be: more than {limit} bytes")
+    return data
+
+
+def _check_regular(fd: int, path: Path, what: str) -> None:
+    """Closes ``fd`` and raises ValueError naming what it is, unless it is a regular file."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISREG(mode):
+        return
+    os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"{what} {path} is a folder, not a file")
+    raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device cannot be read)")
+
+
+def strict_json(text: str) -> Any:
+    """The JSON value in ``text``, read strictly: ``json.loads`` alone would take ``NaN`` and
+    ``Infinity``, read ``1e400`` as infinity, and keep only the last of a key given twice.
+
+    Raises:
+        ValueError: naming the problem (``RecursionError`` for nesting too deep is left as it is).
+    """
     def refuse(constant: str) -> Any:
         raise ValueError(f"{constant} is not JSON")
 
+    def finite(number: str) -> float:
+        value = float(number)
+        if not math.isfinite(value):
+            raise ValueError(f"the number {number[:40]} is beyond a float's range")
+        return value
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"the key {json.dumps(key)} is given more than once")
+            seen.add(key)
+        return dict(pairs)
+
+    return json.loads(text, parse_constant=refuse, parse_float=finite, object_pairs_hook=unique)
+
+
+def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:
+    """Parses ``raw`` as a JSON object (`strict_json`: no NaN, no key twice; bounded nesting)."""
     try:
-        data = json.loads(raw.decode("utf-8"), parse_constant=refuse)
+        data = strict_json(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as error:
         raise ValueError(f"cannot read {what} {path}: {type(error).__name__}: {error}") from None
     if not isinstance(data, dict):

@@ -263,6 +263,11 @@ def load_adapter(base_model: Any, path: str | Path, **model_kwargs: Any) -> Any:
 
 
 def _format_of(folder: _io.Folder) -> AdapterFormat:
+    if folder.is_file(CPT_CONFIG_NAME) and folder.is_file(PEFT_CONFIG_NAME):  # a save keeps one only
+        raise ValueError(
+            f"{folder.path} holds both {CPT_CONFIG_NAME} and {PEFT_CONFIG_NAME}: two adapters, and PEFT would "
+            "load the other one; keep one of them"
+        )
     if folder.is_file(CPT_CONFIG_NAME):
         return "cpt"
     if folder.is_file(PEFT_CONFIG_NAME):

@@ -61,6 +61,10 @@ CHECKSUMMED_FILES = (f"{ADAPTER_DIR}/{CPT_CONFIG_NAME}", f"{ADAPTER_DIR}/{CPT_WE
 
 ORDER_FIELDS = ("seed", "batch_size", "gradient_accumulation_steps")
 """TrainConfig fields that decide which samples each step sees: a resume must keep them."""
+UPDATE_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm")
+"""TrainConfig fields that decide each step's update from its gradient: a resume must keep them
+too, or its adapter would be neither run's. (``max_steps``, ``epochs`` may change: a longer run.)"""
+_KEPT_FIELDS = {**dict.fromkeys(ORDER_FIELDS, "the sample order"), **dict.fromkeys(UPDATE_FIELDS, "the updates")}
 
 MAX_STATE_JSON_BYTES = 256 * 2**20  # steps' losses and evaluations: far more than a run writes
 OPTIMIZER_TENSORS = 4  # per-parameter tensors a trainer state may hold: AdamW keeps 2, 3 with amsgrad
@@ -477,11 +481,11 @@ def _check_fits_the_run(
     """Checks the checkpoint belongs to this run: its config, data and selection."""
     if config is not None:
         _check_config(folder / STATE_JSON_NAME, meta["config"], config)
-        for name in ORDER_FIELDS:
+        for name, what in _KEPT_FIELDS.items():
             if meta["config"][name] != getattr(config, name):
                 raise ValueError(
                     f"cannot resume from {folder}: it was trained with {name}={meta['config'][name]!r}, "
-                    f"the config has {name}={getattr(config, name)!r} (the sample order would differ)"
+                    f"the config has {name}={getattr(config, name)!r} ({what} would differ)"
                 )
     if num_samples is not None and meta["num_samples"] != num_samples:
         raise ValueError(

@@ -25,7 +25,8 @@ from typing import Any, NoReturn
 from cpt._fields import check_text, text_problem  # light: no torch
 
 USAGE_ERROR = 2
-INTERRUPTED = 130
+INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+TERMINATED = 143  # 128 + SIGTERM
 BROKEN_PIPE = 141  # as a process that SIGPIPE ended (Python ignores the signal and raises instead)
 
 TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
@@ -79,8 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return USAGE_ERROR
     try:
-        with _quiet_libraries(f"cpt {args.command}"):
+        with _quiet_libraries(f"cpt {args.command}"), _terminate_as_interrupt():
             return args.run(args)
+    except Terminated:
+        print(f"cpt {args.command}: terminated", file=sys.stderr)
+        return TERMINATED
     except KeyboardInterrupt:
         print(f"cpt {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED
@@ -93,6 +97,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug in cpt: its traceback is what a report needs
         print(f"cpt {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``), raised like Ctrl-C's KeyboardInterrupt so that the same clean-up runs."""
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turns SIGTERM into `Terminated` for the block (main thread only), instead of an exit that
+    runs no clean-up and leaves a save's temporary folder behind."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is None:
+        yield
+        return
+
+    def terminate(number: int, frame: Any) -> NoReturn:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _user_problem(error: Exception) -> str | None:

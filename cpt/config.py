@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from cpt import _io
 from cpt._fields import int_list, is_finite, show
 
 CODES_PER_EXAMPLE = 4
@@ -200,7 +201,7 @@ class CPTConfig:
             ValueError: if the text is not a JSON object, or a field is bad.
         """
         try:
-            data = json.loads(text)
+            data = _io.strict_json(text)
         except (TypeError, ValueError, RecursionError) as error:
             raise ValueError(f"not a CPTConfig JSON text: {error}") from None
         return cls.from_dict(data)

@@ -584,14 +584,15 @@ def _sample(item: Any, index: int) -> dict[str, list[int]]:
 
 def task_template(task: Mapping[str, Any] | None) -> Template:
     """The template a task records (`fit` and saved adapters write it to ``CPTModel.task``), or
-    the default `Template` when it records none.
+    the default `Template` where it records none (no task, no ``"template"`` key, or null: what
+    `cpt.adapter` accepts).
 
     Raises:
         ValueError: if ``task`` is not a mapping, or its template not one of `Template`'s fields.
     """
     if task is not None and not isinstance(task, Mapping):
         raise ValueError(f"the model's task must be a dict or None, got {type(task).__name__}")
-    if task is None or "template" not in task:
+    if task is None or task.get("template") is None:
         return Template()
     try:
         return Template(**task["template"])

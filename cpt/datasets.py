@@ -25,11 +25,12 @@ import os
 import pickle
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cpt import _io
 from cpt._fields import as_list, check_instance, check_path, check_seed, check_text, is_int, show
 from cpt.data import Example
 
@@ -222,20 +223,12 @@ def load_dataset(name_or_path: str | Path) -> LabelledData:
             f"unknown dataset {name!r}: expected one of {', '.join(BUILTIN_DATASETS)}, "
             "or a path to a .jsonl or .csv file"
         )
-    if not path.is_file():
-        what = "is a folder, not a file" if path.is_dir() else "does not exist"
-        raise ValueError(f"dataset file {name!r} {what}")
+    raw = _io.read_file(path, "dataset file", MAX_FILE_BYTES)
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ValueError(f"{name}: the file has {size} bytes, more than the {MAX_FILE_BYTES} accepted")
-        raw = path.read_bytes()
         content = raw.decode("utf-8-sig")  # -sig: drops the BOM spreadsheets write
     except UnicodeDecodeError as err:
         line = raw.count(b"\n", 0, err.start) + 1
         raise ValueError(f"{name}, line {line}: not UTF-8 text ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise ValueError(f"{name}: cannot read the file ({err.strerror or err})") from None
     if suffix in JSONL_SUFFIXES:
         rows = _parse_jsonl(content, name)
     else:
@@ -496,6 +489,16 @@ def _json_record(line: str, where: str) -> Any:
         raise ValueError(f"{where}: the JSON is nested too deeply") from None
 
 
+def _lines(content: str) -> Iterator[str]:
+    """``content.split("\n")``, one line at a time: a file of a billion blank lines would
+    otherwise make a list of a billion entries (8 GiB of pointers) before the first is read."""
+    start = 0
+    while (end := content.find("\n", start)) != -1:
+        yield content[start:end]
+        start = end + 1
+    yield content[start:]
+
+
 def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
     """Parses JSON Lines into ``(text, label, line number)``; blank lines are skipped.
 
@@ -503,7 +506,7 @@ def _parse_jsonl(content: str, name: str) -> list[tuple[str, str, int]]:
     string; a ``"\\r"`` before the ``"\\n"`` is JSON whitespace.
     """
     rows: list[tuple[str, str, int]] = []
-    for number, line in enumerate(content.split("\n"), start=1):
+    for number, line in enumerate(_lines(content), start=1):
         if not line.strip(" \t\r"):
             continue
         where = f"{name}, line {number}"

@@ -147,9 +147,10 @@ def classify(
     Raises:
         ValueError: if ``model`` is not a `CPTModel`, ``texts`` or ``labels`` is empty or not a
             sequence of strings (each valid Unicode, `cpt._fields.check_text`), a flag is not a
-            bool, ``template`` not a `Template`, ``labels`` holds a duplicate, a label renders to no tokens,
-            two labels render to the same tokens (`cpt.data.check_distinct_labels`), a text or
-            label holds a token id outside the model's vocabulary, ``batch_size`` is below 1,
+            bool, ``template`` not a `Template`, ``labels`` holds one label only or a duplicate, a
+            label renders to no tokens, two labels render to the same tokens
+            (`cpt.data.check_distinct_labels`), a text or label holds a token id outside the
+            model's vocabulary, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
             ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
@@ -158,6 +159,8 @@ def classify(
     _check_model(model)
     texts = _strings("texts", as_texts(texts))
     labels = _strings("labels", labels)
+    if len(labels) < 2:  # the one label would win every text, with probability 1
+        raise ValueError(f"labels holds {len(labels)} label: a classification needs at least two, got {labels!r}")
     seen: dict[str, int] = {}
     for j, label in enumerate(labels):
         if label in seen:

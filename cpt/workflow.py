@@ -123,9 +123,10 @@ def fit(
     Raises:
         ValueError: on empty examples, a malformed example (naming its index; a text that is
             not valid Unicode included), an integer label without ``labels``, a label outside
-            ``labels``, ``labels`` that is not a list of distinct non-empty strings, two labels
-            that render to the same tokens (`cpt.data.check_distinct_labels`), an example with a
-            token id outside the model's vocabulary (naming it), an unknown
+            ``labels``, ``labels`` that is not a list of distinct non-empty strings, a label set of
+            one label (the context's, when ``labels`` is not given), two labels that render to the
+            same tokens (`cpt.data.check_distinct_labels`), an example with a token id outside the
+            model's vocabulary (naming it), an unknown
             ``selection``, an argument of the wrong type (checked before anything is built), or
             any bad option.
     """
@@ -139,6 +140,8 @@ def fit(
         raise ValueError("examples is empty: the context needs at least one labelled example")
     training = context if train_examples is None else as_examples(train_examples, "train_examples", names)
     label_set = list(dict.fromkeys(e.label for e in context)) if names is None else names
+    if len(label_set) < 2:  # every answer would be that label, with probability 1
+        raise ValueError(f"the label set {label_set} has one label: a classifier needs at least two (pass labels=)")
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
             if example.label not in label_set:

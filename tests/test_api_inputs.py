@@ -98,11 +98,14 @@ def test_a_model_without_a_position_limit_takes_any_length() -> None:
         (dict(labels="np"), "labels must be a list of strings, got 'np'"),
         (dict(labels=["positive", ""]), r"labels\[1\] must be a non-empty string"),
         (dict(labels=[]), "labels is empty"),
+        (dict(labels=["positive"], examples=EXAMPLES[:1]), r"the label set \['positive'\] has one label"),
+        (dict(examples=[EXAMPLES[0], ("great film", "positive")]), r"the label set \['positive'\] has one label"),
     ],
 )
 def test_fit_refuses_bad_options_before_training(kwargs: dict, message: str) -> None:
+    examples = kwargs.pop("examples", EXAMPLES)
     with pytest.raises(ValueError, match=message):
-        fit(make_model(), make_wordlevel_tokenizer(), EXAMPLES, train_config=TrainConfig(max_steps=1, progress=False), **kwargs)
+        fit(make_model(), make_wordlevel_tokenizer(), examples, train_config=TrainConfig(max_steps=1, progress=False), **kwargs)
 
 
 # ---------------------------------------------------------------------- strict types
@@ -256,6 +259,7 @@ def tiny_cpt() -> CPTModel:
         (dict(calibrate="yes"), r"^calibrate must be True or False, got 'yes'"),
         (dict(use_cache="no"), r"^use_cache must be True or False, got 'no'"),
         (dict(context_cache="cache"), r"^context_cache must be a ContextCache or None, got str"),
+        (dict(labels=["positive"]), r"^labels holds 1 label: a classification needs at least two"),
     ],
 )
 def test_classify_refuses_arguments_of_the_wrong_type(tiny_cpt, kwargs: dict, message: str) -> None:

@@ -1,6 +1,7 @@
 """Checkpoints: replaced whole, every file checksummed, every field checked before a resume,
 and a resume that ends where an uninterrupted run ends, selection included."""
 
+import dataclasses
 import json
 import math
 import os
@@ -345,6 +346,16 @@ def test_the_fingerprint_reads_what_training_reads(context, dataset) -> None:
     assert fingerprint(context, shifted)["samples"] != fingerprint(context, dataset)["samples"]
     with pytest.raises(ValueError, match=r"cannot fingerprint training sample 1 for a checkpoint: it holds nan"):
         fingerprint(context, [dataset[0], {"input_ids": [math.nan]}])
+
+
+@pytest.mark.parametrize(("field", "value"), [("learning_rate", 0.5), ("weight_decay", 0.1), ("max_grad_norm", None)])
+def test_resume_refuses_another_update_rule(context, dataset, collator, folder: Path, field: str, value) -> None:
+    # Each changes every step after the resume: the adapter would be neither run's.
+    model = CPTModel(make_model(), context)
+    config = dataclasses.replace(CONFIG, max_steps=4, **{field: value})
+    with pytest.raises(ValueError, match=rf"cannot resume from .*/last: it was trained with {field}=.*the updates would differ"):
+        train(model, dataset, config, collator=collator, resume_from=folder)
+    assert torch.equal(model.delta, torch.zeros_like(model.delta))  # nothing loaded
 
 
 def test_resume_refuses_another_selection_option(context, dataset, collator, folder: Path, tokenizer) -> None:

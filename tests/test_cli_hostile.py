@@ -121,10 +121,11 @@ OPTIONS: list[tuple[str, tuple[str, ...], list[str]]] = [
     ("--context", ("train",), ["@missing", "@dangling", "@under_data", "", "@folder", "@empty", "@malformed"]),
     ("--data", ("demo", "train", "eval"),
      ["@missing", "@dangling", "@under_data", "", "@folder", "@empty", "@malformed", "no_such_set"]),
-    ("--output", TRAINING, ["@data", "@under_data"]),  # a dangling link is written where it points
+    ("--output", TRAINING, ["@data", "@under_data", "@loop", "@fifo"]),  # a dangling link is written where it points
+    ("--checkpoint-dir", ("train",), ["@loop", "@fifo"]),
     ("--adapter", ("eval", "predict", "generate"),
      ["@missing", "@dangling", "", "@data", "@folder", "@foreign_adapter"]),
-    ("--labels", ("predict",), ["", ",", "a,a"]),
+    ("--labels", ("predict",), ["", ",", "a,a", "positive"]),  # one label: it would win with probability 1
     ("--max-new-tokens", ("generate",), [*_COUNTS, "0"]),
     ("--temperature", ("generate",), [*_NUMBERS, "1e-45"]),
 ]
@@ -147,6 +148,16 @@ def _bad_path(name: str, p: Paths) -> str:
         if not link.is_symlink():
             link.symlink_to(bad / "nowhere")
         return str(link)
+    if name == "loop":  # a link to itself
+        link = bad / "loop"
+        if not link.is_symlink():
+            link.symlink_to(link)
+        return str(link)
+    if name == "fifo":
+        fifo = bad / "fifo"
+        if not fifo.exists():
+            os.mkfifo(fifo)
+        return str(fifo)
     if name == "empty":
         (bad / "empty.jsonl").write_text("")
         return str(bad / "empty.jsonl")
@@ -211,10 +222,12 @@ BAD_ROWS: dict[str, tuple[str, bytes | None]] = {
     "a CSV without a label column": (".csv", None),  # the whole file: a header without label
     "a .txt file": (".txt", b"a fine story\tpositive"),
     "a binary file": (".jsonl", bytes(range(256))),
+    "one label only": (".jsonl", None),  # the whole file: every example labelled alike
 }
 
 def _data_cases() -> list:
-    return [pytest.param(command, name, id=f"{command} {name}") for name in BAD_ROWS for command in ("demo", "train", "eval")]
+    return [pytest.param(command, name, id=f"{command} {name}") for name in BAD_ROWS for command in ("demo", "train", "eval")
+            if not (command == "eval" and name == "one label only")]  # eval scores with the adapter's label set
 
 
 @pytest.mark.parametrize(("command", "name"), _data_cases())
@@ -223,6 +236,8 @@ def test_a_malformed_data_file_is_one_line(command: str, name: str, paths: Paths
     path = paths.work.parent / f"data{suffix}"
     if suffix == ".csv":
         path.write_bytes(b"text,other\na fine story,positive\nan awful film,negative\n")
+    elif bad is None:
+        path.write_text("".join(line.replace("negative", "positive") + "\n" for line in paths.data.read_text().splitlines()))
     else:  # one bad line among good ones: the bad line alone must be the reason
         path.write_bytes(paths.data.read_bytes() + bad + b"\n")
     _refused([*_base(command, paths), "--data", str(path)], paths, capsys)
@@ -378,6 +393,14 @@ def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
     elif how == "too few token ids":
         fields["config"]["cpt_token_ids"] = fields["config"]["cpt_token_ids"][:-1]
         config.write_text(json.dumps(fields))
+    elif how == "a key given twice":  # json.loads keeps the last labels: here, the two swapped
+        text = json.dumps(fields)
+        config.write_text(text[:-1] + ', "task": {"labels": ["positive", "negative"]}}')
+    elif how == "PEFT's config beside cpt's":  # two adapters in one folder: cpt and PEFT would differ
+        (to / "adapter_config.json").write_text(json.dumps(fields["config"]))
+    elif how == "a null template":  # read as the default template, so the command succeeds
+        fields["task"]["template"] = None
+        config.write_text(json.dumps(fields))
     elif how == "attach_space of the wrong type":
         fields["task"]["template"]["attach_space"] = "no"
         config.write_text(json.dumps(fields))
@@ -387,7 +410,7 @@ def _spoil_adapter(adapter: Path, to: Path, how: str) -> Path:
 @pytest.mark.parametrize("command", ["eval", "predict", "generate"])
 @pytest.mark.parametrize("how", [
     "truncated weights", "no weights", "empty config", "token ids outside the vocabulary", "too few token ids",
-    "attach_space of the wrong type",
+    "attach_space of the wrong type", "a key given twice", "PEFT's config beside cpt's",
 ])
 def test_a_broken_adapter_is_one_line(command: str, how: str, paths: Paths, capsys) -> None:
     spoiled = _spoil_adapter(paths.adapter, paths.work.parent / "spoiled", how)
@@ -420,3 +443,54 @@ def test_a_checkpoint_that_does_not_fit_is_one_line(how: str, paths: Paths, caps
     argv = [*_base("train", paths), "--max-steps", "2", "--checkpoint-dir", str(checkpoints), "--resume",
             "--data", str(data)]
     _refused(argv, paths, capsys)
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "generate"])
+def test_an_adapter_with_a_null_template_runs_with_the_default_one(command: str, paths: Paths, capsys) -> None:
+    spoiled = _spoil_adapter(paths.adapter, paths.work.parent / "spoiled", "a null template")
+    argv = _base(command, paths)  # the adapter was trained with the default template: same output
+    capsys.readouterr()
+    assert main(argv) == 0
+    expected = capsys.readouterr().out
+    argv[argv.index("--adapter") + 1] = str(spoiled)
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and _without_seconds(captured.out) == _without_seconds(expected)
+
+
+def _without_seconds(out: str) -> list[dict]:
+    rows = [json.loads(line) for line in out.splitlines()]
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+# --- signals -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "status", "word"), [("SIGTERM", 143, "terminated"), ("SIGINT", 130, "interrupted")])
+def test_a_signal_during_training_ends_with_one_line_and_a_whole_checkpoint(
+    name: str, status: int, word: str, paths: Paths
+) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    checkpoints = paths.work.parent / "checkpoints"
+    argv = [*_base("train", paths), "--max-steps", "100000", "--checkpoint-dir", str(checkpoints),
+            "--checkpoint-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(Path(cpt.workflow.__file__).parents[1])}  # the cpt under test
+    process = subprocess.Popen([sys.executable, "-m", "cpt", *argv], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (checkpoints / "last").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # a few more saves: the signal lands anywhere, a save included
+        process.send_signal(getattr(signal, name))
+        err = process.communicate(timeout=120)[1]
+    finally:
+        process.kill()
+    assert process.returncode == status and err == f"cpt train: {word}\n", (process.returncode, err)
+    assert os.listdir(checkpoints) == ["last"]  # no temporary folder left
+    step = json.loads((checkpoints / "last" / "trainer_state.json").read_text())["step"]
+    assert main([*argv, "--max-steps", str(step + 1), "--resume"]) == 0  # the checkpoint is whole

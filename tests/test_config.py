@@ -148,6 +148,8 @@ def test_wrong_types_and_ranges_are_value_errors(kwargs: dict, message: str) -> 
         ("{", "not a CPTConfig JSON text"),
         ('{"cpt_token_ids": [1], "num_virtual_tokens": "1"}', "num_virtual_tokens is 1"),
         ('{"cpt_token_ids": [1], "num_virtual_tokens": true}', "num_virtual_tokens is True"),
+        ('{"cpt_token_ids": [1], "cpt_token_ids": [2]}', 'the key "cpt_token_ids" is given more than once'),
+        ('{"cpt_token_ids": [1], "opt_loss_decay_factor": 1e400}', "the number 1e400 is beyond a float's range"),
     ],
 )
 def test_from_json_errors(text: str, message: str) -> None:

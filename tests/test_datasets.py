@@ -7,6 +7,9 @@ import importlib.util
 import json
 import os
 import pickle
+import re
+import threading
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -324,7 +327,7 @@ def test_csv_errors(tmp_path: Path, content: str, match: str) -> None:
 
 def test_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "none.jsonl"
-    with pytest.raises(ValueError, match=r"^dataset file '.*none\.jsonl' does not exist$"):
+    with pytest.raises(ValueError, match=r"^dataset file .*none\.jsonl does not exist$"):
         load_dataset(path)
 
 
@@ -379,9 +382,54 @@ def test_bytes_that_are_not_utf8_are_named_by_line(tmp_path: Path) -> None:
         load_dataset(path)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "/dev/stdin", "/dev/null"])
+def test_a_file_that_is_not_regular_is_refused_without_waiting(kind: str, tmp_path: Path) -> None:
+    path = tmp_path / "d.jsonl"  # a FIFO with no writer would block open(); /dev/zero would never end
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.symlink_to(kind)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            load_dataset(path)
+        except BaseException as error:  # noqa: BLE001 - handed to the test's thread
+            raised.append(error)
+
+    thread = threading.Thread(target=load, daemon=True)  # a daemon: a hang fails the test, not the suite
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "load_dataset hangs on a " + kind
+    assert isinstance(raised[0], ValueError) and re.match(r"dataset file .*d\.jsonl is not a regular file", str(raised[0]))
+
+
+def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "d.jsonl"
+    with open(path, "wb") as f:
+        f.truncate(datasets.MAX_FILE_BYTES + 1)  # sparse: takes no room
+    with pytest.raises(ValueError, match=rf"d\.jsonl is larger than it can be: {datasets.MAX_FILE_BYTES + 1} bytes"):
+        load_dataset(path)
+
+
+def test_blank_lines_cost_no_memory_beyond_the_file(tmp_path: Path) -> None:
+    # Splitting first made a list of one pointer per line: 8 bytes per 1-byte blank line, so a
+    # file of 2**30 newlines, under the size limit, needed 8 GiB before its first line was read.
+    size = 4 * 2**20
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\n" * size + b'{"text": "a", "label": "b"}\n')
+    tracemalloc.start()
+    try:
+        assert len(load_dataset(path)) == 1
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * size  # the bytes and the text (about 2 x size), not 8 bytes a line
+
+
 def test_a_folder_is_not_a_missing_file(tmp_path: Path) -> None:
     (tmp_path / "d.jsonl").mkdir()
-    with pytest.raises(ValueError, match=r"^dataset file '.*d\.jsonl' is a folder, not a file$"):
+    with pytest.raises(ValueError, match=r"^dataset file .*d\.jsonl is a folder, not a file$"):
         load_dataset(tmp_path / "d.jsonl")
 
 

@@ -5,11 +5,13 @@ import errno
 import importlib
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
 import tempfile
 import threading
+import tracemalloc
 import types
 from pathlib import Path
 
@@ -85,6 +87,26 @@ def test_a_failing_fill_leaves_the_old_folder_and_no_leftovers(tmp_path: Path) -
     assert sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_an_interrupt_during_the_swap_waits_for_the_swap_to_end(tmp_path: Path, name: str) -> None:
+    number = getattr(signal, name)
+    target = tmp_path / "out"
+    _io.write_folder(target, _fill({"a": "old"}))
+
+    def keep(name: str) -> bool:  # runs inside the swap: the signal arrives there
+        os.kill(os.getpid(), number)
+        return False
+
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM raises too, as in `cpt`
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _io.write_folder(target, _fill({"a": "new"}), keep=keep)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert (target / "a").read_text() == "new"  # the save that began ended ...
+    assert os.listdir(tmp_path) == ["out"]  # ... leaving no temporary folder; then the interrupt acted
+
+
 def test_dead_writers_leftovers_are_removed_by_the_next_writer(tmp_path: Path) -> None:
     target = tmp_path / "out"
     _io.write_folder(target, _fill({"a": "1"}))
@@ -127,6 +149,27 @@ def test_a_file_in_the_way_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"cannot write .*/out/deeper/x: .*/out is a file, not a folder"):
         _io.write_folder(tmp_path / "out" / "deeper" / "x", _fill({"a": "1"}))
     assert (tmp_path / "out").read_text() == "mine"
+
+
+def test_a_link_loop_or_a_fifo_in_the_way_is_named_for_what_it_is(tmp_path: Path) -> None:
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValueError, match=r"cannot write .*/loop: it is a link that leads to no folder \(Too many levels"):
+        _io.check_target(tmp_path / "loop")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=r"cannot write .*/fifo/x: .*/fifo is not a folder \(a FIFO, socket or device\)"):
+        _io.check_target(tmp_path / "fifo" / "x")
+
+
+def test_reading_sets_aside_the_file_s_size_not_its_limit(tmp_path: Path) -> None:
+    (tmp_path / "small").write_bytes(b"x" * 100)
+    tracemalloc.start()
+    try:  # read(limit + 1) set a whole limit aside for every read: 256 MiB for a checkpoint's state
+        assert _io.open_folder(tmp_path, lambda f: f.read_bytes("small", "file", 2**30), "folder") == b"x" * 100
+        assert _io.read_file(tmp_path / "small", "file", 2**30) == b"x" * 100
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2**20
 
 
 def test_reader_retries_when_the_folder_is_swapped_under_it(tmp_path: Path) -> None:
@@ -176,7 +219,10 @@ def test_a_write_error_names_the_folder(tmp_path: Path) -> None:
 
     with pytest.raises(OSError, match=r"cannot write .*/out: No space left on device") as error:
         _io.write_folder(tmp_path / "out", full)
-    assert error.value.errno == 28
+    assert error.value.errno == 28 and str(error.value) == f"cannot write {tmp_path / 'out'}: No space left on device"
+    with pytest.raises(OSError) as error:  # a nested write (a checkpoint's adapter): the outer folder, once
+        _io.write_folder(tmp_path / "outer", lambda folder: _io.write_folder(folder / "inner", full))
+    assert str(error.value) == f"cannot write {tmp_path / 'outer'}: No space left on device"
     with pytest.raises(PermissionError, match="cannot write"):
         _io.write_folder(tmp_path / "out", lambda folder: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     assert sorted(os.listdir(tmp_path)) == []

@@ -639,21 +639,37 @@ def _check_regular(fd: int, path: Path, what: str) -> None:
     raise ValueError(f"{what} {path} is not a regular file (a FIFO, socket or device cannot be read)")
 
 
-def strict_json(text: str) -> Any:
+MAX_INT_DIGITS = 4300
+"""The longest integer JSON text may hold (digits): Python's own limit for turning one into a string."""
+
+
+def strict_json(text: str, advice: str = "") -> Any:
     """The JSON value in ``text``, read strictly: ``json.loads`` alone would take ``NaN`` and
     ``Infinity``, read ``1e400`` as infinity, and keep only the last of a key given twice.
 
+    Args:
+        text: the JSON text.
+        advice: added to the refusal of a constant or a number (a data file's "; quote it to keep
+            it as a label").
+
     Raises:
-        ValueError: naming the problem (``RecursionError`` for nesting too deep is left as it is).
+        json.JSONDecodeError: for text that is not JSON.
+        ValueError: naming the value refused (``RecursionError`` for nesting too deep is left as it is).
     """
     def refuse(constant: str) -> Any:
-        raise ValueError(f"{constant} is not JSON")
+        raise ValueError(f"{constant} is not valid JSON (JSON has no NaN or Infinity{advice})")
 
     def finite(number: str) -> float:
         value = float(number)
         if not math.isfinite(value):
-            raise ValueError(f"the number {number[:40]} is beyond a float's range")
+            raise ValueError(f"the number {number[:40]} is beyond a float's range{advice}")
         return value
+
+    def bounded(number: str) -> int:
+        digits = len(number.lstrip("-"))
+        if digits > MAX_INT_DIGITS:
+            raise ValueError(f"an integer of {digits} digits is too long{advice}")
+        return int(number)
 
     def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
         seen: set[str] = set()
@@ -663,7 +679,7 @@ def strict_json(text: str) -> Any:
             seen.add(key)
         return dict(pairs)
 
-    return json.loads(text, parse_constant=refuse, parse_float=finite, object_pairs_hook=unique)
+    return json.loads(text, parse_constant=refuse, parse_float=finite, parse_int=bounded, object_pairs_hook=unique)
 
 
 def parse_json_object(raw: bytes, path: Path, what: str) -> dict[str, Any]:

@@ -46,8 +46,6 @@ MAX_FILE_BYTES = 1 << 30
 """Largest data file read (1 GiB): few-shot data is small; a bigger file is a mistake."""
 MAX_FIELD_CHARS = 1 << 20
 """Longest CSV field (characters): Python's csv module allows 128 Ki by default."""
-MAX_INT_DIGITS = 4300
-"""Longest integer read from JSONL (digits): Python's own limit for turning one into a string."""
 
 
 @dataclass(frozen=True)
@@ -441,52 +439,20 @@ def _label_string(value: Any, where: str) -> str:
     return check_text(label, f"{where}: label")
 
 
-class _Refused(ValueError):
-    """A JSON value that `_json_record` does not take (raised from inside ``json.loads``)."""
-
-
-def _refuse_constant(name: str) -> Any:
-    raise _Refused(f"{name} is not valid JSON (JSON has no NaN or Infinity; quote a label that reads so)")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):  # 1e400 reads as inf: two such labels would become one
-        raise _Refused(f"the number {text[:40]} is beyond a float's range; quote it to keep it as a label")
-    return value
-
-
-def _bounded_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise _Refused(f"an integer of {len(text.lstrip('-'))} digits is too long; quote it to keep it as a label")
-    return int(text)
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    keys = [key for key, _ in pairs]
-    repeated = sorted({key for key in keys if keys.count(key) > 1})
-    if repeated:  # json.loads would keep the last value and drop the others unseen
-        raise _Refused(f"the object has the key {json.dumps(repeated[0])} more than once")
-    return dict(pairs)
-
-
 def _json_record(line: str, where: str) -> Any:
-    """One JSON value, strictly: no NaN or Infinity, no number that overflows, no repeated key.
+    """One JSON value, strictly (`cpt._io.strict_json`).
 
     Raises:
         ValueError: ``<where>: <the problem>``.
     """
     try:
-        return json.loads(
-            line, parse_constant=_refuse_constant, parse_float=_finite_float, parse_int=_bounded_int,
-            object_pairs_hook=_unique_keys,
-        )
-    except _Refused as err:
-        raise ValueError(f"{where}: {err}") from None
+        return _io.strict_json(line, advice="; quote it to keep it as a label")
     except json.JSONDecodeError as err:
         raise ValueError(f"{where}: not valid JSON ({err.msg})") from None
     except RecursionError:
         raise ValueError(f"{where}: the JSON is nested too deeply") from None
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
 
 
 def _lines(content: str) -> Iterator[str]:

@@ -216,7 +216,7 @@ def _set(tensors: dict, key: str, row: int, value: float) -> dict:
         ("cpt", _edit_json(CPT_CONFIG_NAME, lambda c: c.update(config=[1])), r"field 'config' must be a JSON object, got \[1\]"),
         ("peft", _edit_json(PEFT_CONFIG_NAME, lambda c: c.update(token_dim="32")), r"field 'token_dim' must be an integer >= 1, got '32'"),
         ("peft", _edit_json(PEFT_CONFIG_NAME, lambda c: c.pop("peft_type")), r"field 'peft_type' must be \"CPT\", got None"),
-        ("cpt", lambda d: (d / CPT_CONFIG_NAME).write_text('{"format": NaN}'), r"NaN is not JSON"),
+        ("cpt", lambda d: (d / CPT_CONFIG_NAME).write_text('{"format": NaN}'), r"NaN is not valid JSON"),
     ],
 )
 def test_hostile_adapter_folders_get_one_value_error(trained: CPTModel, tmp_path, layout, damage, message) -> None:

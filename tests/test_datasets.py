@@ -356,7 +356,7 @@ GOOD_LINE = '{"text": "fine", "label": "pos"}\n'
         ('{"text": "a", "label": 1e400}', r"the number 1e400 is beyond a float's range; quote it"),
         ('{"text": "a", "label": -1e999}', r"the number -1e999 is beyond a float's range"),
         ('{"text": "a", "label": ' + "9" * 5000 + "}", r"an integer of 5000 digits is too long"),
-        ('{"text": "a", "label": "pos", "label": "neg"}', r'the object has the key "label" more than once'),
+        ('{"text": "a", "label": "pos", "label": "neg"}', r'the key "label" is given more than once'),
         ('{"text": "a\\ud800b", "label": "pos"}', r'"text" is not valid Unicode: a lone surrogate .\\ud800. at character 1'),
         ('{"text": "a", "label": "\\udcff"}', r"label is not valid Unicode: a lone surrogate"),
     ],

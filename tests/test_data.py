@@ -69,7 +69,7 @@ def _normalise(tokenizer: PreTrainedTokenizerFast, text: str) -> str:
 def _expected_pieces(
     tokenizer: PreTrainedTokenizerFast, template: Template, text: str, label: str
 ) -> list[tuple[str, int]]:
-    """The pieces of a rendered example and their codes, written out by hand from SPEC §1."""
+    """The pieces of a rendered example and their codes, written out by hand from the token types in docs/method.md."""
     input_prefix, input_suffix = template.input_template.split("{}")
     output_prefix, output_suffix = template.output_template.split("{}")
     end = tokenizer.eos_token if template.end_token is None else template.end_token

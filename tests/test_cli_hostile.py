@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_cli import adapter, data_file, model_dir  # noqa: F401 - the tiny model, its data and adapter
@@ -251,12 +251,17 @@ INTEGER_OPTIONS = {  # option: (a command that takes it, its smallest value)
 }
 
 
-def _not_an_integer(text: str) -> bool:
+def _parses_as(kind: type, text: str) -> bool:
+    """Whether ``kind(text)`` (int or float) reads ``text`` as a number."""
     try:
-        int(text)
+        kind(text)
     except ValueError:
-        return True
-    return False
+        return False
+    return True
+
+
+def _not_an_integer(text: str) -> bool:
+    return not _parses_as(int, text)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -272,7 +277,7 @@ def test_any_bad_integer_is_refused_by_the_parser(option: str, value: str, paths
     assert line.startswith(f"cpt {command}: error: argument {option}: ")
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -289,17 +294,9 @@ def test_any_learning_rate_float32_cannot_hold_is_refused_before_loading(
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(temperature=st.one_of(st.floats(max_value=-1e-300), st.just(float("nan")), st.text().filter(
-    lambda t: not _parses_as_float(t))))
+    lambda t: not _parses_as(float, t))))
 def test_any_bad_temperature_is_refused(temperature: float | str, paths: Paths, capsys) -> None:
     _refused([*_base("generate", paths), f"--temperature={temperature}"], paths, capsys)
-
-
-def _parses_as_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 # --- checked before any training ------------------------------------------------------------------

@@ -72,7 +72,9 @@ def check_batch(
         raise ValueError("input_ids has no rows (batch size 0)")
     if input_ids.shape[1] == 0:
         raise ValueError("input_ids has no tokens (seq_len 0)")
-    for name, tensor in (("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
+    tensors = (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels),
+               ("input_type_mask", input_type_mask))
+    for name, tensor in tensors:
         if tensor is None:
             continue
         if not isinstance(tensor, torch.Tensor):
@@ -81,11 +83,12 @@ def check_batch(
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but input_ids has shape {tuple(input_ids.shape)}"
             )
+        if tensor.device.type == "meta":
+            raise ValueError(
+                f"{name} is on the meta device, which holds no data; give a tensor on the CPU or the model's device"
+            )
     if input_type_mask is not None and (input_type_mask.dtype.is_floating_point or input_type_mask.dtype.is_complex):
         raise ValueError(f"input_type_mask must hold integer type codes, got {input_type_mask.dtype}")
-    for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask), ("labels", labels), ("input_type_mask", input_type_mask)):
-        if tensor is not None and tensor.device.type == "meta":
-            raise ValueError(f"{name} is on the meta device, which holds no data; give a tensor on the CPU or the model's device")
     if attention_mask is not None and attention_mask.device.type == "cpu":  # a GPU mask would make the host wait
         _check_mask_values(attention_mask)
 

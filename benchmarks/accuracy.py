@@ -25,7 +25,7 @@ template and scoring (`cpt.infer.classify`: summed log-likelihood of each label'
   trained context is from cpt's trained the same way.
 
 Every run records accuracy and macro-F1 (`cpt.metrics`). Each seed draws its own test set, then
-its own context (`cpt.datasets.split_examples`: the test set first, so every K is scored on the
+its own context (`cpt.labelled_data.split_examples`: the test set first, so every K is scored on the
 same test examples). Nothing is tuned on test examples.
 
 **Two halves, fixed before any run.** `DEV_SETS` is where defaults are chosen (they include the
@@ -124,8 +124,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     if args.bf16 and not device.startswith("cuda"):
         raise SystemExit("--bf16 is for CUDA devices only")
-    from cpt.datasets import load_dataset
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.labelled_data import load_dataset
+    from cpt.pretrained import load_model_and_tokenizer
 
     base_model, tokenizer = load_model_and_tokenizer(args.model, dtype=dtype, device=device)
     output_dir = Path(args.output_dir)
@@ -192,7 +192,7 @@ class _Run:
     """One (data set, K, seed): the draws, and a method per call."""
 
     def __init__(self, args, data, k, seed, base_model, tokenizer, template, methods) -> None:  # type: ignore[no-untyped-def]
-        from cpt.datasets import split_examples
+        from cpt.labelled_data import split_examples
 
         self.args, self.data, self.k, self.seed = args, data, k, seed
         self.base_model, self.tokenizer, self.template, self.methods = base_model, tokenizer, template, methods

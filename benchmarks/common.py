@@ -58,7 +58,7 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 PRETRAINED_MODELS = ("smollm2-135m",)
-"""Real models, loaded through `cpt.loading.load_model_and_tokenizer` when it is available."""
+"""Real models, loaded through `cpt.pretrained.load_model_and_tokenizer` when it is available."""
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -146,7 +146,7 @@ def load_model(
         model = build_random_model(config, device, dtype, seed)
         return model, f"random Llama {name}"
     if name == "smollm2-135m":
-        from cpt.loading import load_model_and_tokenizer  # lazy: optional, may not exist yet
+        from cpt.pretrained import load_model_and_tokenizer  # lazy: optional, may not exist yet
 
         model, _ = load_model_and_tokenizer(None, dtype=dtype, device=device)
         return model.requires_grad_(False), "SmolLM2-135M-Instruct"

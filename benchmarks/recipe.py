@@ -1,7 +1,7 @@
 """Development-half experiments behind fit's recipe: how far to train, and is leave-one-out a guide?
 
 For each (data set of the development half, K, seed) the context is the benchmark's own draw
-(`cpt.datasets.split_examples` with the benchmark's 100 test examples drawn first and never
+(`cpt.labelled_data.split_examples` with the benchmark's 100 test examples drawn first and never
 scored here); *validation* examples are drawn from what is left. Each training setting runs
 once and, at a few points along the way (step 0, the untrained context, included), records:
 
@@ -65,8 +65,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(summary(records))
         return
     torch.set_num_threads(args.threads)
-    from cpt.datasets import load_dataset, split_examples
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.labelled_data import load_dataset, split_examples
+    from cpt.pretrained import load_model_and_tokenizer
 
     base_model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     out = Path(args.out)

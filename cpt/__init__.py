@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     "Classification": "cpt.infer",
     "classify": "cpt.infer",
     "generate": "cpt.infer",
-    "load_model_and_tokenizer": "cpt.loading",
+    "load_model_and_tokenizer": "cpt.pretrained",
     "ContextCache": "cpt.model",
     "CPTModel": "cpt.model",
     "CPTOutput": "cpt.model",
@@ -74,7 +74,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
         render_query,
     )
     from cpt.infer import Classification, classify, generate
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.pretrained import load_model_and_tokenizer
     from cpt.model import ContextCache, CPTModel, CPTOutput
     from cpt.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint
     from cpt.workflow import fit

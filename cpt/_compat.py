@@ -14,7 +14,7 @@ breaks one module, and `tests/test_compat.py` sees it:
   read: there is no public getter), and whether a class can switch at all from
   ``_can_set_attn_implementation`` (private read: the public setter only logs a warning);
 - checkpointable decoder layers are ``transformers.modeling_layers.GradientCheckpointingLayer``;
-  `cpt.checkpointing` replaces each one's ``forward`` on the instance, because `transformers`' own
+  `cpt.recompute` replaces each one's ``forward`` on the instance, because `transformers`' own
   checkpointing turns the KV cache off; whether that one is on is ``is_activation_checkpointing``
   (5.24) or ``is_gradient_checkpointing`` (5.17);
 - the GGUF reader, ``transformers.modeling_gguf_pytorch_utils``, draws its progress bar with

@@ -173,7 +173,7 @@ def _quiet_libraries(prog: str) -> Iterator[None]:
 def _transformers_quiet() -> Iterator[None]:
     """`transformers` and the hub draw no progress bars and log errors only (its load reports
     and tokenizer length notes are for library users; the GGUF converter's bar follows the same
-    switch, see `cpt.loading`). ``TRANSFORMERS_VERBOSITY``, when set, keeps its logging as asked."""
+    switch, see `cpt.pretrained`). ``TRANSFORMERS_VERBOSITY``, when set, keeps its logging as asked."""
     from transformers.utils import logging as hf_logging
 
     bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
@@ -446,7 +446,7 @@ def _calibrate_arg(parser: argparse.ArgumentParser) -> None:
 
 def _run_demo(args: argparse.Namespace) -> int:
     from cpt.data import Template, build_context
-    from cpt.datasets import split_examples
+    from cpt.labelled_data import split_examples
     from cpt.infer import classify
     from cpt.model import CPTModel
     from cpt.workflow import CONTEXT_DEFAULTS, fit
@@ -494,7 +494,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def _run_train(args: argparse.Namespace) -> int:
     from cpt.data import Template, build_context
-    from cpt.datasets import load_dataset, split_examples
+    from cpt.labelled_data import load_dataset, split_examples
     from cpt.train import LAST_CHECKPOINT_NAME
     from cpt.workflow import fit
 
@@ -562,7 +562,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from cpt.datasets import split_examples
+    from cpt.labelled_data import split_examples
     from cpt.metrics import macro_f1
     from cpt.workflow import template_of
 
@@ -645,9 +645,9 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def _load_data(name: str, label_names: list[str] | None):  # type: ignore[no-untyped-def]
-    """`cpt.datasets.load_dataset`, with integer labels replaced by ``label_names`` if given."""
+    """`cpt.labelled_data.load_dataset`, with integer labels replaced by ``label_names`` if given."""
     from cpt.data import Example
-    from cpt.datasets import LabelledData, load_dataset
+    from cpt.labelled_data import LabelledData, load_dataset
 
     data = load_dataset(name)
     if label_names is None:
@@ -737,7 +737,7 @@ def _output_path(text: str) -> Path:
 
 def _load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     from cpt import distributed
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.pretrained import load_model_and_tokenizer
 
     device = _device(args.device)
     if distributed.launched():  # torchrun or accelerate launch: join the group, one device per rank

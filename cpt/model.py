@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt import _compat, checkpointing, loss, passes, plan
+from cpt import _compat, loss, passes, plan, recompute
 from cpt._fields import check_bool, check_path, is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig
 from cpt.context import Context
@@ -123,7 +123,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         compile_projection: fuse the projection with ``torch.compile``; None compiles on CUDA
             only.
         activation_checkpointing: keep only each layer's input during the forward pass and
-            recompute the rest in the backward pass (`cpt.checkpointing`): long contexts fit in
+            recompute the rest in the backward pass (`cpt.recompute`): long contexts fit in
             far less memory, for one more forward pass. Works with the shared context.
         shared_attention: with a shared context, let the samples attend to one copy of it
             (`cpt.attention`) instead of B copies in a `transformers` cache: less memory, and
@@ -158,7 +158,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
         self.base_model = base_model
         self.base_model.requires_grad_(False)
         if activation_checkpointing:
-            checkpointing.enable(base_model)
+            recompute.enable(base_model)
         self._context_cache: ContextCache | None = None  # see context_cache()
         self._warned_fallback = False
         self.task: dict | None = None  # template and label set, saved with the adapter (cpt.workflow)

@@ -104,7 +104,7 @@ def test_quick_smoke_mode_runs_one_small_cell(tiny_setup, tmp_path) -> None:
 
 
 def test_the_two_halves_are_disjoint_and_cover_the_shipped_sets() -> None:
-    from cpt.datasets import BUILTIN_DATASETS
+    from cpt.labelled_data import BUILTIN_DATASETS
 
     assert not set(accuracy.DEV_SETS) & set(accuracy.REPORT_SETS)
     assert len(accuracy.DEV_SETS) == len(accuracy.REPORT_SETS) == 5

@@ -8,7 +8,7 @@ from tiny_models import make_model
 from tokenizers_util import make_bpe_tokenizer, make_wordlevel_tokenizer
 
 from cpt import CPTModel, TrainConfig, classify, fit, generate, load_model_and_tokenizer
-from cpt.datasets import load_dataset
+from cpt.labelled_data import load_dataset
 from cpt.data import Example, Template, build_context
 
 SMALLEST_NORMAL = torch.finfo(torch.float32).tiny  # cpt.train.SMALLEST_NORMAL

@@ -185,7 +185,7 @@ def test_python_dash_m_cpt_runs_the_command() -> None:
 def test_train_never_uses_what_eval_scores(data_file: Path) -> None:
     # `cpt train --test n` and `cpt eval --test n` with the same data and seed: eval's examples are
     # drawn first, so the context and training examples come from the rest.
-    from cpt.datasets import load_dataset, split_examples
+    from cpt.labelled_data import load_dataset, split_examples
 
     data = load_dataset(str(data_file))
     context, train, _ = split_examples(data, per_class=1, n_test=6, n_train=4, seed=0)
@@ -289,17 +289,17 @@ def test_resume_needs_a_checkpoint(model_dir: Path, data_file: Path, tmp_path: P
 
 
 def test_dtype_reaches_the_model(model_dir: Path, adapter: Path, monkeypatch, capsys) -> None:
-    import cpt.loading
+    import cpt.pretrained
 
     seen = []
-    real = cpt.loading.load_model_and_tokenizer
+    real = cpt.pretrained.load_model_and_tokenizer
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
         model, tokenizer = real(*args, **kwargs)
         seen.append(model.dtype)
         return model, tokenizer
 
-    monkeypatch.setattr(cpt.loading, "load_model_and_tokenizer", spy)
+    monkeypatch.setattr(cpt.pretrained, "load_model_and_tokenizer", spy)
     assert main(["predict", "--model", str(model_dir), "--adapter", str(adapter), "--device", "cpu",
                  "--dtype", "bfloat16", "--no-progress", "a fine story"]) == 0
     assert seen == [torch.bfloat16]

@@ -174,7 +174,7 @@ def test_cpt_train_and_eval_on_two_processes_match_one(launched, capsys) -> None
     """`cpt train` / `cpt eval` as `torchrun -m cpt ...` runs them (the ranks call `cpt.cli.main`)."""
     from cpt.cli import main
     from cpt.model import CPTModel
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.pretrained import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(str(launched / "cli_model"), device="cpu")
     one = CPTModel.from_pretrained(base, launched / "cli_one")

@@ -7,7 +7,7 @@ default) at a tiny random Llama with an offline BPE tokenizer saved in a tempora
 page shows the real call and still runs in seconds. Blocks run in a temporary working folder. A
 block preceded by the line ``<!-- no-test -->`` is not run (kept for the few that need a GPU or a
 real download); a block that imports ``peft`` is skipped when PEFT is not installed, and a page
-whose block loads a data set (`cpt.datasets`, from the StaICC package) is skipped from that block on
+whose block loads a data set (`cpt.labelled_data`, from the StaICC package) is skipped from that block on
 when StaICC is not installed (the README installs it; a GPU machine may not have it).
 """
 
@@ -121,8 +121,8 @@ def test_smollm2_figures_quoted_by_the_docs() -> None:
     from transformers import AutoTokenizer
 
     from cpt import build_context
-    from cpt.datasets import load_dataset, split_examples
-    from cpt.loading import default_model_path
+    from cpt.labelled_data import load_dataset, split_examples
+    from cpt.pretrained import default_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
     hidden = 576

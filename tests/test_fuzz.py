@@ -26,7 +26,7 @@ from tiny_models import make_model
 from cpt import CPTConfig, CPTModel, Template
 from cpt.adapter import CPT_CONFIG_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME
 from cpt.checkpoint import STATE_JSON_NAME, TrainState, load_checkpoint, save_checkpoint
-from cpt.datasets import load_dataset
+from cpt.labelled_data import load_dataset
 from cpt.train import TrainConfig, make_optimizer
 
 # Fixed examples in CI (derandomize); CPT_FUZZ_EXAMPLES=500 for a longer hunt.
@@ -485,7 +485,7 @@ LOAD_ARGS = ["name_or_path", "dtype", "device", "revision", "attn_implementation
 @given(name=st.sampled_from(LOAD_ARGS), value=hostile)
 def test_load_model_and_tokenizer_with_any_argument_of_any_type(tiny_folder, offline_in_a_temp_folder, name: str,
                                                                 value) -> None:
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.pretrained import load_model_and_tokenizer
 
     args = dict(name_or_path=tiny_folder)
     args[name] = value
@@ -554,7 +554,7 @@ def test_build_context_with_any_argument_of_any_type(api, name: str, value) -> N
 @given(name=st.sampled_from(["data", "per_class", "n_test", "n_train", "seed"]), value=hostile)
 def test_split_examples_with_any_argument_of_any_type(name: str, value) -> None:
     from cpt.data import Example
-    from cpt.datasets import LabelledData, split_examples
+    from cpt.labelled_data import LabelledData, split_examples
 
     data = LabelledData("d", [Example(f"t{i}", "ab"[i % 2]) for i in range(8)], ["a", "b"])
     args = {"data": data, "per_class": 1, "n_test": 2, name: value}

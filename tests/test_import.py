@@ -30,7 +30,7 @@ def test_import_cpt_loads_only_cpt_and_names_load_on_use() -> None:
     for heavy in (*HEAVY, "torch", "transformers"):
         assert _loaded(after_import, heavy) == [], heavy
 
-    assert {"cpt.model", "cpt.infer", "cpt.workflow", "cpt.loading"} <= set(after_names)
+    assert {"cpt.model", "cpt.infer", "cpt.workflow", "cpt.pretrained"} <= set(after_names)
     for heavy in ("peft", "transformers.trainer", "transformers.trainer_callback", "cpt.callback"):
         assert _loaded(after_names, heavy) == [], heavy
 

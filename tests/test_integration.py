@@ -20,7 +20,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    from cpt.loading import load_model_and_tokenizer
+    from cpt.pretrained import load_model_and_tokenizer
 
     torch.set_num_threads(2)
     yield load_model_and_tokenizer()
@@ -33,7 +33,7 @@ def _mean_loss(model: CPTModel, dataset: CPTDataset, collator: CPTCollator) -> f
 
 
 def test_train_save_reload_predict(smollm, tmp_path) -> None:
-    from cpt.datasets import load_dataset, split_examples
+    from cpt.labelled_data import load_dataset, split_examples
 
     base_model, tokenizer = smollm
     data = load_dataset("rotten_tomatoes")

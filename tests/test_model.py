@@ -236,7 +236,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(arch: str) ->
 
 
 def test_activation_checkpointing_recomputes_the_layers() -> None:
-    from cpt import _compat, checkpointing
+    from cpt import _compat, recompute
 
     base_model = make_model("llama")
     model = CPTModel(base_model, context_config(), activation_checkpointing=True)
@@ -247,7 +247,7 @@ def test_activation_checkpointing_recomputes_the_layers() -> None:
     model.context_sharing = "always"
     model(**sample_batch(2)).loss.backward()
     assert len(calls) == 4  # context and samples, each run again in the backward pass
-    checkpointing.disable(base_model)
+    recompute.disable(base_model)
     calls.clear()
     model(**sample_batch(2)).loss.backward()
     assert len(calls) == 2

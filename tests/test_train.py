@@ -368,7 +368,7 @@ def test_numbers_beyond_float_are_refused(value: int) -> None:
 
 def test_seed_range_is_what_torch_generators_take(context, dataset, collator) -> None:
     from cpt._fields import MAX_SEED
-    from cpt.datasets import LabelledData, split_examples
+    from cpt.labelled_data import LabelledData, split_examples
 
     torch.Generator().manual_seed(MAX_SEED)  # the largest seed torch takes...
     with pytest.raises((ValueError, RuntimeError)):

@@ -1,4 +1,4 @@
-"""Tests of `cpt.loading`: the cache folder, its atomic publication, and model loading.
+"""Tests of `cpt.pretrained`: the cache folder, its atomic publication, and model loading.
 
 The fast tests use a tiny model saved into ``tmp_path``; the ``slow`` ones build the real default
 model (SmolLM2-135M, about 30 s on two cores) into a temporary ``$CPT_HOME``.
@@ -23,8 +23,8 @@ import torch
 from tiny_models import HIDDEN, VOCAB, make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
-from cpt import loading
-from cpt.loading import (
+from cpt import pretrained
+from cpt.pretrained import (
     DEFAULT_MODEL,
     MARKER_FILE,
     cpt_home,
@@ -349,7 +349,7 @@ def test_gguf_file_converts_once_into_the_cache(
     def no_conversion(*args: object) -> None:
         raise AssertionError("converted twice")
 
-    monkeypatch.setattr(loading, "_convert_gguf", no_conversion)
+    monkeypatch.setattr(pretrained, "_convert_gguf", no_conversion)
     load_model_and_tokenizer(str(path))  # the cached folder serves the second load
 
     changed = write_gguf(tmp_path / "Tiny-Llama.Q8.gguf", make_model("llama", seed=1, vocab_size=len(tokenizer)), tokenizer)
@@ -371,7 +371,7 @@ def test_gguf_conversion_bar_follows_transformers_switch(bars: bool, tmp_path: P
     if not bars:
         hf_logging.disable_progress_bar()
     try:
-        loading.gguf_model_path(path)
+        pretrained.gguf_model_path(path)
     finally:
         hf_logging.enable_progress_bar()
     assert ("Converting and de-quantizing GGUF tensors" in capsys.readouterr().err) == bars
@@ -433,7 +433,7 @@ def test_hub_name_from_the_local_cache_offline_and_uncached_fails_fast(tmp_path:
     hf_home = tmp_path / "hf"
     _fake_hub_cache(hf_home / "hub", "tiny-org/tiny-llama", _save_tiny(tmp_path / "tiny", pad=True))
     script = (
-        "from cpt.loading import load_model_and_tokenizer\n"
+        "from cpt.pretrained import load_model_and_tokenizer\n"
         "model, tok = load_model_and_tokenizer('tiny-org/tiny-llama')\n"
         "print('hidden', model.config.hidden_size)\n"
         "try:\n"
@@ -484,9 +484,9 @@ def test_unreachable_hub_is_one_error(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 def test_short_reason_truncates() -> None:
-    reason = loading._short_reason(RuntimeError("x" * 1000))
+    reason = pretrained._short_reason(RuntimeError("x" * 1000))
     assert reason.startswith("RuntimeError: xxx") and reason.endswith("...")
-    assert len(reason) == loading._REASON_MAX_CHARS
+    assert len(reason) == pretrained._REASON_MAX_CHARS
 
 
 # --- the real default model ----------------------------------------------------------------------
@@ -524,7 +524,7 @@ def test_default_model_builds_and_loads(
     def no_rebuild(*args: object) -> None:
         raise AssertionError("the cache was rebuilt")
 
-    monkeypatch.setattr(loading, "_convert_gguf", no_rebuild)  # later loads read the folder
+    monkeypatch.setattr(pretrained, "_convert_gguf", no_rebuild)  # later loads read the folder
     model, tokenizer = load_model_and_tokenizer(DEFAULT_MODEL)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert model.config.vocab_size == SMOLLM2_VOCAB

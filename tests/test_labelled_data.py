@@ -1,4 +1,4 @@
-"""Tests of `cpt.datasets`: the restricted unpickler, the built-in sets, user files and splits."""
+"""Tests of `cpt.labelled_data`: the restricted unpickler, the built-in sets, user files and splits."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from cpt import datasets
+from cpt import labelled_data
 from cpt.data import Example
-from cpt.datasets import (
+from cpt.labelled_data import (
     BUILTIN_DATASETS,
     LabelledData,
     RefusedGlobalError,
@@ -77,7 +77,7 @@ def fake_staicc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A folder standing in for ``StaICC/cached_dataset``; tests write pickles into it."""
     folder = tmp_path / "cached_dataset"
     folder.mkdir()
-    monkeypatch.setattr(datasets, "_staicc_data_dir", lambda: folder)
+    monkeypatch.setattr(labelled_data, "_staicc_data_dir", lambda: folder)
     return folder
 
 
@@ -407,8 +407,8 @@ def test_a_file_that_is_not_regular_is_refused_without_waiting(kind: str, tmp_pa
 def test_a_file_over_the_size_limit_is_refused_before_reading(tmp_path: Path, monkeypatch) -> None:
     path = tmp_path / "d.jsonl"
     with open(path, "wb") as f:
-        f.truncate(datasets.MAX_FILE_BYTES + 1)  # sparse: takes no room
-    with pytest.raises(ValueError, match=rf"d\.jsonl is larger than it can be: {datasets.MAX_FILE_BYTES + 1} bytes"):
+        f.truncate(labelled_data.MAX_FILE_BYTES + 1)  # sparse: takes no room
+    with pytest.raises(ValueError, match=rf"d\.jsonl is larger than it can be: {labelled_data.MAX_FILE_BYTES + 1} bytes"):
         load_dataset(path)
 
 

@@ -80,8 +80,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return USAGE_ERROR
     try:
+        callers_group = _in_process_group()  # `main` called from a script that joined one itself
         with _quiet_libraries(f"cpt {args.command}"), _terminate_as_interrupt():
-            return args.run(args)
+            status = args.run(args)
+        if not callers_group:
+            _leave_process_group()
+        return status
     except Terminated:
         print(f"cpt {args.command}: terminated", file=sys.stderr)
         return TERMINATED
@@ -97,6 +101,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise  # a bug in cpt: its traceback is what a report needs
         print(f"cpt {args.command}: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _in_process_group() -> bool:
+    dist = sys.modules.get("torch.distributed")  # not imported: no group either
+    return dist is not None and dist.is_available() and dist.is_initialized()
+
+
+def _leave_process_group() -> None:
+    """Under ``torchrun``, leaves the process group the command joined (`cpt.distributed.leave`),
+    once the command succeeded on this rank; a failed rank exits without waiting for the others."""
+    if _in_process_group():
+        from cpt import distributed
+
+        distributed.leave()
 
 
 class Terminated(KeyboardInterrupt):

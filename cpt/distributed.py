@@ -86,6 +86,17 @@ def init_from_env(device: str | None = None) -> torch.device:
     return here
 
 
+def leave() -> None:
+    """Destroys the default process group (the one `init_from_env` joined), if there is one.
+
+    Call it on every rank once the work is done: a group still alive when the interpreter exits
+    can abort the process from its communication threads (``terminate called without an active
+    exception``) after the work succeeded.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     """Waits for every rank (nothing with one process)."""
     if world_size() > 1:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
@@ -162,6 +164,7 @@ def _cli_eval(root: Path):  # type: ignore[no-untyped-def]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(cli_eval_args(root, root / "cli_one")) == 0
+    assert torch.distributed.is_initialized()  # the caller's group: the command leaves it to the caller
     (root / "cli_eval").mkdir(exist_ok=True)
     (root / "cli_eval" / f"stdout.{distributed.rank()}.txt").write_text(printed.getvalue())
     return None, []

@@ -9,6 +9,7 @@ the test imports too, so both sides train exactly the same problem.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -33,7 +34,21 @@ def _write(out: Path, name: str, delta: torch.Tensor, losses: list[float]) -> No
     (folder / f"losses.{rank}.json").write_text(json.dumps(losses))
 
 
+def command_alone(out: str) -> None:
+    """`cpt eval` as ``torchrun ... -m cpt eval`` runs it: the command joins the group and leaves
+    it; each rank writes the exit status and whether a group is left behind."""
+    from cpt.cli import main as cli
+
+    status = cli(cases.cli_eval_args(Path(out), Path(out) / "cli_one"))
+    folder = Path(out) / "cli_alone"
+    folder.mkdir(exist_ok=True)
+    (folder / f"after.{os.environ['RANK']}.json").write_text(json.dumps([status, torch.distributed.is_initialized()]))
+
+
 def main(out: str, scenarios: list[str]) -> None:
+    if scenarios == ["cli_alone"]:
+        command_alone(out)
+        return
     distributed.init_from_env("cpu")
     root = Path(out)
     for name in scenarios:
@@ -41,7 +56,14 @@ def main(out: str, scenarios: list[str]) -> None:
         if model is not None:  # the command-line scenarios write their own files
             _write(root, name, model.delta, losses)
         distributed.barrier()
-    torch.distributed.destroy_process_group()
+    gc.collect()  # the Trainer scenario's DDP wrapper, still holding the group, goes first
+    distributed.leave()
+    # Every result is on disk. Skipping the interpreter's teardown keeps torch's communication
+    # threads from aborting the rank there (seen once in CI: "terminate called without an
+    # active exception" after the last scenario), which would fail the launch after the work.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

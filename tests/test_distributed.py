@@ -40,16 +40,21 @@ def launched(tmp_path_factory) -> Path:
     from cpt.cli import main
 
     assert main(cases.cli_train_args(root, root / "cli_one")) == 0  # evaluated by 2 ranks
+    _launch(root, *cases.SCENARIOS)
+    _launch(root, "cli_alone")  # no group made by the worker: the command joins one and leaves it
+    return root
+
+
+def _launch(root: Path, *scenarios: str) -> None:
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(HERE / "distributed_worker.py"), str(root), *cases.SCENARIOS,
+        str(HERE / "distributed_worker.py"), str(root), *scenarios,
     ]
     # The ranks train on the CPU (gloo), as the single-process references here do: hiding the GPUs
     # keeps `Trainer` and FSDP2 off them too (on one GPU, rank 1 would ask for cuda:1).
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path), "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
     assert done.returncode == 0, done.stderr[-4000:]
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +236,10 @@ def test_classify_and_generate_over_a_device_map_with_offloaded_layers(tmp_path)
     assert got.predictions == expected.predictions
     torch.testing.assert_close(got.probabilities, expected.probabilities, rtol=0, atol=1e-6)
     assert generate(spread, tokenizer, texts, max_new_tokens=3) == generate(whole, tokenizer, texts, max_new_tokens=3)
+
+
+def test_a_command_under_torchrun_leaves_the_group_it_joined(launched) -> None:
+    """`cpt eval` on 2 ranks joins the group itself and destroys it when done: a group left alive
+    at exit can abort a rank from gloo's threads after the work succeeded."""
+    after = [json.loads((launched / "cli_alone" / f"after.{r}.json").read_text()) for r in range(2)]
+    assert after == [[0, False], [0, False]]  # exit status 0, no group left

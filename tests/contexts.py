@@ -5,11 +5,20 @@ from __future__ import annotations
 import torch
 
 from cpt import CPTConfig
+from cpt.data import Example
 
 # one example: input template, input, input, input, separator, output template x2, label x2, end
 EXAMPLE_CODES = [1, 2, 2, 2, 0, 3, 3, 4, 4, 0]
 SAMPLE_CODES = [1, 2, 2, 0, 3, 4, 4, 0, 0]
 SHORT_SAMPLE_CODES = [1, 2, 0, 3, 4, 4, 4, 0]  # one token shorter, a three-token label
+
+FEW_SHOT_LABELS = ["negative", "positive"]
+FEW_SHOT_EXAMPLES = [  # two distinct texts of each label: leave-one-out can score every one
+    Example("a great film", "positive"),
+    Example("an awful story", "negative"),
+    Example("a fine movie", "positive"),
+    Example("boring and long", "negative"),
+]
 
 
 def context_config(num_examples: int = 2, **kwargs) -> CPTConfig:

@@ -298,16 +298,6 @@ def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> N
     torch.testing.assert_close(fast[real], plain[real], rtol=1e-5, atol=1e-5)
 
 
-def test_the_capability_probe_refuses_models_outside_the_attention_interface() -> None:
-    from cpt import passes
-
-    bloom = CPTModel(make_model("bloom"), context_config(), context_sharing="always", shared_attention=True)
-    assert passes.one_copy_exact(bloom.base_model) is False  # ALiBi, its own attention code
-    how = bloom.execution_plan("loss", 4, 9)
-    assert how.shared and not how.one_copy and how.why_not_one_copy.name == "NOT_EXACT"
-    assert passes.one_copy_exact(make_model("llama")) is True
-
-
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_context_attention_without_padding_mask(arch: str) -> None:
     model = CPTModel(make_model(arch), context_config(), context_sharing="always")

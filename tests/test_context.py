@@ -12,6 +12,7 @@ import torch
 from contexts import context_config
 from tiny_models import HIDDEN, make_model
 
+from cpt import CPTModel
 from cpt.config import IGNORE_INDEX
 from cpt.context import Context, target_mask
 from cpt.projection import epsilons
@@ -132,8 +133,11 @@ def test_is_projected_allows_float_rounding_within_its_tolerance() -> None:
 def test_an_id_outside_the_vocabulary_is_refused() -> None:
     config = context_config()
     config.cpt_token_ids[3] = 500
-    with pytest.raises(ValueError, match=r"^cpt_token_ids holds token id 500, outside the model's vocabulary of 96"):
+    message = r"^cpt_token_ids holds token id 500, outside the model's vocabulary of 96"
+    with pytest.raises(ValueError, match=message):
         Context(config, make_model("llama").get_input_embeddings())
+    with pytest.raises(ValueError, match=message):  # and so the model that would hold it
+        CPTModel(make_model("llama"), config)
 
 
 def test_moving_to_another_dtype_keeps_the_context_float32() -> None:

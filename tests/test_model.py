@@ -198,13 +198,6 @@ def test_batch_without_label_token_is_refused(sharing: str) -> None:
         model(**batch)
 
 
-def test_context_outside_vocabulary_is_refused() -> None:
-    config = context_config()
-    config.cpt_token_ids[3] = 500
-    with pytest.raises(ValueError, match="id 500, outside the model's vocabulary of 96"):
-        CPTModel(make_model("llama"), config)
-
-
 def test_unknown_sharing_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="context_sharing must be one of .* got 'sometimes'"):
         CPTModel(make_model("llama"), context_config(), context_sharing="sometimes")

@@ -5,11 +5,20 @@ from __future__ import annotations
 import torch
 
 from cpt import CPTConfig
+from cpt.data import Example
 
 # one example: input template, input, input, input, separator, output template x2, label x2, end
 EXAMPLE_CODES = [1, 2, 2, 2, 0, 3, 3, 4, 4, 0]
 SAMPLE_CODES = [1, 2, 2, 0, 3, 4, 4, 0, 0]
 SHORT_SAMPLE_CODES = [1, 2, 0, 3, 4, 4, 4, 0]  # one token shorter, a three-token label
+
+FEW_SHOT_LABELS = ["negative", "positive"]
+FEW_SHOT_EXAMPLES = [  # two distinct texts of each label: leave-one-out can score every one
+    Example("a great film", "positive"),
+    Example("an awful story", "negative"),
+    Example("a fine movie", "positive"),
+    Example("boring and long", "negative"),
+]
 
 
 def context_config(num_examples: int = 2, **kwargs) -> CPTConfig:
@@ -36,3 +45,19 @@ def sample_batch(batch_size: int, seed: int = 1) -> dict[str, torch.Tensor]:
     labels = ids.clone()
     labels[mask == 0] = -100
     return {"input_ids": ids, "attention_mask": mask, "labels": labels, "input_type_mask": codes}
+
+
+def plain_forward(base_model: torch.nn.Module, context: torch.Tensor, embeds: torch.Tensor,
+                  attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The reference the passes must reproduce: (B, N + S, V) logits of one forward of the model
+    over ``[context ; sample]`` embeddings, every position, no cache.
+
+    Args:
+        context: (N, d) context embeddings.
+        embeds: (B, S, d) sample embeddings.
+        attention_mask: (B, N + S) mask of both, or None.
+    """
+    batch_size = embeds.shape[0]
+    full = torch.cat([context.to(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1), embeds], dim=1)
+    with torch.no_grad():
+        return base_model(inputs_embeds=full, attention_mask=attention_mask).logits

@@ -299,18 +299,6 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
         AttentionInterface.register(attention.CAUSAL_NAME, sdpa)
 
 
-def test_models_without_sdpa_keep_their_own_context_attention() -> None:
-    from cpt import _compat, attention
-
-    base_model = make_model("llama")  # eager attention
-    with attention.causal_context(base_model):
-        assert _compat.attention_implementation(base_model) == "eager"
-    base_model.set_attn_implementation("sdpa")
-    with attention.causal_context(base_model):
-        assert _compat.attention_implementation(base_model) == attention.CAUSAL_NAME
-    assert _compat.attention_implementation(base_model) == "sdpa"
-
-
 @needs_cuda
 def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
     from cpt.graphs import GraphedLogits

@@ -1,5 +1,6 @@
 """The package's layout: imports run one way, one module calls the base model, one decides the
-path, one touches `transformers`' private attributes, and `CPTModel` stays small."""
+path, one touches `transformers`' private attributes, `CPTModel` stays small, and every module
+has its own test file."""
 
 from __future__ import annotations
 
@@ -95,3 +96,34 @@ def test_cpt_model_is_small() -> None:
 def test_no_reference_to_documents_outside_the_repository() -> None:
     for name, path in MODULES.items():
         assert "SPEC \u00a7" not in path.read_text(), name
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def _modules_without_tests(tests: Path = TESTS) -> list[str]:
+    """The modules of cpt without their own tests/test_<name>.py (a private module's without its
+    underscore: cpt._io is tested in test_io.py)."""
+    return sorted(
+        name for name, path in MODULES.items()
+        if name != "cpt.__init__" and not (tests / f"test_{path.stem.lstrip('_')}.py").is_file()
+    )
+
+
+def test_every_module_has_its_test_file() -> None:
+    assert _modules_without_tests() == []
+
+
+def test_the_test_file_check_can_fail(tmp_path, monkeypatch) -> None:
+    package, tests = tmp_path / "cpt", tmp_path / "tests"
+    package.mkdir()
+    tests.mkdir()
+    for name in ("__init__", "a", "_b"):
+        (package / f"{name}.py").write_text("")
+    monkeypatch.setattr("test_layout.MODULES", {f"cpt.{p.stem}": p for p in package.glob("*.py")})
+    (tests / "test_a.py").write_text("")
+    assert _modules_without_tests(tests) == ["cpt._b"]
+    (tests / "test__b.py").write_text("")  # the underscore stays off the test's name
+    assert _modules_without_tests(tests) == ["cpt._b"]
+    (tests / "test_b.py").write_text("")
+    assert _modules_without_tests(tests) == []

@@ -1,9 +1,9 @@
 """The CPT loss: weighted cross-entropy over the label tokens of context and sample.
 
 This module owns the loss on every path (eager, CUDA graphs, data parallel, `transformers.Trainer`):
-which positions are targets (`sample_targets`, the one derivation; the context's own are fixed,
-`cpt.context`), what they weigh (`label_weights`), how many there are (`term_counts`) and what
-the weighted sum is divided by (`divisor`). Callers ask it; none counts or divides on its own.
+which positions are targets (`is_target`; for the samples, `sample_targets`), what they weigh
+(`label_weights`), how many there are (`term_counts`, `loss_targets`) and what the weighted sum is
+divided by (`divisor`). Other modules ask it; none counts the terms or picks the divisor itself.
 
 Targets are the label tokens (type code > 0 and a multiple of 4) anywhere in ``[context ;
 sample]``, each predicted from the position before it. With ``opt_weighted_loss_type="decay"`` the
@@ -30,7 +30,7 @@ from torch import nn
 from cpt import _compat, passes
 from cpt._fields import is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig, TokenRole, is_label
-from cpt.context import Context, target_mask
+from cpt.context import Context
 from cpt.plan import Plan
 
 Count = int | torch.Tensor
@@ -134,12 +134,26 @@ def sample_codes(context: Context, input_ids: torch.Tensor, input_type_mask: tor
     return torch.where(codes > 0, codes + context.max_code, codes)
 
 
+def is_target(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Where a position is a loss target: a label's type code (`cpt.config.is_label`) with a
+    label other than -100. Of a whole sequence ``[context ; sample]``, position 0 has no
+    predictor: the caller drops it.
+
+    Args:
+        codes: type codes, any shape (sample codes moved by `sample_codes`).
+        labels: the target ids, the same shape.
+
+    Returns:
+        Bool tensor of that shape.
+    """
+    return is_label(codes) & (labels != IGNORE_INDEX)
+
+
 def sample_targets(
     context: Context, labels: torch.Tensor, input_type_mask: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which sample positions are loss targets: a label's type code and a label other than -100.
-    Every path reads its sample targets from here (the context's own are fixed: `cpt.context`).
-    Works where ``labels`` are; ``input_type_mask`` must be there too.
+    """Which sample positions are loss targets (`is_target` of the moved codes), on the device
+    of ``labels``: what the shared plan, `loss_targets` and `term_counts` count.
 
     Args:
         context: the context (its highest type code is read).
@@ -154,7 +168,7 @@ def sample_targets(
     """
     check_type_codes(input_type_mask)
     codes = sample_codes(context, labels, input_type_mask)
-    return codes, is_label(codes) & (labels != IGNORE_INDEX)
+    return codes, is_target(codes, labels)
 
 
 def plan_targets(
@@ -274,14 +288,13 @@ def plain_total(
     device = context.delta.device
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
-    labels = labels.to(device)
-    type_mask = None if input_type_mask is None else input_type_mask.to(device)
-    codes, targets = sample_targets(context, labels, type_mask)  # (B, S) each
+    check_type_codes(input_type_mask)
+    codes = sample_codes(context, input_ids, input_type_mask)  # (B, S)
     batch_size = input_ids.shape[0]
     full_codes = torch.cat([context.codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
-    full_labels = torch.cat([context.ids.expand(batch_size, -1), labels], dim=1)
-    context_targets = target_mask(context.codes.unsqueeze(0), context.ids.unsqueeze(0))  # (1, N)
-    full_targets = torch.cat([context_targets.expand(batch_size, -1), targets], dim=1)  # (B, N+S)
+    full_labels = torch.cat([context.ids.expand(batch_size, -1), labels.to(device)], dim=1)
+    full_targets = is_target(full_codes, full_labels)  # (B, N+S)
+    full_targets[:, 0] = False  # the first position has no predictor
     rows, positions = full_targets.nonzero(as_tuple=True)
     require_targets(rows.numel())
     keep = torch.unique(positions - 1)  # sorted hidden positions that predict a target

@@ -440,7 +440,8 @@ def _mismatch(outputs: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], 
     for name, expected in eager.items():
         expected = expected.float()
         difference = torch.linalg.vector_norm(outputs[name].float() - expected)
-        norm = torch.linalg.vector_norm(expected).clamp_min(torch.finfo(torch.float32).tiny)  # an all-zero output: no 0 / 0
+        floor = torch.finfo(torch.float32).tiny  # an all-zero output divides by this, not by 0
+        norm = torch.linalg.vector_norm(expected).clamp_min(floor)
         error = (difference / norm).item()
         if not error <= tolerance:  # also catches NaN
             return f"{name} differs by {error:.3g} of its norm (bound {tolerance:.3g})"

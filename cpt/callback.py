@@ -6,10 +6,10 @@ batches whose loss terms `Trainer` counts as CPT does.
   loads it. What `Trainer` itself saves of a `CPTModel` is its `state_dict`: the adapter's
   ``base`` and ``delta`` only, never the base model, so tied embeddings save without complaint
   and ``resume_from_checkpoint`` restores the context.
-- `TrainerCollator` adds ``shift_labels`` (the CPT loss targets) to each batch: `Trainer` counts
-  them into ``num_items_in_batch`` over the accumulated micro-batches and all ranks, and
-  `CPTModel.forward` divides by it, so gradient accumulation and DDP give the loss and gradient
-  of one big batch.
+- `TrainerCollator` adds ``shift_labels`` (the CPT loss targets, `cpt.loss.loss_targets`) to
+  each batch: `Trainer` counts them into ``num_items_in_batch`` over the accumulated
+  micro-batches and all ranks, and the loss divides by it (`cpt.loss.divisor`), so gradient
+  accumulation and DDP give the loss and gradient of one big batch.
 
 Kept apart from `cpt.train` because ``transformers.TrainerCallback`` loads the trainer's
 utilities (and, through them, ``accelerate`` and ``peft`` when installed); ``import cpt`` stays
@@ -27,6 +27,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from cpt import loss
 from cpt.data import CPTCollator
 from cpt.model import CPTModel
 
@@ -81,7 +82,7 @@ class CPTProjectionCallback(TrainerCallback):
 
 class TrainerCollator:
     """Batches for `transformers.Trainer`: those of ``collator`` plus ``shift_labels``, the CPT
-    loss targets of each row (`CPTModel.loss_targets`).
+    loss targets of each row (`cpt.loss.loss_targets`).
 
     `Trainer` sums the entries of ``shift_labels`` other than -100 over the micro-batches of an
     optimizer step and over the ranks, and passes that as ``num_items_in_batch``; so the loss is
@@ -117,7 +118,7 @@ class TrainerCollator:
         batch = dict(self.collator(items))
         if "labels" not in batch:
             raise ValueError("the collator's batches have no labels: there is no loss to count")
-        batch["shift_labels"] = self.model.loss_targets(batch["labels"], batch.get("input_type_mask"))
+        batch["shift_labels"] = loss.loss_targets(self.model.context, batch["labels"], batch.get("input_type_mask"))
         return batch
 
 

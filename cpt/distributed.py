@@ -27,10 +27,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from cpt.config import IGNORE_INDEX
+from cpt import loss
 from cpt.model import CPTModel
 
 Batch = dict[str, torch.Tensor]
+Backward = Callable[[float], torch.Tensor]
 
 
 # ---------------------------------------------------------------------- the process group
@@ -147,33 +148,28 @@ def gather(items: Sequence[Any]) -> list[Any]:
     return [item for part in parts for item in part]
 
 
-def loss_term_counts(model: CPTModel, batch: Batch) -> torch.Tensor:
-    """(B,) the number of CPT loss terms of each row of ``batch`` (`CPTModel.loss_targets`)."""
-    targets = model.loss_targets(batch["labels"], batch.get("input_type_mask"))
-    return (targets != IGNORE_INDEX).sum(dim=1)
-
-
 def backward_share(
     model: CPTModel,
     window: Sequence[Sequence[int]],
     collate: Callable[[Sequence[int]], Batch],
-    run: Callable[[Batch, int, float], torch.Tensor],
+    passes: Callable[[Batch, int], tuple[int, Backward]],
 ) -> float:
     """Forward and backward over this rank's share of each micro-batch of an optimizer step,
     then sums ``delta``'s gradient over the ranks.
 
     Every rank collates each whole micro-batch once to count its loss terms (on the CPU, no
-    collective), so each rank's loss is divided by the step's global count and the summed
-    gradient is the whole step's. A share without any loss term is skipped, or, when the base
-    model is sharded (whose passes are collectives), run with weight 0.
+    collective; `cpt.loss.term_counts`), so each rank's loss is divided by the step's global
+    count and the summed gradient is the whole step's. A share without any loss term is skipped,
+    or, when the base model is sharded (whose passes are collectives), run with weight 0.
 
     Args:
         model: the model, the same on every rank.
         window: the step's micro-batches, each a list of sample indices (the whole batch).
         collate: sample indices to a batch.
-        run: ``run(batch, num_items_in_batch, weight)`` does the forward and backward pass of
-            ``weight * loss``, the loss normalised by ``num_items_in_batch``; returns the
-            detached loss.
+        passes: the step function (`cpt.train.MicroBatchPass`): ``passes(batch,
+            num_items_in_batch)`` returns the batch's count and ``backward(weight)``, which adds
+            ``weight`` times the gradient of its loss, normalised by ``num_items_in_batch``, and
+            returns the detached loss.
 
     Returns:
         The step's loss over the combined batch, the same on every rank.
@@ -182,16 +178,12 @@ def backward_share(
         ValueError: if a micro-batch has no loss term at all (on every rank alike).
     """
     ranks, here = world_size(), rank()
-    counts = [loss_term_counts(model, collate(indices)) for indices in window]  # each (B,)
-    total = sum(int(c.sum()) for c in counts)
+    counts = [_term_counts(model, collate(indices)) for indices in window]  # each (B,)
     for c in counts:
-        if int(c.sum()) == 0:
-            raise ValueError(
-                "the batch has no label token: no position has a type code that is a positive "
-                "multiple of 4 with a label other than -100"
-            )
+        loss.require_targets(int(c.sum()))
+    total = sum(int(c.sum()) for c in counts)
     sharded = is_sharded(model)
-    loss = torch.zeros((), dtype=torch.float32, device=model.delta.device)
+    value = torch.zeros((), dtype=torch.float32, device=model.delta.device)
     for indices, count in zip(window, counts):
         mine = share(range(len(indices)), ranks, here)
         weight = 1.0
@@ -199,16 +191,21 @@ def backward_share(
             if not sharded:
                 continue
             mine, weight = [int(count.argmax())], 0.0  # joins the layers' gathers, adds nothing
-        loss += run(collate([indices[i] for i in mine]), total, weight).float() * weight
+        _, backward = passes(collate([indices[i] for i in mine]), total)
+        value += backward(weight).float() * weight
     grad = model.delta.grad
     if grad is None:
         grad = model.delta.grad = torch.zeros_like(model.delta)
     if ranks > 1:
-        flat = torch.cat([grad.reshape(-1), loss.reshape(1)])  # one all-reduce for both
+        flat = torch.cat([grad.reshape(-1), value.reshape(1)])  # one all-reduce for both
         dist.all_reduce(flat)
         grad.copy_(flat[:-1].view_as(grad))
-        loss = flat[-1]
-    return float(loss)
+        value = flat[-1]
+    return float(value)
+
+
+def _term_counts(model: CPTModel, batch: Batch) -> torch.Tensor:
+    return loss.term_counts(model.context, batch["labels"], batch.get("input_type_mask"))  # (B,)
 
 
 # ---------------------------------------------------------------------- sharded base models
@@ -271,4 +268,5 @@ SHARDED_GRAPHS_OBSTACLE = (
     "the base model is sharded with FSDP2: its layers gather their weights with collectives, "
     "which a CUDA graph does not replay"
 )
-"""Why CUDA graphs are off for a sharded model (`cpt.graphs.obstacle` reports it)."""
+"""Why CUDA graphs are off for a sharded model: the reason training gives when it turns them off
+(or refuses ``cuda_graphs="on"``)."""

@@ -7,8 +7,9 @@ pass once and replays them all with one launch. Where graphs run is decided by `
 
 - `GraphedLoss` replays the shared-context loss with its backward (`cpt.loss.shared_total`)
   and adds the gradient to ``delta.grad``, as ``loss.backward()`` would. What depends on the
-  batch's values (which positions are targets, their weights, how many) is worked out on the
-  CPU first (`cpt.loss.plan_targets`), so the graph never reads a value back from the GPU.
+  batch's values (which positions are targets, their weights, how many, what the sum is divided
+  by) is worked out on the CPU first (`cpt.loss.plan_targets`, `cpt.loss.divisor`), so the graph
+  never reads a value back from the GPU.
   `cpt.train.train` uses it on CUDA by default (``TrainConfig.cuda_graphs``).
 - `GraphedLogits` replays `CPTModel.sample_logits` against a context's KV cache: queries scored
   against a trained context.
@@ -27,7 +28,7 @@ import contextlib
 import functools
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -64,7 +65,8 @@ input is off by the order of the values themselves."""
 SIGHTINGS_KEPT = 1024
 """Shapes counted towards ``capture_after`` at most; the count starts over beyond it."""
 
-Tensors = dict[str, torch.Tensor | None]
+Tensor = torch.Tensor | None
+Tensors = dict[str, Tensor]
 
 
 @dataclass
@@ -209,10 +211,6 @@ class _Graphed:
         """Graphs captured so far."""
         return self._replayer.captures
 
-    def reset(self) -> None:
-        """Drops every captured graph (and its memory)."""
-        self._replayer.graphs.clear()
-
 
 class GraphedLoss(_Graphed):
     """Forward and backward of the shared-context CPT loss, replayed from CUDA graphs.
@@ -236,15 +234,8 @@ class GraphedLoss(_Graphed):
         super().__init__("loss", model, max_graphs, purpose="train", autocast=autocast)
         self.autocast = autocast
 
-    def __call__(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        input_type_mask: torch.Tensor | None = None,
-        *,
-        scale: float = 1.0,
-    ) -> tuple[torch.Tensor, int]:
+    def __call__(self, input_ids: torch.Tensor, attention_mask: Tensor = None, labels: Tensor = None,
+                 input_type_mask: Tensor = None, *, scale: float = 1.0) -> tuple[torch.Tensor, int]:
         """Adds ``scale`` times the gradient of the batch's loss to ``delta.grad``.
 
         Args:
@@ -256,38 +247,41 @@ class GraphedLoss(_Graphed):
             ``(loss, num_targets)``: the 0-dim float32 loss on the model's device (detached) and
             the number of target positions it averages over.
         """
-        input_ids, plan = self.prepare(input_ids, attention_mask, labels, input_type_mask)
-        return self.backward(input_ids, plan, scale=scale), plan.count
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+                 "input_type_mask": input_type_mask}
+        input_ids, targets = self.prepare(batch)
+        return self.backward(input_ids, targets, scale=scale), targets.count
 
-    def prepare(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        input_type_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, Targets]:
-        """The batch as the graphs take it: padded on the right to a multiple of `SEQ_BUCKET`
-        tokens (`pad_batch`: the loss is unchanged), and its targets (`cpt.loss.plan_targets`,
-        padded to `TARGET_BUCKET`), whose ``count`` is known before anything runs on the GPU.
+    def prepare(self, batch: Mapping[str, Tensor]) -> tuple[torch.Tensor, Targets]:
+        """The batch (``input_ids`` and, as for `CPTModel.forward`, ``attention_mask``,
+        ``labels`` and ``input_type_mask``) as the graphs take it: padded on the right to a
+        multiple of `SEQ_BUCKET` tokens (`pad_batch`: the loss is unchanged), and its targets
+        (`cpt.loss.plan_targets`, padded to `TARGET_BUCKET`), whose ``count`` is known before
+        anything runs on the GPU.
 
         Returns:
             ``(input_ids, targets)`` for `backward`.
         """
+        input_ids, labels = batch["input_ids"], batch.get("labels")
         labels = input_ids if labels is None else labels
         input_ids, attention_mask, labels, input_type_mask = pad_batch(
-            input_ids, attention_mask, labels, input_type_mask, multiple=SEQ_BUCKET
+            input_ids, batch.get("attention_mask"), labels, batch.get("input_type_mask"), multiple=SEQ_BUCKET
         )
         context = self.model.context
         targets = plan_targets(context, labels, input_type_mask, attention_mask, pad_targets_to=TARGET_BUCKET)
         return input_ids, targets
 
-    def backward(self, input_ids: torch.Tensor, targets: Targets, *, scale: float = 1.0) -> torch.Tensor:
+    def backward(
+        self, input_ids: torch.Tensor, targets: Targets, *, scale: float = 1.0, num_items_in_batch: int | None = None
+    ) -> torch.Tensor:
         """Runs the pass for ``targets`` (from `prepare`); adds ``scale`` times the gradient to
-        ``delta.grad`` and returns the detached loss."""
+        ``delta.grad`` and returns the detached loss, the weighted sum over
+        ``cpt.loss.divisor(targets.count, num_items_in_batch)``."""
         model = self.model
         delta = model.delta
         how = self.plan(*input_ids.shape)
-        inputs: Tensors = {"input_ids": input_ids, "count": torch.tensor(float(targets.count)), **targets.tensors()}
+        divisor = torch.tensor(float(loss.divisor(targets.count, num_items_in_batch)))  # a value: no new graph
+        inputs: Tensors = {"input_ids": input_ids, "divisor": divisor, **targets.tensors()}
         key = (
             tuple(input_ids.shape),
             targets.keep.numel(),
@@ -313,7 +307,7 @@ class GraphedLoss(_Graphed):
             autocast = torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         with autocast:
             total = loss.shared_total(model.base_model, model.context, inputs["input_ids"], targets, how)
-            value = total / inputs["count"]
+            value = total / inputs["divisor"]
         value.backward()
         grad, model.delta.grad = model.delta.grad, None
         if grad is None:
@@ -446,7 +440,9 @@ def _mismatch(outputs: dict[str, torch.Tensor], eager: dict[str, torch.Tensor], 
     for name, expected in eager.items():
         expected = expected.float()
         difference = torch.linalg.vector_norm(outputs[name].float() - expected)
-        error = (difference / torch.linalg.vector_norm(expected).clamp_min(1e-30)).item()
+        floor = torch.finfo(torch.float32).tiny  # an all-zero output divides by this, not by 0
+        norm = torch.linalg.vector_norm(expected).clamp_min(floor)
+        error = (difference / norm).item()
         if not error <= tolerance:  # also catches NaN
             return f"{name} differs by {error:.3g} of its norm (bound {tolerance:.3g})"
     return None

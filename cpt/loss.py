@@ -1,5 +1,10 @@
 """The CPT loss: weighted cross-entropy over the label tokens of context and sample.
 
+This module owns the loss on every path (eager, CUDA graphs, data parallel, `transformers.Trainer`):
+which positions are targets (`is_target`; for the samples, `sample_targets`), what they weigh
+(`label_weights`), how many there are (`term_counts`, `loss_targets`) and what the weighted sum is
+divided by (`divisor`). Other modules ask it; none counts the terms or picks the divisor itself.
+
 Targets are the label tokens (type code > 0 and a multiple of 4) anywhere in ``[context ;
 sample]``, each predicted from the position before it. With ``opt_weighted_loss_type="decay"`` the
 distinct label codes of a row are ranked from the end: the sample's label weighs 1, the last
@@ -23,9 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from cpt import _compat, passes
-from cpt.config import IGNORE_INDEX, CPTConfig, is_label
-from cpt.context import Context, target_mask
+from cpt._fields import is_finite, show
+from cpt.config import IGNORE_INDEX, CPTConfig, TokenRole, is_label
+from cpt.context import Context
 from cpt.plan import Plan
+
+Count = int | torch.Tensor
+"""A number of loss terms: a Python int, or a tensor as `transformers.Trainer` passes it."""
 
 
 def label_weights(codes: torch.Tensor, config: CPTConfig) -> torch.Tensor:
@@ -119,10 +128,47 @@ def check_type_codes(input_type_mask: torch.Tensor | None) -> None:
 def sample_codes(context: Context, input_ids: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
     """(B, S) type codes of the samples, moved above the context's so the two never collide;
     every token a label (as PEFT) where ``input_type_mask`` is None."""
-    if input_type_mask is None:
-        return torch.full_like(input_ids, 4 + context.max_code)
+    if input_type_mask is None:  # the label code of a first example, moved like the others
+        return torch.full_like(input_ids, int(TokenRole.LABEL) + context.max_code)
     codes = input_type_mask.to(device=input_ids.device, dtype=torch.long)
     return torch.where(codes > 0, codes + context.max_code, codes)
+
+
+def is_target(codes: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Where a position is a loss target: a label's type code (`cpt.config.is_label`) with a
+    label other than -100. Of a whole sequence ``[context ; sample]``, position 0 has no
+    predictor: the caller drops it.
+
+    Args:
+        codes: type codes, any shape (sample codes moved by `sample_codes`).
+        labels: the target ids, the same shape.
+
+    Returns:
+        Bool tensor of that shape.
+    """
+    return is_label(codes) & (labels != IGNORE_INDEX)
+
+
+def sample_targets(
+    context: Context, labels: torch.Tensor, input_type_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which sample positions are loss targets (`is_target` of the moved codes), on the device
+    of ``labels``: what the shared plan, `loss_targets` and `term_counts` count.
+
+    Args:
+        context: the context (its highest type code is read).
+        labels: (B, S) target ids; -100 marks ignored positions.
+        input_type_mask: (B, S) sample type codes 0..4, or None (every token a label).
+
+    Returns:
+        ``(codes, targets)``: (B, S) long type codes (`sample_codes`) and (B, S) bool.
+
+    Raises:
+        ValueError: on a negative type code.
+    """
+    check_type_codes(input_type_mask)
+    codes = sample_codes(context, labels, input_type_mask)
+    return codes, is_target(codes, labels)
 
 
 def plan_targets(
@@ -150,18 +196,14 @@ def plan_targets(
     """
     if isinstance(pad_targets_to, bool) or not isinstance(pad_targets_to, int) or pad_targets_to < 1:
         raise ValueError(f"pad_targets_to must be an integer >= 1, got {pad_targets_to!r}")
-    cpu = torch.device("cpu")
-    labels = labels.to(cpu)
-    type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
-    check_type_codes(type_mask)
-    codes = sample_codes(context, labels, type_mask)  # (B, S)
+    labels, type_mask = _on_cpu(labels, input_type_mask)
+    codes, targets = sample_targets(context, labels, type_mask)  # (B, S) each
     batch_size = labels.shape[0]
     positions = context.cpu_target_positions
     full_codes = torch.cat([context.cpu_codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
     weights = label_weights(full_codes, context.config)  # (B, N+S)
     sample_weights = weights[:, context.num_tokens :]  # (B, S)
 
-    targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
     count = batch_size * positions.numel() + int(targets.sum())
     require_targets(count)
     first = targets[:, 0]  # predicted from the context's last position
@@ -178,7 +220,7 @@ def plan_targets(
         kept_labels = torch.cat([kept_labels, kept_labels.new_zeros(batch_size, padding)], dim=1)
         kept_weights = torch.cat([kept_weights, kept_weights.new_zeros(batch_size, padding)], dim=1)
 
-    has_padding = attention_mask is not None and not bool(attention_mask.to(cpu).all())
+    has_padding = attention_mask is not None and not bool(attention_mask.cpu().all())
     return Targets(
         keep=keep,
         labels=kept_labels,
@@ -243,21 +285,60 @@ def plain_total(
     Raises:
         ValueError: on a negative type code or a batch without any label token.
     """
-    check_type_codes(input_type_mask)
     device = context.delta.device
     input_ids = input_ids.to(device)
     attention_mask = None if attention_mask is None else attention_mask.to(device)
+    check_type_codes(input_type_mask)
     codes = sample_codes(context, input_ids, input_type_mask)  # (B, S)
     batch_size = input_ids.shape[0]
     full_codes = torch.cat([context.codes.expand(batch_size, -1), codes], dim=1)  # (B, N+S)
     full_labels = torch.cat([context.ids.expand(batch_size, -1), labels.to(device)], dim=1)
-    rows, positions = target_mask(full_codes, full_labels).nonzero(as_tuple=True)
+    full_targets = is_target(full_codes, full_labels)  # (B, N+S)
+    full_targets[:, 0] = False  # the first position has no predictor
+    rows, positions = full_targets.nonzero(as_tuple=True)
     require_targets(rows.numel())
     keep = torch.unique(positions - 1)  # sorted hidden positions that predict a target
     logits = passes.plain(model, context, passes.embed(model, input_ids), attention_mask, keep)
     logits = logits[rows, torch.searchsorted(keep, positions - 1)]  # (M, V)
     weights = label_weights(full_codes, context.config)[rows, positions]  # (M,)
     return weighted_cross_entropy(logits, full_labels[rows, positions], weights), rows.numel()
+
+
+def batch_loss(
+    model: nn.Module,
+    context: Context,
+    how: Plan,
+    batch: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+    *,
+    num_items_in_batch: Count | None = None,
+    shift_labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """The CPT loss of a batch by the formulation ``how`` chooses (`shared_total` or
+    `plain_total`: the same number), and its number of loss terms.
+
+    Args:
+        model: the frozen base model.
+        context: the context.
+        how: the execution plan (`cpt.plan.resolve`).
+        batch: ``(input_ids, attention_mask, labels, input_type_mask)``, each (B, S), on the CPU
+            or the model's device.
+        num_items_in_batch, shift_labels: see `divisor`.
+
+    Returns:
+        ``(loss, count)``: the 0-dim float32 loss and the batch's own number of loss terms.
+
+    Raises:
+        ValueError: on a negative type code, a batch without any label token, or a bad
+            ``num_items_in_batch`` or ``shift_labels``.
+    """
+    input_ids, attention_mask, labels, input_type_mask = batch
+    if how.shared:
+        targets = plan_targets(context, labels, input_type_mask, attention_mask)
+        total = shared_total(model, context, input_ids, targets.to(context.delta.device), how)
+        count = targets.count
+    else:
+        total, count = plain_total(model, context, *batch)
+    return total / divisor(count, num_items_in_batch, shift_labels), count
 
 
 def require_targets(count: int) -> None:
@@ -271,7 +352,7 @@ def require_targets(count: int) -> None:
 
 def loss_targets(context: Context, labels: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
     """The token ids the CPT loss predicts for each row of a batch, worked out on the CPU; their
-    count (entries other than -100) is the batch's number of loss terms, what
+    count (entries other than -100, `count_targets`) is the batch's number of loss terms, what
     ``num_items_in_batch`` sums over micro-batches and ranks.
 
     Args:
@@ -283,11 +364,66 @@ def loss_targets(context: Context, labels: torch.Tensor, input_type_mask: torch.
         (B, Mc + S) long: the context's Mc label tokens, then the sample's labels where they are
         targets, -100 elsewhere.
     """
-    cpu = torch.device("cpu")
-    labels = labels.to(cpu)
-    type_mask = None if input_type_mask is None else input_type_mask.to(cpu)
-    check_type_codes(type_mask)
-    codes = sample_codes(context, labels, type_mask)  # (B, S)
-    targets = is_label(codes) & (labels != IGNORE_INDEX)  # (B, S)
-    ids = context.target_ids.to(cpu).expand(labels.shape[0], -1)  # (B, Mc)
+    labels, type_mask = _on_cpu(labels, input_type_mask)
+    _, targets = sample_targets(context, labels, type_mask)  # (B, S)
+    ids = context.target_ids.to(labels.device).expand(labels.shape[0], -1)  # (B, Mc)
     return torch.cat([ids, torch.where(targets, labels, IGNORE_INDEX)], dim=1)
+
+
+def term_counts(context: Context, labels: torch.Tensor, input_type_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B,) long: the number of loss terms of each row, worked out on the CPU (the context's Mc
+    once per row, and the row's sample targets); they sum to the batch's ``count``.
+
+    Raises:
+        ValueError: on a negative type code.
+    """
+    labels, type_mask = _on_cpu(labels, input_type_mask)
+    _, targets = sample_targets(context, labels, type_mask)  # (B, S)
+    return targets.sum(dim=1) + context.cpu_target_positions.numel()
+
+
+def count_targets(targets: torch.Tensor) -> int:
+    """The number of loss terms in ``targets`` from `loss_targets`: its entries other than -100."""
+    return int((targets != IGNORE_INDEX).sum())
+
+
+def divisor(count: int, num_items_in_batch: Count | None = None, shift_labels: torch.Tensor | None = None) -> Count:
+    """What a batch's weighted sum is divided by to give its loss: its own ``count`` of loss
+    terms, or ``num_items_in_batch``, the count of the whole batch it belongs to (every
+    micro-batch of an optimizer step, on every rank, as `transformers.Trainer` passes it), so that
+    the gradients summed over the parts are those of the whole.
+
+    Args:
+        count: the batch's own number of loss terms.
+        num_items_in_batch: None, or a finite number >= 1; a tensor is taken as it is (reading it
+            would make the host wait for the device).
+        shift_labels: None, or this batch's `loss_targets` (`cpt.callback.TrainerCollator` adds
+            them so that `Trainer` counts as CPT does): their count must be ``count``.
+
+    Raises:
+        ValueError: on a ``num_items_in_batch`` below 1 or not finite, or ``shift_labels`` that
+            are not a tensor or count otherwise.
+    """
+    if shift_labels is not None:
+        if not isinstance(shift_labels, torch.Tensor):
+            raise ValueError(f"shift_labels must be a tensor or None, got {type(shift_labels).__name__}")
+        counted = count_targets(shift_labels)
+        if counted != count:
+            raise ValueError(
+                f"shift_labels counts {counted} loss terms but the batch has {count}: build the batches "
+                "with cpt.callback.TrainerCollator for this model's context"
+            )
+    if num_items_in_batch is None:
+        return count
+    if not isinstance(num_items_in_batch, torch.Tensor) and not (
+        is_finite(num_items_in_batch) and num_items_in_batch >= 1
+    ):
+        raise ValueError(f"num_items_in_batch must be a finite number >= 1, got {show(num_items_in_batch)}")
+    return num_items_in_batch
+
+
+def _on_cpu(
+    labels: torch.Tensor, input_type_mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    cpu = torch.device("cpu")
+    return labels.to(cpu), None if input_type_mask is None else input_type_mask.to(cpu)

@@ -20,8 +20,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from cpt import _compat, loss, passes, plan, recompute
-from cpt._fields import check_bool, check_path, is_finite, show
-from cpt.config import IGNORE_INDEX, CPTConfig
+from cpt._fields import check_bool, check_path, show
+from cpt.config import CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
@@ -46,7 +46,7 @@ class CPTOutput(ModelOutput):
     num_targets: int | None = None
 
 
-Count = int | torch.Tensor | None
+Count = loss.Count | None
 Tensor = torch.Tensor | None
 
 
@@ -253,14 +253,10 @@ class CPTModel(_TrainerSupport, _Conveniences):
                 f"context sharing is off: {how.why_plain.value}; using the plain path", CPTWarning, stacklevel=2
             )
             self._warned_fallback = True
-        if how.shared:
-            targets = loss.plan_targets(self.context, labels, input_type_mask, attention_mask)
-            total = loss.shared_total(self.base_model, self.context, input_ids, targets.to(self.delta.device), how)
-            count = targets.count
-        else:
-            batch = (input_ids, attention_mask, labels, input_type_mask)
-            total, count = loss.plain_total(self.base_model, self.context, *batch)
-        return CPTOutput(loss=total / _divisor(count, num_items_in_batch, shift_labels), num_targets=count)
+        batch = (input_ids, attention_mask, labels, input_type_mask)
+        value, count = loss.batch_loss(self.base_model, self.context, how, batch,
+                                       num_items_in_batch=num_items_in_batch, shift_labels=shift_labels)
+        return CPTOutput(loss=value, num_targets=count)
 
     # ------------------------------------------------------------------ inference
 
@@ -388,26 +384,6 @@ def check_options(options: dict[str, object]) -> None:
         raise ValueError(f"unknown CPTModel option {show(unknown[0])}; the options are {known}")
 
 
-def _check_num_items(num_items_in_batch: int | torch.Tensor | None) -> None:
-    if num_items_in_batch is None or isinstance(num_items_in_batch, torch.Tensor):
-        return  # a tensor stays where it is: reading it would make the host wait for the device
-    if not (is_finite(num_items_in_batch) and num_items_in_batch >= 1):
-        raise ValueError(f"num_items_in_batch must be a finite number >= 1, got {show(num_items_in_batch)}")
-
-
-def _check_shift_labels(shift_labels: torch.Tensor | None, count: int) -> None:
-    if shift_labels is None:
-        return
-    if not isinstance(shift_labels, torch.Tensor):
-        raise ValueError(f"shift_labels must be a tensor or None, got {type(shift_labels).__name__}")
-    counted = int((shift_labels != IGNORE_INDEX).sum())
-    if counted != count:
-        raise ValueError(
-            f"shift_labels counts {counted} loss terms but the batch has {count}: build the batches "
-            "with cpt.callback.TrainerCollator for this model's context"
-        )
-
-
 def _adapter_state(model: CPTModel, destination, prefix: str, keep_vars: bool):  # type: ignore[no-untyped-def]
     destination = {} if destination is None else destination
     for name, tensor in (("base", model.base), ("delta", model.delta)):
@@ -435,9 +411,3 @@ def _load_adapter_state(model: CPTModel, state_dict, strict: bool):  # type: ign
                 target.copy_(value)
     return _IncompatibleKeys(missing, unexpected)
 
-
-def _divisor(count: int, num_items_in_batch: Count, shift_labels: Tensor) -> int | torch.Tensor:
-    """What the batch's weighted sum is divided by: its own count, or Trainer's whole-step one."""
-    _check_shift_labels(shift_labels, count)
-    _check_num_items(num_items_in_batch)
-    return count if num_items_in_batch is None else num_items_in_batch

@@ -21,6 +21,7 @@ The sample order of epoch ``e`` is a permutation drawn from a generator seeded w
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -300,7 +301,10 @@ def train(
     total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
-    graphed = _graphed_loss(model, config, autocast is not nullcontext)
+    passes = MicroBatchPass(model, _graphed_loss(model, config, autocast is not nullcontext), autocast)
+
+    def collate(indices: Sequence[int]) -> Batch:
+        return collator([dataset[i] for i in indices])
 
     def save() -> None:  # with the selection's state as it is now (each evaluation changes it)
         state.selection = None if selector is None else selector.state
@@ -318,9 +322,7 @@ def train(
             batches = [order[i : i + size] for i in range(0, num_samples, size)]
             while state.position < len(batches) and state.step < total_steps:
                 window = batches[state.position : state.position + accumulation]
-                loss = _optimizer_step(
-                    model, optimizer, config, dataset, collator, window, autocast, graphed, step=state.step + 1
-                )
+                loss = _optimizer_step(model, optimizer, config, window, collate, passes, step=state.step + 1)
                 state.position += len(window)
                 state.step += 1
                 state.losses.append(loss)
@@ -366,15 +368,54 @@ def epoch_order(num_samples: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(num_samples, generator=generator).tolist()
 
 
+Backward = Callable[[float], torch.Tensor]
+"""``backward(scale)``: adds ``scale`` times the gradient of a micro-batch's loss to ``delta.grad``
+and returns the detached loss."""
+
+
+@dataclass(frozen=True)
+class MicroBatchPass:
+    """The step function of `train`: one micro-batch's forward and backward passes, eager or
+    replayed from CUDA graphs (`cpt.graphs.GraphedLoss`), the same for one process and for many
+    (`cpt.distributed.backward_share`).
+
+    Calling it readies the pass of a batch and returns ``(count, backward)``: the batch's number
+    of loss terms, known before ``backward`` is called, so that the caller can choose the scale
+    from it; and the `Backward` that runs the pass. The loss is the batch's weighted sum over
+    ``cpt.loss.divisor(count, num_items_in_batch)``.
+
+    Attributes:
+        model: the model being trained.
+        graphed: the CUDA-graphed loss, or None for eager passes.
+        autocast: a context manager factory for the eager forward pass.
+    """
+
+    model: CPTModel
+    graphed: graphs.GraphedLoss | None
+    autocast: Callable[[], Any]
+
+    def __call__(self, batch: Batch, num_items_in_batch: int | None = None) -> tuple[int, Backward]:
+        if self.graphed is not None:  # the replay runs the forward pass with the backward one
+            input_ids, targets = self.graphed.prepare(batch)
+            replay = functools.partial(self.graphed.backward, input_ids, targets, num_items_in_batch=num_items_in_batch)
+            return targets.count, lambda scale: replay(scale=scale)
+        with self.autocast():
+            output = self.model(**batch, num_items_in_batch=num_items_in_batch)
+
+        def backward(scale: float) -> torch.Tensor:
+            (output.loss * scale).backward()
+            return output.loss.detach()
+
+        return output.num_targets, backward
+
+
 def _optimizer_step(
     model: CPTModel,
     optimizer: torch.optim.Optimizer,
     config: TrainConfig,
-    dataset: Sequence[Any],
-    collator: Callable[[list[Any]], Batch],
     window: list[list[int]],
-    autocast: Callable[[], Any],
-    graphed: graphs.GraphedLoss | None,
+    collate: Callable[[Sequence[int]], Batch],
+    passes: MicroBatchPass,
     step: int = 0,
 ) -> float:
     """One projected AdamW step over the micro-batches of ``window``; returns the step's loss.
@@ -388,37 +429,30 @@ def _optimizer_step(
     params = model.trainable_parameters()
     optimizer.zero_grad(set_to_none=True)
     if distributed.world_size() > 1:
-        loss = _data_parallel_backward(model, dataset, collator, window, autocast, graphed)
-        return _finish_step(model, optimizer, config, params, loss, step)
+        loss = distributed.backward_share(model, window, collate, passes)
+    else:
+        loss = _backward_window(model, window, collate, passes)
+    return _finish_step(model, optimizer, config, params, loss, step)
+
+
+def _backward_window(
+    model: CPTModel, window: list[list[int]], collate: Callable[[Sequence[int]], Batch], passes: MicroBatchPass
+) -> float:
+    """Forward and backward over the micro-batches of ``window`` on one process; returns the
+    window's loss. Each micro-batch counts by its loss terms, so the window's loss and gradient
+    are those of one big batch (a lone micro-batch keeps its plain gradient: weight 1)."""
     weighted_loss = torch.zeros((), dtype=torch.float32, device=model.delta.device)
     total_weight = 0
     for indices in window:
-        batch = collator([dataset[i] for i in indices])
-        # Each micro-batch counts by its label positions, so the window's loss and gradient are
-        # those of one big batch (a lone micro-batch keeps its plain gradient: weight 1).
-        if graphed is not None:
-            input_ids, plan = _prepare_graphed(graphed, batch)
-            weight = plan.count if len(window) > 1 else 1
-            loss = graphed.backward(input_ids, plan, scale=weight)
-        else:
-            with autocast():
-                output = model(**batch)
-            weight = output.num_targets if len(window) > 1 else 1
-            (output.loss * weight).backward()
-            loss = output.loss.detach()
-        weighted_loss += loss.float() * weight
+        count, backward = passes(collate(indices))
+        weight = count if len(window) > 1 else 1
+        weighted_loss += backward(weight).float() * weight
         total_weight += weight
     if total_weight != 1:
-        for param in params:
+        for param in model.trainable_parameters():
             if param.grad is not None:
                 param.grad.div_(total_weight)
-    return _finish_step(model, optimizer, config, params, (weighted_loss / total_weight).item(), step)
-
-
-def _prepare_graphed(graphed: graphs.GraphedLoss, batch: Batch):  # type: ignore[no-untyped-def]
-    return graphed.prepare(
-        batch["input_ids"], batch.get("attention_mask"), batch.get("labels"), batch.get("input_type_mask")
-    )
+    return (weighted_loss / total_weight).item()
 
 
 def _finish_step(
@@ -432,33 +466,6 @@ def _finish_step(
     model.project_()  # the "P" of PGD: every row back into its ball
     optimizer.zero_grad(set_to_none=True)
     return loss
-
-
-def _data_parallel_backward(
-    model: CPTModel,
-    dataset: Sequence[Any],
-    collator: Callable[[list[Any]], Batch],
-    window: list[list[int]],
-    autocast: Callable[[], Any],
-    graphed: graphs.GraphedLoss | None,
-) -> float:
-    """This rank's share of the step's forward and backward passes (`cpt.distributed`): the
-    gradient and the returned loss are those of the combined batch, on every rank."""
-
-    def run(batch: Batch, num_items: int, weight: float) -> torch.Tensor:
-        if graphed is not None:
-            input_ids, plan = _prepare_graphed(graphed, batch)
-            share = plan.count / num_items  # the graph's loss is normalised by this share's count
-            return graphed.backward(input_ids, plan, scale=weight * share) * share
-        with autocast():
-            output = model(**batch, num_items_in_batch=num_items)
-        (output.loss * weight if weight != 1 else output.loss).backward()
-        return output.loss.detach()
-
-    def collate(indices: Sequence[int]) -> Batch:
-        return collator([dataset[i] for i in indices])
-
-    return distributed.backward_share(model, window, collate, run)
 
 
 def _due(step: int, every: int | None) -> bool:

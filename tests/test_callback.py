@@ -71,30 +71,6 @@ def test_accumulated_training_matches_one_batch(tmp_path) -> None:
     assert max(abs(a - b) for a, b in zip(whole_losses, split_losses)) <= 1e-5
 
 
-def test_forward_divides_by_num_items_in_batch() -> None:
-    model = cases.fresh_model()
-    batch = full_batch(model)
-    plain = model(**batch)
-    for sharing in ("always", "never"):
-        model.context_sharing = sharing
-        output = model(**batch, num_items_in_batch=3 * plain.num_targets)
-        torch.testing.assert_close(output.loss * 3, plain.loss, rtol=1e-6, atol=0)
-        tensor = model(**batch, num_items_in_batch=torch.tensor(3.0 * plain.num_targets))
-        torch.testing.assert_close(tensor.loss, output.loss, rtol=1e-6, atol=0)
-    with pytest.raises(ValueError, match="num_items_in_batch"):
-        model(**batch, num_items_in_batch=0)
-
-
-def test_loss_targets_count_the_loss_terms() -> None:
-    model = cases.fresh_model()
-    batch = full_batch(model)
-    targets = model.loss_targets(batch["labels"], batch["input_type_mask"])
-    assert targets.shape[0] == batch["input_ids"].shape[0]
-    assert int((targets != -100).sum()) == model(**batch).num_targets
-    # the context's labels come first, once per row
-    assert torch.equal(targets[0, : model.context.target_ids.numel()], model.context.target_ids)
-
-
 def test_shift_labels_of_another_context_are_refused() -> None:
     model = cases.fresh_model()
     batch = TrainerCollator(model, cases.tokenizer().pad_token_id)(

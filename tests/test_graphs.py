@@ -1,17 +1,16 @@
-"""The sync-free shared-context loss (`cpt.loss.plan_targets` / `shared_total`) and its
-CUDA-graph replay (`cpt.graphs`). The graph tests need a CUDA device and skip without one; the
-rest check on the CPU what a capture relies on: the same loss from padded batches and padded
-plans, and no value read back from the device during the passes."""
+"""CUDA-graph replay of the shared-context loss and of cached inference (`cpt.graphs`). The graph
+tests need a CUDA device and skip without one; the rest check on the CPU what a capture relies on:
+the same loss from padded batches (the loss's own plan and its host reads are in test_loss.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from contexts import context_config, sample_batch
+from contexts import sample_batch
+from test_loss import assert_same, loss_and_grad, trained_model
 from tiny_models import make_model
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from cpt import CPTModel, TrainConfig
+from cpt import TrainConfig
 from cpt import loss as cpt_loss
 from cpt.data import CPTCollator
 from cpt.graphs import GraphedLoss, pad_batch
@@ -20,75 +19,11 @@ from cpt.train import train
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a CUDA device")
 
-# aten ops that read a tensor's value on the host (a device sync, illegal inside a capture)
-HOST_READS = ("_local_scalar_dense", "nonzero", "unique", "is_nonzero", "equal", "item")
-
-
-def _trained_model(arch: str = "llama", **kwargs) -> CPTModel:
-    config = context_config(3, opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8)
-    base_model = make_model(arch)
-    # sdpa: transformers' eager attention makes a CPU tensor in its mask, which a capture refuses
-    base_model.set_attn_implementation("sdpa")
-    model = CPTModel(base_model, config, **kwargs)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        model.delta.normal_(0, 0.01)
-    return model
-
-
-def _plan_targets(model: CPTModel, *args, **kwargs) -> cpt_loss.Targets:
-    return cpt_loss.plan_targets(model.context, *args, **kwargs)
-
-
-def _shared_total(model: CPTModel, input_ids: torch.Tensor, targets: cpt_loss.Targets) -> torch.Tensor:
-    how = model.execution_plan("loss", *input_ids.shape, context_sharing="on")
-    return cpt_loss.shared_total(model.base_model, model.context, input_ids, targets, how)
-
-
-def _loss_and_grad(model: CPTModel, run) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[no-untyped-def]
-    model.delta.grad = None
-    loss = run()
-    loss.backward()
-    return loss.detach(), model.delta.grad.clone()
-
-
-def _assert_same(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> None:
-    torch.testing.assert_close(a[0], b[0], rtol=1e-5, atol=0)
-    assert ((a[1] - b[1]).norm() / b[1].norm()).item() <= 1e-5
-
-
-class _HostReads(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
-        name = str(func)
-        if any(f"aten.{op}" in name for op in HOST_READS):
-            self.seen.append(name)
-        return func(*args, **(kwargs or {}))
-
-
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None:
-    model = _trained_model(shared_attention=shared_attention)
-    batch = sample_batch(4)
-    batch["input_type_mask"][1, 0] = 4  # a label at the first sample position, in one row only
-    model.context_sharing = "never"
-    plain = _loss_and_grad(model, lambda: model(**batch).loss)
-    for pad in (1, 8):
-        plan = _plan_targets(model, 
-            batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=pad
-        )
-        assert plan.keep.numel() % pad == 0
-        shared = _loss_and_grad(model, lambda p=plan: _shared_total(model, batch["input_ids"], p) / p.count)
-        _assert_same(shared, plain)
-
 
 def test_padding_a_batch_leaves_its_loss_unchanged() -> None:
-    model = _trained_model()
+    model = trained_model()
     batch = sample_batch(3)
-    reference = _loss_and_grad(model, lambda: model(**batch).loss)
+    reference = loss_and_grad(model, lambda: model(**batch).loss)
     padded = pad_batch(
         batch["input_ids"], batch["attention_mask"], batch["labels"], batch["input_type_mask"], multiple=8
     )
@@ -96,8 +31,8 @@ def test_padding_a_batch_leaves_its_loss_unchanged() -> None:
     assert torch.equal(padded[0][:, :9], batch["input_ids"]) and padded[1][:, 9:].sum() == 0
     assert (padded[2][:, 9:] == -100).all() and (padded[3][:, 9:] == 0).all()
     names = ("input_ids", "attention_mask", "labels", "input_type_mask")
-    again = _loss_and_grad(model, lambda: model(**dict(zip(names, padded, strict=True))).loss)
-    _assert_same(again, reference)
+    again = loss_and_grad(model, lambda: model(**dict(zip(names, padded, strict=True))).loss)
+    assert_same(again, reference)
 
 
 def test_padding_without_a_mask_makes_one_and_a_multiple_adds_nothing() -> None:
@@ -109,57 +44,8 @@ def test_padding_without_a_mask_makes_one_and_a_multiple_adds_nothing() -> None:
     assert same[0] is ids and same[1] is None
 
 
-def test_plan_refuses_a_bad_target_padding() -> None:
-    model = _trained_model()
-    batch = sample_batch(2)
-    for bad in (0, -8, 2.5, True):
-        with pytest.raises(ValueError, match="pad_targets_to must be an integer >= 1"):
-            _plan_targets(model, batch["labels"], batch["input_type_mask"], pad_targets_to=bad)
-
-
-def test_plan_counts_what_the_loss_averages_over() -> None:
-    model = _trained_model()
-    batch = sample_batch(4)
-    out = model(**batch)
-    plan = _plan_targets(model, batch["labels"], batch["input_type_mask"], batch["attention_mask"])
-    assert plan.count == out.num_targets
-    assert plan.attention_mask is not None  # odd rows are padded
-    full = {**batch, "attention_mask": torch.ones_like(batch["attention_mask"])}
-    unpadded = _plan_targets(model, full["labels"], full["input_type_mask"], full["attention_mask"])
-    assert unpadded.attention_mask is None
-
-
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: bool) -> None:
-    model = _trained_model(shared_attention=shared_attention)
-    batch = sample_batch(4)
-    plan = _plan_targets(model, 
-        batch["labels"], batch["input_type_mask"], batch["attention_mask"], pad_targets_to=8
-    )
-    model.execution_plan("loss", 4, 9)  # the capability probe reads values: it runs once, before
-    reads = _HostReads()
-    with reads:
-        loss = _shared_total(model, batch["input_ids"], plan) / plan.count
-        loss.backward()
-    assert reads.seen == []
-    # and the check itself can fail: the plan does read values (on the CPU, before the passes)
-    with reads:
-        _plan_targets(model, batch["labels"], batch["input_type_mask"], batch["attention_mask"])
-    assert reads.seen
-
-
-def test_forward_takes_cpu_batches_and_rejects_negative_codes_on_either_path() -> None:
-    model = _trained_model()
-    batch = sample_batch(2)
-    batch["input_type_mask"][0, 1] = -1
-    for sharing in ("never", "always"):
-        model.context_sharing = sharing
-        with pytest.raises(ValueError, match="type code below 0"):
-            model(**batch)
-
-
 def test_graphs_refuse_a_cpu_model_and_train_refuses_graphs_on_cpu() -> None:
-    model = _trained_model()
+    model = trained_model()
     with pytest.raises(ValueError, match="CUDA device"):
         GraphedLoss(model)
     batch = sample_batch(2)
@@ -179,25 +65,25 @@ def test_graphs_refuse_a_cpu_model_and_train_refuses_graphs_on_cpu() -> None:
 @needs_cuda
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "opt", "qwen2"])
 def test_graph_replay_matches_eager_passes_over_shapes(arch: str) -> None:
-    model = _trained_model(arch).cuda()
+    model = trained_model(arch).cuda()
     graphed = GraphedLoss(model)
     for batch_size, seed in [(4, 1), (4, 2), (3, 3), (4, 4), (1, 5)]:
         batch = sample_batch(batch_size, seed=seed)
         model.context_sharing = "always"
-        eager = _loss_and_grad(model, lambda b=batch: model(**b).loss)
+        eager = loss_and_grad(model, lambda b=batch: model(**b).loss)
         model.delta.grad = None
         loss, count = graphed(**batch)
         assert count == model(**batch).num_targets
-        _assert_same((loss, model.delta.grad.clone()), eager)
+        assert_same((loss, model.delta.grad.clone()), eager)
     assert graphed.enabled and graphed.captures == 3  # (4, 16), (3, 16), (1, 16) after padding
 
 
 @needs_cuda
 def test_graph_adds_scaled_gradients_like_backward() -> None:
-    model = _trained_model().cuda()
+    model = trained_model().cuda()
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
-    _, reference = _loss_and_grad(model, lambda: model(**batch).loss)
+    _, reference = loss_and_grad(model, lambda: model(**batch).loss)
     model.delta.grad = None
     for _ in range(3):  # capture, then two replays
         graphed(**batch, scale=0.5)
@@ -215,7 +101,7 @@ def test_training_with_graphs_matches_eager_training(batch_size: int, accumulati
     ]
     results = {}
     for mode in ("off", "on"):
-        model = _trained_model().cuda()
+        model = trained_model().cuda()
         config = TrainConfig(
             batch_size=batch_size, gradient_accumulation_steps=accumulation, epochs=3, learning_rate=1e-2,
             cuda_graphs=mode, mixed_precision="no", progress=False,
@@ -232,7 +118,7 @@ def test_training_with_graphs_matches_eager_training(batch_size: int, accumulati
 def test_graphed_logits_match_eager_logits(arch: str) -> None:
     from cpt.graphs import GraphedLogits
 
-    model = _trained_model(arch).cuda()
+    model = trained_model(arch).cuda()
     graphed = GraphedLogits(model)
     cache = model.context_cache()
     for batch_size, seed in [(4, 1), (4, 2), (2, 3)]:
@@ -247,7 +133,7 @@ def test_graphed_logits_match_eager_logits(arch: str) -> None:
 
 @needs_cuda
 def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkeypatch) -> None:
-    model = _trained_model().cuda()
+    model = trained_model().cuda()
     real = cpt_loss.shared_total
 
     def reads_back(*args):  # type: ignore[no-untyped-def]
@@ -259,11 +145,11 @@ def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkey
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
     model.context_sharing = "always"
-    eager = _loss_and_grad(model, lambda: model(**batch).loss)
+    eager = loss_and_grad(model, lambda: model(**batch).loss)
     model.delta.grad = None
     with pytest.warns(UserWarning, match="CUDA graphs are off"):
         loss, _ = graphed(**batch)
-    _assert_same((loss, model.delta.grad.clone()), eager)
+    assert_same((loss, model.delta.grad.clone()), eager)
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
@@ -272,10 +158,10 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
     from cpt import _compat, attention
 
-    model = _trained_model(activation_checkpointing=checkpointing)
+    model = trained_model(activation_checkpointing=checkpointing)
     batch = sample_batch(4)
     model.context_sharing = "never"
-    plain = _loss_and_grad(model, lambda: model(**batch).loss)
+    plain = loss_and_grad(model, lambda: model(**batch).loss)
     attention._register()
     masks: list[bool] = []
     sdpa = AttentionInterface()[attention.CAUSAL_NAME]
@@ -287,8 +173,8 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
     AttentionInterface.register(attention.CAUSAL_NAME, recording)
     try:
         model.context_sharing = "always"
-        shared = _loss_and_grad(model, lambda: model(**batch).loss)
-        _assert_same(shared, plain)
+        shared = loss_and_grad(model, lambda: model(**batch).loss)
+        assert_same(shared, plain)
         layers = model.base_model.config.num_hidden_layers
         # every layer of the context pass, and again in the backward pass where layers recompute
         assert masks == [True] * layers * (2 if checkpointing else 1)
@@ -303,7 +189,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
     from cpt.graphs import GraphedLogits
 
-    model = _trained_model().cuda()
+    model = trained_model().cuda()
     with pytest.raises(ValueError, match="capture_after must be an integer >= 1"):
         GraphedLogits(model, capture_after=0)
     graphed = GraphedLogits(model, capture_after=2)
@@ -318,15 +204,15 @@ def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
 
 @needs_cuda
 def test_graph_replay_with_activation_checkpointing_matches_eager() -> None:
-    model = _trained_model(activation_checkpointing=True).cuda()
+    model = trained_model(activation_checkpointing=True).cuda()
     model.context_sharing = "always"
     graphed = GraphedLoss(model)
     for seed in (1, 2):  # capture, then a replay with other values
         batch = sample_batch(4, seed=seed)
-        eager = _loss_and_grad(model, lambda b=batch: model(**b).loss)
+        eager = loss_and_grad(model, lambda b=batch: model(**b).loss)
         model.delta.grad = None
         loss, _ = graphed(**batch)
-        _assert_same((loss, model.delta.grad.clone()), eager)
+        assert_same((loss, model.delta.grad.clone()), eager)
     assert graphed.enabled and graphed.captures == 1
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -17,12 +18,14 @@ import transformers
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
+from cpt import distributed
 from cpt.callback import CPTProjectionCallback
 from cpt.checkpoint import ADAPTER_DIR, LAST_CHECKPOINT_NAME, STATE_JSON_NAME, STATE_TENSORS_NAME
 from cpt.config import CPTConfig, is_trainable
 from cpt.data import CPTCollator, CPTDataset, Example, build_context
 from cpt.model import CPTModel
 from cpt.train import (
+    MicroBatchPass,
     TrainConfig,
     TrainResult,
     TrainState,
@@ -174,6 +177,34 @@ def test_gradient_accumulation_equals_the_big_batch(context, dataset, collator) 
     with torch.no_grad():
         means = [fresh_model(context)(**collator([item])).loss.item() for item in first_window]
     assert abs(sum(means) / 2 - r_big.losses[0]) > 5 * 2e-6 * r_big.losses[0]
+
+
+def test_one_step_function_counts_first_and_serves_the_data_parallel_share(context, dataset, collator) -> None:
+    """`MicroBatchPass` gives a micro-batch's loss-term count before its backward pass runs, and
+    its backward adds ``scale`` times the gradient; `cpt.distributed.backward_share` (one process
+    here) drives it over a window to the whole batch's loss and gradient."""
+    items = [dataset[i] for i in range(4)]
+    whole = fresh_model(context)
+    reference = whole(**collator(items)).loss
+    reference.backward()
+
+    model = fresh_model(context)
+    passes = MicroBatchPass(model, None, nullcontext)
+    count, backward = passes(collator(items[:1]))
+    assert model.delta.grad is None  # counted, not yet run backward
+    assert count == model(**collator(items[:1])).num_targets
+    single = backward(2.0)
+    once = model.delta.grad.clone()
+    model.delta.grad = None
+    model(**collator(items[:1])).loss.backward()
+    torch.testing.assert_close(once, 2 * model.delta.grad, rtol=1e-6, atol=0)
+    assert single == model(**collator(items[:1])).loss.detach()
+
+    model.delta.grad = None
+    loss = distributed.backward_share(model, [[0, 1], [2, 3]], lambda ids: collator([items[i] for i in ids]), passes)
+    assert math.isclose(loss, reference.item(), rel_tol=1e-6)
+    difference = (model.delta.grad - whole.delta.grad).norm() / whole.delta.grad.norm()
+    assert difference <= 1e-5  # the shared path of 2 + 2 samples against that of 4: rounding apart
 
 
 def test_seeds_reproduce_and_differ(context, dataset, collator) -> None:

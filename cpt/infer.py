@@ -34,6 +34,7 @@ from cpt.data import (
 )
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
+from cpt.plan import Choice
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -103,7 +104,7 @@ def classify(
     batch_size: int = 8,
     context_cache: ContextCache | None = None,
     use_cache: bool = True,
-    cuda_graphs: bool | None = None,
+    cuda_graphs: Choice = "auto",
     calibrate: bool = False,
 ) -> Classification:
     """Scores every candidate label for every text by its log-likelihood after the context.
@@ -136,7 +137,7 @@ def classify(
         cuda_graphs: replay the passes against the cached context from CUDA graphs
             (`cpt.graphs.GraphedLogits`): sequences are padded to a multiple of 8 tokens, and a
             batch shape is captured the second time it comes in the call.
-            None: on a CUDA device with the cache; ``True`` requires it.
+            ``"auto"``: on a CUDA device with the cache; ``"on"`` requires it; ``"off"`` never.
         calibrate: divide each text's label probabilities by those the context gives
             content-free inputs (`cpt.calibration`, Zhao et al. 2021) before choosing a label;
             ``log_likelihoods`` stay uncalibrated. Costs 3 more queries.
@@ -153,7 +154,7 @@ def classify(
             model's vocabulary, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
-            ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
+            ``cuda_graphs="on"`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
         NonFiniteScoresError: a ValueError naming the first text with a NaN or infinite score.
     """
     _check_model(model)
@@ -180,7 +181,8 @@ def classify(
     what = f"text {i} with the longest label"
     _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(queries[i]) + longest, what)
 
-    how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
+    cached: Choice = "on" if use_cache else "off"
+    how = model.execution_plan("infer", batch_size, longest, context_cache=cached, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
     pad_id = padding_id(tokenizer, _vocab_size(model))

@@ -42,7 +42,7 @@ from cpt.checkpoint import LAST_CHECKPOINT_NAME, Selection, TrainState, fingerpr
 from cpt.config import check_trainable
 from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
-from cpt.plan import Choice, choice
+from cpt.plan import Choice, Why, choice
 
 logger = logging.getLogger(__name__)
 
@@ -471,14 +471,9 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graph
     Raises:
         ValueError: for ``cuda_graphs="on"`` where graphs cannot run.
     """
-    if distributed.is_sharded(model) and config.cuda_graphs != "off":
-        reason = distributed.SHARDED_GRAPHS_OBSTACLE
-        if config.cuda_graphs == "on":
-            raise ValueError(f"cuda_graphs is \"on\" but {reason}")
-        if model.delta.is_cuda and distributed.is_main():
-            logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
-        return None
     how = model.execution_plan("train", config.batch_size, 1, cuda_graphs=config.cuda_graphs)
+    if how.why_no_graphs is Why.SHARDED and model.delta.is_cuda and distributed.is_main():
+        logger.warning("CUDA graphs are off: %s", how.why_no_graphs.value)  # once per run: "auto" would use them here
     return graphs.GraphedLoss(model, autocast=autocast) if how.graphs else None
 
 

@@ -75,7 +75,7 @@ def test_forward_divides_by_num_items_in_batch() -> None:
     model = cases.fresh_model()
     batch = full_batch(model)
     plain = model(**batch)
-    for sharing in ("always", "never"):
+    for sharing in ("on", "off"):
         model.context_sharing = sharing
         output = model(**batch, num_items_in_batch=3 * plain.num_targets)
         torch.testing.assert_close(output.loss * 3, plain.loss, rtol=1e-6, atol=0)

@@ -74,7 +74,7 @@ def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None
     model = _trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
     batch["input_type_mask"][1, 0] = 4  # a label at the first sample position, in one row only
-    model.context_sharing = "never"
+    model.context_sharing = "off"
     plain = _loss_and_grad(model, lambda: model(**batch).loss)
     for pad in (1, 8):
         plan = _plan_targets(model, 
@@ -152,7 +152,7 @@ def test_forward_takes_cpu_batches_and_rejects_negative_codes_on_either_path() -
     model = _trained_model()
     batch = sample_batch(2)
     batch["input_type_mask"][0, 1] = -1
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         with pytest.raises(ValueError, match="type code below 0"):
             model(**batch)
@@ -183,7 +183,7 @@ def test_graph_replay_matches_eager_passes_over_shapes(arch: str) -> None:
     graphed = GraphedLoss(model)
     for batch_size, seed in [(4, 1), (4, 2), (3, 3), (4, 4), (1, 5)]:
         batch = sample_batch(batch_size, seed=seed)
-        model.context_sharing = "always"
+        model.context_sharing = "on"
         eager = _loss_and_grad(model, lambda b=batch: model(**b).loss)
         model.delta.grad = None
         loss, count = graphed(**batch)
@@ -258,7 +258,7 @@ def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkey
     monkeypatch.setattr(cpt_loss, "shared_total", reads_back)
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
-    model.context_sharing = "always"
+    model.context_sharing = "on"
     eager = _loss_and_grad(model, lambda: model(**batch).loss)
     model.delta.grad = None
     with pytest.warns(UserWarning, match="CUDA graphs are off"):
@@ -274,7 +274,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
     model = _trained_model(activation_checkpointing=checkpointing)
     batch = sample_batch(4)
-    model.context_sharing = "never"
+    model.context_sharing = "off"
     plain = _loss_and_grad(model, lambda: model(**batch).loss)
     attention._register()
     masks: list[bool] = []
@@ -286,7 +286,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
     AttentionInterface.register(attention.CAUSAL_NAME, recording)
     try:
-        model.context_sharing = "always"
+        model.context_sharing = "on"
         shared = _loss_and_grad(model, lambda: model(**batch).loss)
         _assert_same(shared, plain)
         layers = model.base_model.config.num_hidden_layers
@@ -331,7 +331,7 @@ def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
 @needs_cuda
 def test_graph_replay_with_activation_checkpointing_matches_eager() -> None:
     model = _trained_model(activation_checkpointing=True).cuda()
-    model.context_sharing = "always"
+    model.context_sharing = "on"
     graphed = GraphedLoss(model)
     for seed in (1, 2):  # capture, then a replay with other values
         batch = sample_batch(4, seed=seed)

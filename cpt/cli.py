@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cpt._fields import check_text, text_problem  # light: no torch
+from cpt._fields import check_distinct, check_text, text_problem  # light: no torch
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -261,8 +261,12 @@ def _seed(text: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
-    if not all(names) or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names, got {text!r}")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    try:
+        check_distinct(names, "the list")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     problem = text_problem(text)
     if problem is not None:  # bytes that are not UTF-8 arrive as lone surrogates
         raise argparse.ArgumentTypeError(f"the list {problem}")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -37,6 +37,30 @@ LOSS_TYPES = ("none", "decay")
 TASK_TYPE = "CAUSAL_LM"
 PEFT_TYPE = "CPT"
 
+CPT_CONFIG_NAME = "cpt_config.json"
+CPT_WEIGHTS_NAME = "cpt_adapter.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
+"""The files of an adapter in either layout (`cpt.adapter`): a save writes its layout's two and
+drops the others; a download fetches these and nothing else (`cpt.hub`)."""
+
+AdapterFormat = Literal["cpt", "peft"]
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = get_args(AdapterFormat)
+"""An adapter's layouts on disk (`cpt.adapter`): ``"cpt"`` (base and delta apart, with the task)
+or ``"peft"`` (PEFT's: the trained embeddings only)."""
+
+
+def check_adapter_format(value: object, name: str = "format") -> AdapterFormat:
+    """``value``, checked to be one of `ADAPTER_FORMATS`.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if not isinstance(value, str) or value not in ADAPTER_FORMATS:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, ADAPTER_FORMATS))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
 
 class TokenRole(IntEnum):
     """What a token of a rendered example is; the type code is ``role + 4 * example``."""
@@ -46,9 +70,6 @@ class TokenRole(IntEnum):
     INPUT = 2  # the example's text: updated within the input epsilon
     OUTPUT_TEMPLATE = 3  # e.g. "output: ": updated within the format epsilon
     LABEL = 4  # the label's tokens: never updated, the loss targets
-
-
-TRAINABLE_ROLES = (TokenRole.INPUT_TEMPLATE, TokenRole.INPUT, TokenRole.OUTPUT_TEMPLATE)
 
 
 def token_roles(type_codes: torch.Tensor) -> torch.Tensor:

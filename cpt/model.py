@@ -13,7 +13,6 @@ import inspect
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from cpt import _compat, loss, passes, plan, recompute
 from cpt._fields import check_bool, check_path, is_finite, show
-from cpt.config import IGNORE_INDEX, CPTConfig
+from cpt.config import IGNORE_INDEX, AdapterFormat, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
@@ -129,8 +128,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
             (`cpt.attention`) instead of B copies in a `transformers` cache: less memory, and
             faster at long contexts. ``"auto"`` decides by B x N (`cpt.plan.ONE_COPY_MIN_ROWS`).
 
-    The three options take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`); ``context_sharing``
-    and ``shared_attention`` are also attributes.
+    Options take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`); two are also attributes.
 
     Raises:
         ValueError: if ``base_model`` is not a loaded causal LM (`cpt.inputs.check_base_model`),
@@ -322,7 +320,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
 
     # ------------------------------------------------------------------ files
 
-    def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
+    def save_pretrained(self, path: str | Path, format: AdapterFormat = "cpt") -> Path:
         """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
         ball), replacing any adapter there as a whole; see `cpt.adapter`."""
         from cpt.adapter import save_adapter

@@ -40,6 +40,7 @@ from cpt import _compat, _io, distributed, graphs
 from cpt._fields import check_instance, check_path, check_seed, is_finite, show
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, Selection, TrainState, fingerprint, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
+from cpt.data import epoch_steps
 from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
 from cpt.plan import Choice, Why, choice
@@ -184,6 +185,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def total_steps(self, num_samples: int) -> int:
+        """The optimizer steps `train` takes over ``num_samples`` samples: ``max_steps``, else
+        ``epochs`` epochs (`cpt.data.epoch_steps`)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * epoch_steps(num_samples, self.batch_size, self.gradient_accumulation_steps)[1]
+
 
 @dataclass
 class TrainResult:
@@ -295,9 +303,8 @@ def train(
         facts.update(num_samples=num_samples, step=state.step)
         facts["context"] = (float(model.base.sum()), float(model.delta.detach().sum()))
         distributed.check_same("what to train", facts)
-    batches_per_epoch = math.ceil(num_samples / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    batches_per_epoch, _ = epoch_steps(num_samples, config.batch_size, config.gradient_accumulation_steps)
+    total_steps = config.total_steps(num_samples)
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
     graphed = _graphed_loss(model, config, autocast is not nullcontext)

@@ -366,7 +366,7 @@ def test_label_names_map_integer_labels(model_dir: Path, tmp_path: Path, capsys)
     (["train", "--data", "d", "--output", "o", "--checkpoint-every", "x"], "argument --checkpoint-every: expected an integer, got 'x'"),
     (["predict", "--adapter", "a", "--dtype", "int8", "t"], "argument --dtype: invalid choice: 'int8'"),
     (["eval", "--adapter", "a", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["predict", "--adapter", "a", "--labels", "a,a", "t"], "argument --labels: expected distinct comma-separated names"),
+    (["predict", "--adapter", "a", "--labels", "a,a", "t"], "argument --labels: the list holds 'a' twice (at 0 and 1)"),
     (["generate", "--adapter", "a", "--max-new-tokens", "-1", "t"], "argument --max-new-tokens: must be >= 1, got -1"),
     (["train", "--data", "d", "--output", "o", "--format", "onnx"], "argument --format: invalid choice: 'onnx'"),
 ])

@@ -36,10 +36,6 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 DEFAULT_CHECKPOINT_EVERY = 10
 """Steps between checkpoints when ``--checkpoint-dir`` is given without ``--checkpoint-every``."""
 
-DEFAULT_PER_CLASS = 2
-"""``--per-class``: two examples of each label, the fewest with which `cpt.workflow.fit` can
-choose the trained context by leave-one-out."""
-
 DEFAULT_TEST = 200
 """``--test``: held-out examples, enough to tell accuracies apart by a few points."""
 
@@ -480,8 +476,10 @@ def _seed_arg(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def _per_class_arg(parser: argparse.ArgumentParser, minimum: int) -> None:
+    from cpt.workflow import SELECTION_MIN_PER_LABEL  # the fewest with which fit can select by leave-one-out
+
     parser.add_argument(
-        "--per-class", type=_int_at_least(minimum), default=DEFAULT_PER_CLASS, help="context examples per label"
+        "--per-class", type=_int_at_least(minimum), default=SELECTION_MIN_PER_LABEL, help="context examples per label"
     )
 
 

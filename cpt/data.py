@@ -567,7 +567,7 @@ class CPTCollator:
             raise ValueError(
                 f"pad_token_id must be an integer, got {pad_token_id!r} (set tokenizer.pad_token?)"
             )
-        if not 0 <= pad_token_id < 2**63:
+        if not 0 <= pad_token_id <= torch.iinfo(torch.long).max:
             raise ValueError(f"pad_token_id must be >= 0 and fit int64, got {show(pad_token_id)}")
         self.pad_token_id = pad_token_id
 

@@ -48,6 +48,13 @@ DEFAULT_SELECTION: str | None = "leave-one-out"
 (or every ``eval_every`` steps when the config sets it) and keeps the best; None returns the last."""
 SELECTION_POINTS = 4
 
+SELECTION_MIN_PER_LABEL = 2
+"""Distinct texts of each label that leave-one-out needs: holding one out leaves its label in
+the context (`_every_label_twice`)."""
+
+MIN_LABELS = 2
+"""A classifier needs two labels: with one, every answer is that label, with probability 1."""
+
 
 def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
     """The task description saved with an adapter: the template's fields and the label set."""
@@ -140,7 +147,7 @@ def fit(
         raise ValueError("examples is empty: the context needs at least one labelled example")
     training = context if train_examples is None else as_examples(train_examples, "train_examples", names)
     label_set = list(dict.fromkeys(e.label for e in context)) if names is None else names
-    if len(label_set) < 2:  # every answer would be that label, with probability 1
+    if len(label_set) < MIN_LABELS:
         raise ValueError(f"the label set {label_set} has one label: a classifier needs at least two (pass labels=)")
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
@@ -222,7 +229,7 @@ def _every_label_twice(context: Sequence[Example]) -> bool:
     texts: dict[str, set[str]] = {}
     for example in context:  # distinct texts: leave-one-out hides every copy of the held-out one
         texts.setdefault(example.label, set()).add(example.text)
-    return min(len(t) for t in texts.values()) >= 2
+    return min(len(t) for t in texts.values()) >= SELECTION_MIN_PER_LABEL
 
 
 def _both(selector: EvalFn, eval_fn: EvalFn | None) -> EvalFn:

@@ -476,9 +476,9 @@ def _seed_arg(parser: argparse.ArgumentParser, help: str) -> None:
 
 
 def _per_class_arg(parser: argparse.ArgumentParser, minimum: int) -> None:
-    from cpt.workflow import SELECTION_MIN_PER_LABEL  # the fewest with which fit can select by leave-one-out
+    from cpt.workflow import SELECTION_MIN_PER_LABEL
 
-    parser.add_argument(
+    parser.add_argument(  # by default the fewest with which fit can select by leave-one-out
         "--per-class", type=_int_at_least(minimum), default=SELECTION_MIN_PER_LABEL, help="context examples per label"
     )
 

@@ -69,8 +69,8 @@ class _HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None:
+@pytest.mark.parametrize("shared_attention", ["off", "on"])
+def test_padded_target_plan_gives_the_plain_loss(shared_attention: str) -> None:
     model = _trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
     batch["input_type_mask"][1, 0] = 4  # a label at the first sample position, in one row only
@@ -129,8 +129,8 @@ def test_plan_counts_what_the_loss_averages_over() -> None:
     assert unpadded.attention_mask is None
 
 
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: bool) -> None:
+@pytest.mark.parametrize("shared_attention", ["off", "on"])
+def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: str) -> None:
     model = _trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
     plan = _plan_targets(model, 

@@ -265,11 +265,9 @@ def cpt_measurements(
     from cpt import CPTModel
 
     device = args.device
-    kwargs: dict[str, Any] = {"context_sharing": args.sharing}
+    kwargs: dict[str, Any] = {"context_sharing": args.sharing, "compile_projection": args.compile_projection}
     if checkpointing:
         kwargs[checkpointing_argument()] = True
-    if args.compile_projection is not None:
-        kwargs["compile_projection"] = args.compile_projection
     cpt_model = CPTModel(model, context.cpt_config(), shared_attention=args.shared_attention, **kwargs)
     try:
         with torch.enable_grad():  # the plan of a training step
@@ -465,12 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--queries", type=int, default=None, help="inference queries (default B: one per sample)")
     parser.add_argument("--device", default=None, help="torch device (default cuda for gpu, cpu for cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="model dtype (default bf16 gpu, fp32 cpu)")
-    parser.add_argument("--sharing", choices=("auto", "always", "never"), default="auto", help="cpt context_sharing")
+    parser.add_argument("--sharing", choices=("auto", "on", "off"), default="auto", help="cpt context_sharing")
     parser.add_argument("--shared-attention", choices=("auto", "on", "off"), default="auto",
                         help="samples attend to one copy of the context (cpt.attention): auto picks by size")
-    parser.add_argument("--compile-projection", dest="compile_projection", action="store_true", default=None,
-                        help="force the compiled projection (default: CPTModel's choice, compiled on CUDA)")
-    parser.add_argument("--no-compile-projection", dest="compile_projection", action="store_false")
+    parser.add_argument("--compile-projection", choices=("auto", "on", "off"), default="auto",
+                        help="cpt compile_projection (auto: compiled on CUDA)")
     parser.add_argument("--graphs", choices=("auto", "on", "off"), default="auto",
                         help="also time cpt's step and inference replayed from CUDA graphs (cpt.graphs); "
                         "auto: on CUDA")

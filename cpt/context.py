@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cpt import plan
 from cpt._fields import check_vocabulary, is_finite, show
 from cpt.config import IGNORE_INDEX, CPTConfig, is_label, is_trainable
 from cpt.projection import epsilons, project_
@@ -24,18 +25,20 @@ class Context(nn.Module):
     Args:
         config: the context.
         embeddings: the base model's input embeddings (read once, for ``base``).
-        compile_projection: fuse the projection with ``torch.compile``; None compiles on CUDA only.
+        compile_projection: fuse the projection with ``torch.compile``: ``"auto"``, ``"on"`` or
+            ``"off"`` (`cpt.plan.compiles_projection` decides ``"auto"``).
 
     Raises:
-        ValueError: if a context id lies outside the vocabulary.
+        ValueError: if a context id lies outside the vocabulary, or ``compile_projection`` is not
+            one of its choices.
     """
 
-    def __init__(self, config: CPTConfig, embeddings: nn.Embedding, compile_projection: bool | None = None) -> None:
+    def __init__(self, config: CPTConfig, embeddings: nn.Embedding, compile_projection: plan.Choice = "auto") -> None:
         super().__init__()
         vocab_size, hidden_size = embeddings.weight.shape
         check_vocabulary(config.cpt_token_ids, vocab_size, "cpt_token_ids")
         self.config = config
-        self.compile_projection = compile_projection
+        self.compile_projection = plan.choice("compile_projection", compile_projection)
         device = embeddings.weight.device
         ids = torch.tensor(config.cpt_token_ids, dtype=torch.long, device=device)  # (N,)
         codes = torch.tensor(config.cpt_tokens_type_mask, dtype=torch.long, device=device)  # (N,)
@@ -81,7 +84,7 @@ class Context(nn.Module):
 
     def project_(self) -> None:
         """Puts every row of ``delta`` back into its L2 ball."""
-        compile = self.delta.is_cuda if self.compile_projection is None else self.compile_projection
+        compile = plan.compiles_projection(self.compile_projection, self.delta.device.type)
         project_(self.delta, self.epsilon, compile=compile)
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]

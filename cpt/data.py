@@ -342,6 +342,8 @@ def build_context(
 
 TEXT_KEY = "text"
 LABEL_KEY = "label"
+"""The keys of an example's text and label: in a mapping (a ``datasets`` row), a JSON Lines
+record and a CSV header (`cpt.labelled_data`)."""
 
 ExampleLike = Example | tuple[Any, Any] | Mapping[str, Any]
 """What an example may be given as: an `Example`, a ``(text, label)`` pair, or a mapping with
@@ -508,6 +510,48 @@ def padding_id(tokenizer: PreTrainedTokenizerBase, vocab_size: int) -> int:
     return 0
 
 
+def right_pad(
+    rows: Sequence[Sequence[int]] | torch.Tensor, value: int, multiple: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of ids (or codes, labels) padded with ``value`` on the right to one length S: the
+    longest row's, rounded up to a multiple of ``multiple``. Every batch `cpt` makes is padded
+    here: the collator's, `cpt.infer`'s and `cpt.graphs`' (which pads to shapes it has captured).
+
+    Args:
+        rows: B >= 1 rows: lists of any lengths (the result is long, on the CPU), or a (B, S0)
+            tensor (the result keeps its dtype and device).
+        value: what padding positions hold.
+        multiple: S is a multiple of it, >= 1.
+
+    Returns:
+        ``(padded, mask)``, each (B, S): the rows followed by ``value``, and the long mask of
+        real positions (1) and padding (0).
+    """
+    if isinstance(rows, torch.Tensor):  # (B, S0): one length, kept where it is
+        lengths, like = [rows.shape[1]] * rows.shape[0], rows
+    else:
+        lengths, like = [len(row) for row in rows], torch.empty(0, dtype=torch.long)
+    length = max(lengths) + -max(lengths) % multiple
+    padded = like.new_full((len(lengths), length), value)  # (B, S)
+    mask = torch.zeros((len(lengths), length), dtype=torch.long, device=padded.device)  # (B, S)
+    if isinstance(rows, torch.Tensor):
+        padded[:, : rows.shape[1]] = rows
+        mask[:, : rows.shape[1]] = 1
+    else:
+        for b, row in enumerate(rows):
+            padded[b, : lengths[b]] = torch.as_tensor(row, dtype=torch.long)
+            mask[b, : lengths[b]] = 1
+    return padded, mask
+
+
+def epoch_steps(num_samples: int, batch_size: int, accumulation: int = 1) -> tuple[int, int]:
+    """The length of an epoch of ``num_samples`` samples in batches of ``batch_size``, with
+    ``accumulation`` batches an optimizer step: ``(batches, steps)``, the last of each possibly
+    short. `cpt.train`, `cpt.workflow` and `cpt.checkpoint` all count an epoch here."""
+    batches = -(-num_samples // batch_size)
+    return batches, -(-batches // accumulation)
+
+
 class CPTCollator:
     """Right-pads `CPTDataset` items into a batch.
 
@@ -523,7 +567,7 @@ class CPTCollator:
             raise ValueError(
                 f"pad_token_id must be an integer, got {pad_token_id!r} (set tokenizer.pad_token?)"
             )
-        if not 0 <= pad_token_id < 2**63:
+        if not 0 <= pad_token_id <= torch.iinfo(torch.long).max:
             raise ValueError(f"pad_token_id must be >= 0 and fit int64, got {show(pad_token_id)}")
         self.pad_token_id = pad_token_id
 
@@ -553,16 +597,8 @@ class CPTCollator:
                 )
             if n_ids == 0:
                 raise ValueError(f"item {b} is empty")
-        batch_size = len(items)
-        seq_len = max(len(item["input_ids"]) for item in items)
-        input_ids = torch.full((batch_size, seq_len), self.pad_token_id, dtype=torch.long)  # (B, S)
-        attention_mask = torch.zeros((batch_size, seq_len), dtype=torch.long)  # (B, S)
-        type_mask = torch.full((batch_size, seq_len), int(TokenRole.SEPARATOR), dtype=torch.long)
-        for b, item in enumerate(items):
-            length = len(item["input_ids"])
-            input_ids[b, :length] = torch.as_tensor(item["input_ids"], dtype=torch.long)
-            type_mask[b, :length] = torch.as_tensor(item["input_type_mask"], dtype=torch.long)
-            attention_mask[b, :length] = 1
+        input_ids, attention_mask = right_pad([item["input_ids"] for item in items], self.pad_token_id)  # (B, S)
+        type_mask, _ = right_pad([item["input_type_mask"] for item in items], int(TokenRole.SEPARATOR))  # (B, S)
         labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)  # (B, S)
         return {
             "input_ids": input_ids,

@@ -262,11 +262,3 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
 def is_sharded(model: CPTModel) -> bool:
     """Whether `shard_base_model` sharded ``model``'s layers."""
     return bool(getattr(model, _SHARDED, False))
-
-
-SHARDED_GRAPHS_OBSTACLE = (
-    "the base model is sharded with FSDP2: its layers gather their weights with collectives, "
-    "which a CUDA graph does not replay"
-)
-"""Why CUDA graphs are off for a sharded model: the reason training gives when it turns them off
-(or refuses ``cuda_graphs="on"``)."""

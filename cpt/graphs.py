@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from cpt import loss
-from cpt.config import IGNORE_INDEX
+from cpt.config import IGNORE_INDEX, TokenRole
+from cpt.data import right_pad
 from cpt.loss import Targets, plan_targets
 from cpt.passes import ContextCache, input_embeddings, to_device
 from cpt.plan import Plan, Purpose
@@ -396,21 +397,14 @@ def pad_batch(
         ``(input_ids, attention_mask, labels, input_type_mask)``; the mask is made (ones over
         the real tokens) when padding is added to a batch that had none.
     """
-    batch_size, seq_len = input_ids.shape
-    extra = -seq_len % multiple
-    if extra == 0:
+    if input_ids.shape[1] % multiple == 0:
         return input_ids, attention_mask, labels, input_type_mask
-
-    def pad(tensor: torch.Tensor, value: int) -> torch.Tensor:
-        return torch.cat([tensor, tensor.new_full((batch_size, extra), value)], dim=1)
-
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+    input_ids, real = right_pad(input_ids, 0, multiple)  # (B, S) each
     return (
-        pad(input_ids, 0),
-        pad(attention_mask, 0),
-        pad(labels, IGNORE_INDEX),
-        None if input_type_mask is None else pad(input_type_mask, 0),
+        input_ids,
+        real if attention_mask is None else right_pad(attention_mask, 0, multiple)[0],
+        right_pad(labels, IGNORE_INDEX, multiple)[0],
+        None if input_type_mask is None else right_pad(input_type_mask, int(TokenRole.SEPARATOR), multiple)[0],
     )
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from cpt import _io
+from cpt.config import ADAPTER_FILES, CPT_CONFIG_NAME, PEFT_CONFIG_NAME, AdapterFormat
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -23,14 +24,6 @@ HUB_TIMEOUT_S = 5.0
 
 OFFLINE_ENV_VARS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 _TRUE = {"1", "true", "yes", "on"}
-
-ADAPTER_FILES = (
-    "cpt_config.json",
-    "cpt_adapter.safetensors",
-    "adapter_config.json",
-    "adapter_model.safetensors",
-)
-"""The files of an adapter in either layout (see `cpt.adapter`): all a download needs."""
 
 MODEL_CARD_NAME = "README.md"
 
@@ -112,7 +105,7 @@ def adapter_folder(repo_id: str, *, revision: str | None = None, token: str | bo
     from huggingface_hub import snapshot_download
 
     kwargs: dict[str, Any] = dict(revision=revision, allow_patterns=list(ADAPTER_FILES), token=token)
-    if any(is_cached(repo_id, name, revision) for name in ADAPTER_FILES[::2]):
+    if any(is_cached(repo_id, name, revision) for name in (CPT_CONFIG_NAME, PEFT_CONFIG_NAME)):
         try:
             return Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
         except Exception:  # an incomplete cache entry: download below
@@ -178,7 +171,7 @@ def push_to_hub(
     token: str | None = None,
     revision: str | None = None,
     commit_message: str = "Upload CPT adapter",
-    format: Literal["cpt", "peft"] = "cpt",
+    format: AdapterFormat = "cpt",
     base_model_name: str | None = None,
 ) -> str:
     """Uploads ``model``'s adapter and a model card to the hub repository ``repo_id``.

@@ -26,14 +26,15 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from cpt import _compat, calibration, passes
-from cpt._fields import as_list, check_bool, check_text, check_vocabulary, int_list, is_int, is_number, show
+from cpt._fields import as_list, check_bool, check_distinct, check_text, check_vocabulary, int_list, is_int, is_number, show
 from cpt.context import Context
 from cpt.data import (
     Template, as_template, as_texts, check_distinct_labels, padding_id, render_example, render_query,
-    task_template,
+    right_pad, task_template,
 )
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
+from cpt.plan import Choice
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -103,7 +104,7 @@ def classify(
     batch_size: int = 8,
     context_cache: ContextCache | None = None,
     use_cache: bool = True,
-    cuda_graphs: bool | None = None,
+    cuda_graphs: Choice = "auto",
     calibrate: bool = False,
 ) -> Classification:
     """Scores every candidate label for every text by its log-likelihood after the context.
@@ -136,7 +137,7 @@ def classify(
         cuda_graphs: replay the passes against the cached context from CUDA graphs
             (`cpt.graphs.GraphedLogits`): sequences are padded to a multiple of 8 tokens, and a
             batch shape is captured the second time it comes in the call.
-            None: on a CUDA device with the cache; ``True`` requires it.
+            ``"auto"``: on a CUDA device with the cache; ``"on"`` requires it; ``"off"`` never.
         calibrate: divide each text's label probabilities by those the context gives
             content-free inputs (`cpt.calibration`, Zhao et al. 2021) before choosing a label;
             ``log_likelihoods`` stay uncalibrated. Costs 3 more queries.
@@ -153,7 +154,7 @@ def classify(
             model's vocabulary, ``batch_size`` is below 1,
             ``context_cache`` has the wrong length, a text's query with its longest continuation
             does not fit the model's maximum number of positions (naming the text), or
-            ``cuda_graphs=True`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
+            ``cuda_graphs="on"`` where graphs cannot run (not on CUDA, or ``use_cache=False``).
         NonFiniteScoresError: a ValueError naming the first text with a NaN or infinite score.
     """
     _check_model(model)
@@ -161,11 +162,7 @@ def classify(
     labels = _strings("labels", labels)
     if len(labels) < 2:  # the one label would win every text, with probability 1
         raise ValueError(f"labels holds {len(labels)} label: a classification needs at least two, got {labels!r}")
-    seen: dict[str, int] = {}
-    for j, label in enumerate(labels):
-        if label in seen:
-            raise ValueError(f"labels holds {label!r} twice (at index {seen[label]} and {j})")
-        seen[label] = j
+    check_distinct(labels, "labels")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_bool(use_cache, "use_cache")
@@ -180,7 +177,8 @@ def classify(
     what = f"text {i} with the longest label"
     _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(queries[i]) + longest, what)
 
-    how = model.execution_plan("infer", batch_size, longest, context_cache=use_cache, cuda_graphs=cuda_graphs)
+    cached: Choice = "on" if use_cache else "off"
+    how = model.execution_plan("infer", batch_size, longest, context_cache=cached, cuda_graphs=cuda_graphs)
     cache = _checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
     pad_id = padding_id(tokenizer, _vocab_size(model))
@@ -396,7 +394,7 @@ def _score_pairs(
     scores = torch.empty(len(queries), len(continuations), dtype=torch.float32)
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        cpu_ids, cpu_mask = _right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
+        cpu_ids, cpu_mask = right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
         input_ids, attention_mask = cpu_ids.to(device), cpu_mask.to(device)  # (B, S) each
         query_lengths = [len(queries[i]) for i, _ in chunk]
         # Logits only where a scored token is predicted: from the shortest query's end on (from
@@ -445,7 +443,7 @@ def _score_by_query(
     with its own copy of the prefix's states) a pass."""
     device = model.delta.device
     num_labels = len(continuations)
-    cont_ids, cont_mask = (t.to(device) for t in _right_pad(continuations, pad_id))  # (L, C) each
+    cont_ids, cont_mask = (t.to(device) for t in right_pad(continuations, pad_id))  # (L, C) each
     order = sorted(range(len(queries)), key=lambda i: -len(queries[i]))
     scores = torch.empty(len(queries), num_labels, dtype=torch.float32)
     for start in range(0, len(order), batch_size):
@@ -477,7 +475,7 @@ def _after_queries(
     context_mask = model.context.mask.expand(batch_size, -1)  # (b, N)
     if max(len(query) for query in queries) == 0:
         return cache.tensors, context_mask, cache.last_logits.unsqueeze(0).expand(batch_size, -1)
-    input_ids, query_mask = (t.to(device) for t in _right_pad(queries, pad_id))  # (b, S) each
+    input_ids, query_mask = (t.to(device) for t in right_pad(queries, pad_id))  # (b, S) each
     mask = torch.cat([context_mask, query_mask], dim=1)  # (b, N + S)
     last = (lengths - 1).clamp(min=0)  # (b,)
     keep = torch.unique(last)
@@ -695,21 +693,6 @@ def _check_generation_fits(model: CPTModel, query_tokens: int, kwargs: dict[str,
             f"text {index}: the prompt (context and query) takes {prompt} positions and generation may "
             f"reach {total}, more than the model's {limit}; lower max_new_tokens to at most {max(limit - prompt, 0)}"
         )
-
-
-def _right_pad(
-    sequences: list[list[int]], pad_id: int, multiple: int = 1
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S) ids padded with ``pad_id`` on the right to a multiple of ``multiple`` tokens, and
-    the (B, S) mask of real tokens; on the CPU."""
-    length = max(len(ids) for ids in sequences)
-    length += -length % multiple
-    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for b, ids in enumerate(sequences):
-        input_ids[b, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[b, : len(ids)] = 1
-    return input_ids, attention_mask
 
 
 def _last_context_row_is_plain(model: CPTModel) -> bool:

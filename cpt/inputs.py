@@ -13,9 +13,7 @@ import torch
 from torch import nn
 
 from cpt import passes
-
-IGNORE_INDEX = -100
-"""Label of positions the loss ignores."""
+from cpt.config import IGNORE_INDEX
 
 
 def check_token_ids(input_ids: torch.Tensor, labels: torch.Tensor | None, vocab_size: int) -> None:

@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from cpt import _io
-from cpt._fields import as_list, check_instance, check_path, check_seed, check_text, is_int, show
-from cpt.data import Example
+from cpt._fields import as_list, check_distinct, check_instance, check_path, check_seed, check_text, is_int, show
+from cpt.data import LABEL_KEY, TEXT_KEY, Example
 
 STAICC_MODULE = "StaICC"  # located, never imported (importing it pulls in its whole toolkit)
 STAICC_PIN = "StaICC==0.1.1"
@@ -40,8 +40,6 @@ STAICC_DATA_DIR = "cached_dataset"
 
 JSONL_SUFFIXES = (".jsonl",)
 CSV_SUFFIXES = (".csv",)
-TEXT_KEY = "text"
-LABEL_KEY = "label"
 MAX_FILE_BYTES = 1 << 30
 """Largest data file read (1 GiB): few-shot data is small; a bigger file is a mistake."""
 MAX_FIELD_CHARS = 1 << 20
@@ -128,9 +126,7 @@ class LabelledData:
                 raise ValueError(f"LabelledData.lines must hold line numbers (integers >= 1), got {show(self.lines)}")
         if not self.labels:
             raise ValueError(f"{self.name}: the label set is empty")
-        repeated = [label for label, n in Counter(self.labels).items() if n > 1]
-        if repeated:
-            raise ValueError(f"{self.name}: the label set repeats {repeated}")
+        check_distinct(self.labels, f"{self.name}: the label set")
         if self.lines is not None and len(self.lines) != len(self.examples):
             raise ValueError(f"{self.name}: {len(self.lines)} lines for {len(self.examples)} examples")
         known = set(self.labels)

@@ -13,7 +13,6 @@ import inspect
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from cpt import _compat, loss, passes, plan, recompute
 from cpt._fields import check_bool, check_path, show
-from cpt.config import CPTConfig
+from cpt.config import AdapterFormat, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
@@ -120,8 +119,8 @@ class CPTModel(_TrainerSupport, _Conveniences):
         config: the context.
         context_sharing: ``"auto"`` runs the context once per batch when the batch has more than
             one sample and labels; ``"on"`` and ``"off"`` force the choice (`cpt.plan`).
-        compile_projection: fuse the projection with ``torch.compile``; None compiles on CUDA
-            only.
+        compile_projection: fuse the projection with ``torch.compile``; ``"auto"`` compiles on
+            CUDA only (`cpt.plan.compiles_projection`).
         activation_checkpointing: keep only each layer's input during the forward pass and
             recompute the rest in the backward pass (`cpt.recompute`): long contexts fit in
             far less memory, for one more forward pass. Works with the shared context.
@@ -129,7 +128,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
             (`cpt.attention`) instead of B copies in a `transformers` cache: less memory, and
             faster at long contexts. ``"auto"`` decides by B x N (`cpt.plan.ONE_COPY_MIN_ROWS`).
 
-    Both options (also attributes) take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`).
+    Options take ``"auto"``, ``"on"``, ``"off"`` (`cpt.plan.choice`); two are also attributes.
 
     Raises:
         ValueError: if ``base_model`` is not a loaded causal LM (`cpt.inputs.check_base_model`),
@@ -144,13 +143,13 @@ class CPTModel(_TrainerSupport, _Conveniences):
         base_model: nn.Module,
         config: CPTConfig,
         *,
-        context_sharing: plan.Choice | str = "auto",
-        compile_projection: bool | None = None,
+        context_sharing: plan.Choice = "auto",
+        compile_projection: plan.Choice = "auto",
         activation_checkpointing: bool = False,
-        shared_attention: plan.Choice | bool | None = "auto",
+        shared_attention: plan.Choice = "auto",
     ) -> None:
         super().__init__()
-        _check_arguments(config, compile_projection, activation_checkpointing)
+        _check_arguments(config, activation_checkpointing)
         embeddings = check_base_model(base_model)
         self.options = plan.Options(context_sharing=context_sharing, shared_attention=shared_attention)
         self.context = Context(config, embeddings, compile_projection)
@@ -317,7 +316,7 @@ class CPTModel(_TrainerSupport, _Conveniences):
 
     # ------------------------------------------------------------------ files
 
-    def save_pretrained(self, path: str | Path, format: Literal["cpt", "peft"] = "cpt") -> Path:
+    def save_pretrained(self, path: str | Path, format: AdapterFormat = "cpt") -> Path:
         """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
         ball), replacing any adapter there as a whole; see `cpt.adapter`."""
         from cpt.adapter import save_adapter
@@ -356,11 +355,9 @@ class CPTModel(_TrainerSupport, _Conveniences):
         return model
 
 
-def _check_arguments(config: object, compile_projection: object, activation_checkpointing: object) -> None:
+def _check_arguments(config: object, activation_checkpointing: object) -> None:
     if not isinstance(config, CPTConfig):
         raise ValueError(f"config must be a CPTConfig, got {type(config).__name__}")
-    if compile_projection is not None and not isinstance(compile_projection, bool):
-        raise ValueError(f"compile_projection must be True, False or None, got {show(compile_projection)}")
     check_bool(activation_checkpointing, "activation_checkpointing")
 
 

@@ -200,7 +200,18 @@ def facts(model: nn.Module, device: torch.device) -> Facts:
         hf_checkpointing=_compat.hf_checkpointing(model),
         one_copy_exact=one_copy_exact(model),
         device_type=device.type,
+        sharded=_sharded(model),
     )
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 shards ``model``'s decoder layers (`cpt.distributed.shard_base_model`; only
+    in a process group, so a lone process pays nothing to ask)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(layer, FSDPModule) for layer in _compat.decoder_layers(model))
 
 
 _PROBED: weakref.WeakKeyDictionary[nn.Module, tuple[Any, bool]] = weakref.WeakKeyDictionary()

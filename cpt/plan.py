@@ -18,8 +18,12 @@ The decisions:
 - **causal context pass**: the context's own pass runs SDPA as causal with no mask
   (`cpt.attention.causal_context`), for models whose attention goes through the interface.
 
-The options speak one vocabulary, ``"auto"``, ``"on"``, ``"off"`` (`choice`; the older spellings
-``"always"``/``"never"``, True/False/None mean the same), checked once where they are given.
+- **sharded**: a base model sharded with FSDP2 runs eagerly (`Why.SHARDED`).
+- **compiled projection** (`compiles_projection`): ``torch.compile`` fuses the projection on CUDA.
+
+The options speak one vocabulary, ``"auto"``, ``"on"``, ``"off"`` (`choice`), checked once where
+they are given; the older spellings (``"always"``, ``"never"``, True, False, None) are refused
+with a message that names the one to write.
 """
 
 from __future__ import annotations
@@ -30,9 +34,8 @@ from typing import Literal
 
 Choice = Literal["auto", "on", "off"]
 CHOICES: tuple[Choice, ...] = ("auto", "on", "off")
-_SPELLINGS: dict[object, Choice] = {
-    "auto": "auto", "on": "on", "off": "off", "always": "on", "never": "off", True: "on", False: "off", None: "auto",
-}
+_OLD_SPELLINGS: dict[object, Choice] = {"always": "on", "never": "off", True: "on", False: "off", None: "auto"}
+"""Spellings accepted before the one vocabulary, and the value each one meant."""
 
 Purpose = Literal["loss", "train", "infer"]
 """What the call computes: ``"loss"`` an eager forward with labels (`CPTModel.forward`),
@@ -41,11 +44,13 @@ against the context (`CPTModel.sample_logits`, `cpt.infer`)."""
 
 ONE_COPY_MIN_ROWS = 16384
 """B x N from which the samples attend to one copy of the context while gradients are recorded.
-Below it `transformers`' fused kernels over B copies are faster; above it the B copies kept for
-the backward pass cost more memory than they save time (benchmarks/RESULTS.md)."""
+Below it `transformers`' fused kernels over B copies are faster; from it the B copies kept for
+the backward pass cost more memory than they save time (an 8B Llama on an H200, cases 8b:512:8
+and 8b:2048:8 of benchmarks/results-h200-run3.jsonl against benchmarks/results-h200-run3-one-copy.jsonl)."""
 
 ONE_COPY_MIN_ROWS_INFERENCE = 32768
-"""The same threshold without gradients, where the B copies are not kept (benchmarks/RESULTS.md)."""
+"""The same threshold without gradients, where the B copies are not kept: at B x N = 16384 one
+copy was still the slower at inference (the same two files)."""
 
 
 class Why(Enum):
@@ -63,6 +68,10 @@ class Why(Enum):
     NOT_CUDA = "the model is not on a CUDA device"
     PLAIN = "the context is neither shared nor cached, and graphs replay only that path"
     EAGER = "the call is eager (graphs replay the steps of cpt.train and the passes of cpt.infer)"
+    SHARDED = (
+        "the base model is sharded with FSDP2: its layers gather their weights with collectives, "
+        "which a CUDA graph does not replay"
+    )
 
 
 @dataclass(frozen=True)
@@ -96,12 +105,14 @@ class Facts:
         one_copy_exact: its attention goes through `transformers`' AttentionInterface and
             one-copy attention reproduced it on a probe.
         device_type: where the model runs (``"cpu"``, ``"cuda"``, ...).
+        sharded: FSDP2 shards its decoder layers (`cpt.distributed.shard_base_model`).
     """
 
     sliding_window: int | None = None
     hf_checkpointing: bool = False
     one_copy_exact: bool = True
     device_type: str = "cpu"
+    sharded: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,17 +150,26 @@ class Option:
 
 
 def choice(name: str, value: object) -> Choice:
-    """``value`` in the options' one vocabulary.
+    """``value``, checked to be one of the options' one vocabulary, ``"auto"``, ``"on"``, ``"off"``.
 
     Raises:
-        ValueError: naming ``name``, for anything but ``"auto"``, ``"on"``, ``"off"``,
-            ``"always"``, ``"never"``, True, False or None.
+        ValueError: naming ``name``, for anything else; for an older spelling (``"always"``,
+            ``"never"``, True, False, None), naming the value to write instead.
     """
+    if isinstance(value, str) and value in CHOICES:
+        return value  # type: ignore[return-value]
     if value is None or isinstance(value, (str, bool)):
-        spelled = _SPELLINGS.get(value)
-        if spelled is not None:
-            return spelled
-    raise ValueError(f"{name} must be one of {CHOICES} (or True, False, None), got {value!r}")
+        meant = _OLD_SPELLINGS.get(value)
+        if meant is not None:
+            raise ValueError(f"{name}={value!r} is no longer accepted: write {name}={meant!r}")
+    raise ValueError(f"{name} must be one of {CHOICES}, got {value!r}")
+
+
+def compiles_projection(option: Choice, device_type: str) -> bool:
+    """Whether the projection runs fused by ``torch.compile`` (`cpt.projection.project_fn`):
+    ``"auto"`` compiles on CUDA only, where one fused kernel replaces several launches; on the
+    CPU compiling costs seconds and saves little."""
+    return option == "on" or (option == "auto" and device_type == "cuda")
 
 
 def resolve(
@@ -232,4 +252,6 @@ def _why_no_graphs(purpose: Purpose, options: Options, facts: Facts, why_plain: 
         return Why.OPTION_OFF
     if why_plain in (Why.OPTION_OFF, Why.HF_CHECKPOINTING, Why.SLIDING_WINDOW):
         return why_plain if why_plain is not Why.OPTION_OFF else Why.PLAIN
+    if facts.sharded:
+        return Why.SHARDED
     return Why.NOT_CUDA if facts.device_type != "cuda" else None

@@ -41,9 +41,10 @@ from cpt import _compat, _io, distributed, graphs
 from cpt._fields import check_instance, check_path, check_seed, is_finite, show
 from cpt.checkpoint import LAST_CHECKPOINT_NAME, Selection, TrainState, fingerprint, load_checkpoint, save_checkpoint
 from cpt.config import check_trainable
+from cpt.data import epoch_steps
 from cpt.numerics import check_finite_step
 from cpt.model import CPTModel
-from cpt.plan import Choice, choice
+from cpt.plan import Choice, Why, choice
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,13 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def total_steps(self, num_samples: int) -> int:
+        """The optimizer steps `train` takes over ``num_samples`` samples: ``max_steps``, else
+        ``epochs`` epochs (`cpt.data.epoch_steps`)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        return self.epochs * epoch_steps(num_samples, self.batch_size, self.gradient_accumulation_steps)[1]
+
 
 @dataclass
 class TrainResult:
@@ -296,9 +304,8 @@ def train(
         facts.update(num_samples=num_samples, step=state.step)
         facts["context"] = (float(model.base.sum()), float(model.delta.detach().sum()))
         distributed.check_same("what to train", facts)
-    batches_per_epoch = math.ceil(num_samples / config.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * steps_per_epoch
+    batches_per_epoch, _ = epoch_steps(num_samples, config.batch_size, config.gradient_accumulation_steps)
+    total_steps = config.total_steps(num_samples)
     device = model.delta.device
     autocast = _autocast(config.mixed_precision, device)
     passes = MicroBatchPass(model, _graphed_loss(model, config, autocast is not nullcontext), autocast)
@@ -478,14 +485,9 @@ def _graphed_loss(model: CPTModel, config: TrainConfig, autocast: bool) -> graph
     Raises:
         ValueError: for ``cuda_graphs="on"`` where graphs cannot run.
     """
-    if distributed.is_sharded(model) and config.cuda_graphs != "off":
-        reason = distributed.SHARDED_GRAPHS_OBSTACLE
-        if config.cuda_graphs == "on":
-            raise ValueError(f"cuda_graphs is \"on\" but {reason}")
-        if model.delta.is_cuda and distributed.is_main():
-            logger.warning("CUDA graphs are off: %s", reason)  # once per run: "auto" would use them here
-        return None
     how = model.execution_plan("train", config.batch_size, 1, cuda_graphs=config.cuda_graphs)
+    if how.why_no_graphs is Why.SHARDED and model.delta.is_cuda and distributed.is_main():
+        logger.warning("CUDA graphs are off: %s", how.why_no_graphs.value)  # once per run: "auto" would use them here
     return graphs.GraphedLoss(model, autocast=autocast) if how.graphs else None
 
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from cpt._fields import check_instance, check_path, check_text, check_vocabulary, show
+from cpt._fields import check_distinct, check_instance, check_path, check_text, check_vocabulary, show
 from cpt.data import (
     CPTCollator, CPTDataset, Example, ExampleLike, Template, as_examples, as_template, build_context,
     check_distinct_labels, label_token_ids, padding_id, task_template,
@@ -47,6 +47,13 @@ DEFAULT_SELECTION: str | None = "leave-one-out"
 (`cpt.selection.leave_one_out`) before training and at `SELECTION_POINTS` evenly spaced steps
 (or every ``eval_every`` steps when the config sets it) and keeps the best; None returns the last."""
 SELECTION_POINTS = 4
+
+SELECTION_MIN_PER_LABEL = 2
+"""Distinct texts of each label that leave-one-out needs: holding one out leaves its label in
+the context (`_every_label_twice`)."""
+
+MIN_LABELS = 2
+"""A classifier needs two labels: with one, every answer is that label, with probability 1."""
 
 
 def task_of(template: Template, labels: Sequence[str]) -> dict[str, Any]:
@@ -140,7 +147,7 @@ def fit(
         raise ValueError("examples is empty: the context needs at least one labelled example")
     training = context if train_examples is None else as_examples(train_examples, "train_examples", names)
     label_set = list(dict.fromkeys(e.label for e in context)) if names is None else names
-    if len(label_set) < 2:  # every answer would be that label, with probability 1
+    if len(label_set) < MIN_LABELS:
         raise ValueError(f"the label set {label_set} has one label: a classifier needs at least two (pass labels=)")
     for name, items in (("examples", context), ("train_examples", training)):
         for i, example in enumerate(items):
@@ -162,7 +169,7 @@ def fit(
         selector = LeaveOneOut(tokenizer, context, label_set, template)
         first = {"step": 0, **selector(model)}
         if config.eval_every is None:
-            every = math.ceil(_total_steps(config, len(dataset)) / SELECTION_POINTS)
+            every = math.ceil(config.total_steps(len(dataset)) / SELECTION_POINTS)
             config = replace(config, eval_every=max(1, every))
         eval_fn = _both(selector, eval_fn)
     result = train(
@@ -208,8 +215,7 @@ def _label_set(labels: Sequence[str]) -> list[str]:
         if not isinstance(label, str) or not label:
             raise ValueError(f"labels[{i}] must be a non-empty string, got {label!r}")
         check_text(label, f"labels[{i}]")
-        if label in label_set[:i]:
-            raise ValueError(f"labels holds {label!r} twice (at {label_set.index(label)} and {i})")
+    check_distinct(label_set, "labels")
     if not label_set:
         raise ValueError("labels is empty")
     return label_set
@@ -223,15 +229,7 @@ def _every_label_twice(context: Sequence[Example]) -> bool:
     texts: dict[str, set[str]] = {}
     for example in context:  # distinct texts: leave-one-out hides every copy of the held-out one
         texts.setdefault(example.label, set()).add(example.text)
-    return min(len(t) for t in texts.values()) >= 2
-
-
-def _total_steps(config: TrainConfig, num_samples: int) -> int:
-    """The optimizer steps `train` will take with ``config`` over ``num_samples`` samples."""
-    if config.max_steps is not None:
-        return config.max_steps
-    batches = math.ceil(num_samples / config.batch_size)
-    return config.epochs * math.ceil(batches / config.gradient_accumulation_steps)
+    return min(len(t) for t in texts.values()) >= SELECTION_MIN_PER_LABEL
 
 
 def _both(selector: EvalFn, eval_fn: EvalFn | None) -> EvalFn:

@@ -46,7 +46,7 @@ def tokenizer():  # type: ignore[no-untyped-def]
 
 def fresh_model(arch: str = "llama") -> CPTModel:
     context = build_context(tokenizer(), CONTEXT, opt_projection_epsilon=0.1, opt_projection_format_epsilon=0.05)
-    return CPTModel(make_model(arch, seed=0), context, compile_projection=False)
+    return CPTModel(make_model(arch, seed=0), context, compile_projection="off")
 
 
 def train_config(max_steps: int = TOTAL_STEPS, **overrides) -> TrainConfig:  # type: ignore[no-untyped-def]

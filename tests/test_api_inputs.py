@@ -167,7 +167,8 @@ def test_a_base_model_cpt_cannot_wrap(make, message: str) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        (dict(compile_projection="no"), r"^compile_projection must be True, False or None, got 'no'"),
+        (dict(compile_projection="no"), r"^compile_projection must be one of \('auto', 'on', 'off'\), got 'no'"),
+        (dict(compile_projection=True), r"^compile_projection=True is no longer accepted: write compile_projection='on'"),
         (dict(activation_checkpointing="no"), r"^activation_checkpointing must be True or False, got 'no'"),
         (dict(activation_checkpointing=1), r"^activation_checkpointing must be True or False, got 1"),
     ],

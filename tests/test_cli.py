@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import json
 import shutil
 import subprocess
@@ -228,13 +230,37 @@ def test_version(capsys) -> None:
                    f"transformers {importlib.metadata.version('transformers')})")
 
 
+def test_the_options_default_to_the_library_s_defaults() -> None:
+    """The command line reads its defaults from the library, so the two cannot drift apart."""
+    from cpt.cli import _parser
+    from cpt.data import Template
+    from cpt.infer import classify
+    from cpt.train import TrainConfig
+    from cpt.workflow import CONTEXT_DEFAULTS, DEFAULT_SELECTION
+
+    args = _parser().parse_args(["train", "--data", "d", "--output", "o"])
+    config, template = TrainConfig(), Template()
+    assert (args.epochs, args.lr, args.batch_size, args.seed) == (
+        config.epochs, config.learning_rate, config.batch_size, config.seed
+    )
+    assert (args.input_template, args.output_template, args.separator) == (
+        template.input_template, template.output_template, template.intra_separator
+    )
+    assert {"opt_projection_epsilon": args.epsilon, "opt_projection_format_epsilon": args.format_epsilon,
+            "opt_weighted_loss_type": args.loss, "opt_loss_decay_factor": args.decay} == CONTEXT_DEFAULTS
+    assert args.selection == DEFAULT_SELECTION
+    batch_size = inspect.signature(classify).parameters["batch_size"].default
+    for command in (["eval", "--adapter", "a", "--data", "d"], ["predict", "--adapter", "a", "t"]):
+        assert _parser().parse_args(command).batch_size == batch_size
+
+
 def test_help_shows_defaults(capsys) -> None:
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     for shown in ("--epsilon EPSILON L2 radius of input rows (d = 2048) (default: 1.0)",
                   "(default: 0.001)", "(default: decay)", "--seed SEED seed of the draws and of training (default: 0)",
-                  "(default: float32)", "(default: cpt)", "(default: one space)"):
+                  "(default: float32)", "(default: cpt)", "(default: ' ')"):
         assert shown in text, shown
     for command, shown in (("eval", "(default: 8)"), ("predict", "(default: 8)"), ("generate", "(default: 20)"),
                            ("demo", "(default: rotten_tomatoes)")):
@@ -366,7 +392,7 @@ def test_label_names_map_integer_labels(model_dir: Path, tmp_path: Path, capsys)
     (["train", "--data", "d", "--output", "o", "--checkpoint-every", "x"], "argument --checkpoint-every: expected an integer, got 'x'"),
     (["predict", "--adapter", "a", "--dtype", "int8", "t"], "argument --dtype: invalid choice: 'int8'"),
     (["eval", "--adapter", "a", "--data", "d", "--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
-    (["predict", "--adapter", "a", "--labels", "a,a", "t"], "argument --labels: expected distinct comma-separated names"),
+    (["predict", "--adapter", "a", "--labels", "a,a", "t"], "argument --labels: the list holds 'a' twice (at 0 and 1)"),
     (["generate", "--adapter", "a", "--max-new-tokens", "-1", "t"], "argument --max-new-tokens: must be >= 1, got -1"),
     (["train", "--data", "d", "--output", "o", "--format", "onnx"], "argument --format: invalid choice: 'onnx'"),
 ])
@@ -713,6 +739,7 @@ def test_running_out_of_memory_is_one_line(error: Exception, adapter: Path, mode
                                            capsys) -> None:
     import cpt.infer
 
+    @functools.wraps(cpt.infer.classify)  # its signature: the command line reads its defaults
     def too_big(*args, **kwargs):  # type: ignore[no-untyped-def]
         raise error
 

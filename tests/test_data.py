@@ -18,10 +18,12 @@ from cpt.data import (
     Template,
     as_example,
     build_context,
+    epoch_steps,
     label_token_ids,
     render_context,
     render_example,
     render_query,
+    right_pad,
     shift_type_codes,
 )
 
@@ -496,6 +498,24 @@ def test_collator_pads_right() -> None:
         [1, 2, 3, 4, 5],
     ]
     assert batch["input_type_mask"].tolist() == [[1, 2, 4, 0, 0], [4, 0, 0, 0, 0], [1, 2, 0, 3, 4]]
+
+
+def test_right_pad_lists_and_tensors_alike() -> None:
+    padded, mask = right_pad([[5, 6, 7], [8]], 0, multiple=4)  # (2, 4): the longest row, rounded up
+    assert padded.tolist() == [[5, 6, 7, 0], [8, 0, 0, 0]] and mask.tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    labels = torch.tensor([[1, 2, 3], [4, 5, 6]], dtype=torch.int32)
+    padded, mask = right_pad(labels, IGNORE_INDEX, multiple=4)
+    assert padded.dtype == torch.int32 and padded.tolist() == [[1, 2, 3, IGNORE_INDEX], [4, 5, 6, IGNORE_INDEX]]
+    assert mask.dtype == torch.long and mask.tolist() == [[1, 1, 1, 0]] * 2
+    assert right_pad(labels, 0)[0].tolist() == labels.tolist()  # a multiple already: nothing added
+
+
+@pytest.mark.parametrize(
+    ("samples", "batch_size", "accumulation", "expected"),
+    [(10, 3, 1, (4, 4)), (10, 3, 2, (4, 2)), (10, 3, 3, (4, 2)), (9, 3, 3, (3, 1)), (1, 8, 4, (1, 1))],
+)
+def test_epoch_steps_count_the_short_last_batch_and_step(samples, batch_size, accumulation, expected) -> None:  # type: ignore[no-untyped-def]
+    assert epoch_steps(samples, batch_size, accumulation) == expected
 
 
 def test_collator_with_dataloader(tokenizer: PreTrainedTokenizerFast) -> None:

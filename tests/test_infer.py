@@ -311,10 +311,10 @@ def test_bucketed_batches_score_the_same(monkeypatch, tokenizer: PreTrainedToken
 def test_classify_refuses_graphs_where_they_cannot_run(tokenizer: PreTrainedTokenizerFast) -> None:
     model = trained_model("llama", tokenizer)
     with pytest.raises(ValueError, match="cuda_graphs is on but the model is not on a CUDA device"):
-        classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=True)
+        classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs="on")
     with pytest.raises(ValueError, match="cuda_graphs is on but the context is neither shared nor cached"):
-        classify(model, tokenizer, TEXTS[:1], LABELS, use_cache=False, cuda_graphs=True)
-    assert classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs=None).predictions  # auto: eager here
+        classify(model, tokenizer, TEXTS[:1], LABELS, use_cache=False, cuda_graphs="on")
+    assert classify(model, tokenizer, TEXTS[:1], LABELS, cuda_graphs="auto").predictions  # auto: eager here
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
@@ -323,8 +323,8 @@ def test_classify_with_graphs_matches_eager_on_cuda(tokenizer: PreTrainedTokeniz
     model.base_model.set_attn_implementation("sdpa")  # eager attention cannot be captured
     model.cuda()
     texts = TEXTS * 4  # shapes repeat, so some are captured (on their second call)
-    eager = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=False)
-    graphed = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs=True)
+    eager = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs="off")
+    graphed = classify(model, tokenizer, texts, LABELS, template=SUFFIXES, batch_size=4, cuda_graphs="on")
     assert graphed.predictions == eager.predictions
     torch.testing.assert_close(graphed.log_likelihoods, eager.log_likelihoods, rtol=0, atol=1e-4)
 

@@ -445,7 +445,7 @@ def test_the_name_must_be_a_path(name: object) -> None:
 def test_labelled_data_checks() -> None:
     with pytest.raises(ValueError, match=r"d: the label set is empty"):
         LabelledData("d", [], [])
-    with pytest.raises(ValueError, match=r"d: the label set repeats \['a'\]"):
+    with pytest.raises(ValueError, match=r"d: the label set holds 'a' twice \(at 0 and 2\)"):
         LabelledData("d", [], ["a", "b", "a"])
     with pytest.raises(ValueError, match=r"d: example 1 has label 'c', not one of \['a', 'b'\]"):
         LabelledData("d", [Example("x", "a"), Example("y", "c")], ["a", "b"])

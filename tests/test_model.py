@@ -68,7 +68,7 @@ def test_only_target_logits_are_built_and_labels_never_reach_the_base_model() ->
         if kwargs.get("labels") is not None else None,
         with_kwargs=True,
     )
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         seen_rows.clear()
         out = model(**batch)
@@ -93,7 +93,7 @@ def test_auto_sharing_uses_plain_path_for_one_sample(monkeypatch) -> None:
 def test_half_precision_models(dtype: torch.dtype) -> None:
     model = CPTModel(make_model("llama", dtype=dtype), context_config())
     assert model.delta.dtype == torch.float32 and model.base.dtype == torch.float32
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         model.delta.grad = None
         loss = model(**sample_batch(2)).loss
@@ -116,7 +116,7 @@ def test_callers_tensors_are_not_modified() -> None:
     model = CPTModel(make_model("llama"), context_config())
     batch = sample_batch(3)
     before = {k: v.clone() for k, v in batch.items()}
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         model(**batch)
     for key, value in batch.items():
@@ -163,7 +163,7 @@ def test_unknown_sharing_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="shared_attention must be one of"):
         model.shared_attention = "sometimes"  # checked when set, in the one vocabulary
     assert model.shared_attention == "auto"
-    model.context_sharing, model.shared_attention = "never", True
+    model.context_sharing, model.shared_attention = "off", "on"
     assert (model.context_sharing, model.shared_attention) == ("off", "on")
 
 
@@ -172,7 +172,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(arch: str) ->
     batch = sample_batch(3)
     results = {}
     for checkpointed in (False, True):
-        for sharing in ("never", "always"):
+        for sharing in ("off", "on"):
             model = CPTModel(make_model(arch), context_config(), activation_checkpointing=checkpointed)
             model.context_sharing = sharing
             with torch.no_grad():
@@ -180,7 +180,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradient(arch: str) ->
             loss = model(**batch).loss
             loss.backward()
             results[checkpointed, sharing] = (loss.detach(), model.delta.grad.clone())
-    reference_loss, reference_grad = results[False, "never"]
+    reference_loss, reference_grad = results[False, "off"]
     for key, (loss, grad) in results.items():
         torch.testing.assert_close(loss, reference_loss, rtol=1e-5, atol=0)
         assert (grad - reference_grad).norm() / reference_grad.norm() <= 1e-5, key
@@ -203,27 +203,27 @@ def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> N
 
     monkeypatch.setattr(attention, "shared_context", counting)
     model = CPTModel(make_model(arch), context_config(opt_weighted_loss_type="decay", opt_loss_decay_factor=0.8),
-                     context_sharing="always")
+                     context_sharing="on")
     with torch.no_grad():
         model.delta.normal_(0, 0.02)
     batch = sample_batch(4)
     results = {}
     assert model.execution_plan("loss", 4, 9).one_copy is False  # auto: small contexts keep the cache path
-    for shared_attention in (True, False):
+    for shared_attention in ("on", "off"):
         model.shared_attention = shared_attention
         model.delta.grad = None
         calls.clear()
         loss = model(**batch).loss
         loss.backward()
         results[shared_attention] = (loss.detach(), model.delta.grad.clone(), list(calls))
-    assert results[True][2] == [2] and results[False][2] == []  # one call per layer of the sample pass
-    torch.testing.assert_close(results[True][0], results[False][0], rtol=1e-5, atol=0)
-    assert (results[True][1] - results[False][1]).norm() / results[False][1].norm() <= 1e-5
+    assert results["on"][2] == [2] and results["off"][2] == []  # one call per layer of the sample pass
+    torch.testing.assert_close(results["on"][0], results["off"][0], rtol=1e-5, atol=0)
+    assert (results["on"][1] - results["off"][1]).norm() / results["off"][1].norm() <= 1e-5
     cache = model.build_context_cache()
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    model.shared_attention = True
+    model.shared_attention = "on"
     fast = model.sample_logits(ids, mask, context_cache=cache)
-    model.shared_attention = False
+    model.shared_attention = "off"
     slow = model.sample_logits(ids, mask, context_cache=cache)
     plain = model.sample_logits(ids, mask)
     real = mask.bool()
@@ -233,14 +233,14 @@ def test_shared_context_attention_is_used_and_exact(arch: str, monkeypatch) -> N
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_shared_context_attention_without_padding_mask(arch: str) -> None:
-    model = CPTModel(make_model(arch), context_config(), context_sharing="always")
+    model = CPTModel(make_model(arch), context_config(), context_sharing="on")
     batch = sample_batch(2)
     batch["input_ids"] = batch["input_ids"][:, :7]
     batch["labels"] = batch["input_ids"].clone()
     batch["input_type_mask"] = batch["input_type_mask"][:, :7]
     del batch["attention_mask"]
     losses = {}
-    for shared_attention in (True, False):
+    for shared_attention in ("on", "off"):
         model.shared_attention = shared_attention
         losses[shared_attention] = model(**batch).loss
-    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-5, atol=0)

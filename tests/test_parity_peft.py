@@ -53,7 +53,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-@pytest.mark.parametrize("sharing", ["never", "always"])
+@pytest.mark.parametrize("sharing", ["off", "on"])
 @pytest.mark.parametrize("batch_size", [1, 4])
 @pytest.mark.parametrize("loss_type", ["none", "decay"])
 def test_loss_and_gradient_match_peft(loss_type: str, batch_size: int, sharing: str) -> None:
@@ -68,8 +68,8 @@ cpt's own plain path, which the other families check against PEFT."""
 
 
 def _set_path(model: CPTModel, arch: str, path: str) -> None:
-    model.context_sharing = "never" if path == "plain" else "always"
-    model.shared_attention = path == "one copy"  # one copy of the context (cpt.attention) or B copies
+    model.context_sharing = "off" if path == "plain" else "on"
+    model.shared_attention = "on" if path == "one copy" else "off"  # one copy of the context (cpt.attention) or B copies
     how = model.execution_plan("loss", 3, 9)
     assert how.shared == (path != "plain")
     # one copy wherever the capability probe finds it exact on the installed release; the parity

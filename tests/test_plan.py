@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from cpt.plan import ONE_COPY_MIN_ROWS, ONE_COPY_MIN_ROWS_INFERENCE, Facts, Options, Plan, Why, choice, resolve
+from cpt.plan import (
+    ONE_COPY_MIN_ROWS, ONE_COPY_MIN_ROWS_INFERENCE, Facts, Options, Plan, Why, choice, compiles_projection, resolve,
+)
 
 CPU, CUDA = Facts(), Facts(device_type="cuda")
 LLAMA_ON_CUDA = CUDA
 BLOOM = Facts(one_copy_exact=False)  # attention outside the interface
 WINDOW_64 = Facts(sliding_window=64, device_type="cuda")
 HF_CKPT = Facts(hf_checkpointing=True, device_type="cuda")
+SHARDED = Facts(sharded=True, device_type="cuda")  # FSDP2 layers
 AUTO = Options()
 N = 40  # context tokens
 BIG_B = ONE_COPY_MIN_ROWS // N + 1  # B x N past the training threshold
@@ -59,6 +62,9 @@ TABLE = [
     ("train", AUTO, HF_CKPT, 4, 9, True,
      _plan(False, why_plain=Why.HF_CHECKPOINTING, why_not_one_copy=Why.HF_CHECKPOINTING,
            why_no_graphs=Why.HF_CHECKPOINTING)),
+    # a sharded model: its layers' collectives do not replay from a graph
+    ("train", AUTO, SHARDED, 4, 9, True, _plan(True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.SHARDED)),
+    ("train", AUTO, Facts(sharded=True), 4, 9, True, _plan(True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.SHARDED)),
     # inference against the context's cache: the larger threshold without gradients
     ("infer", AUTO, CPU, BIG_B, 9, False,
      _plan(True, query_once=True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.NOT_CUDA)),
@@ -93,6 +99,8 @@ def test_the_plan_table(purpose, options, facts, batch_size, seq_len, grad, expe
          "cuda_graphs is on but the context is neither shared nor cached"),
         ("infer", Options(cuda_graphs="on", context_cache="off"), CPU,
          "cuda_graphs is on but the context is neither shared nor cached"),
+        ("train", Options(cuda_graphs="on"), Facts(sharded=True),
+         "cuda_graphs is on but the base model is sharded with FSDP2"),
         ("infer", Options(context_cache="on"), Facts(sliding_window=N),
          "the context cannot be cached: the context outruns"),
     ],
@@ -102,18 +110,29 @@ def test_an_option_that_is_on_and_cannot_be_honoured_is_refused(purpose, options
         resolve(purpose, options, facts, num_context=N, batch_size=4, seq_len=9, grad=True)
 
 
-def test_one_vocabulary_for_every_option() -> None:
-    for spelled, meant in [("auto", "auto"), (None, "auto"), ("on", "on"), (True, "on"), ("always", "on"),
-                           ("off", "off"), (False, "off"), ("never", "off")]:
-        assert choice("x", spelled) == meant
+def test_one_spelling_per_value() -> None:
+    for value in ("auto", "on", "off"):
+        assert choice("x", value) == value
     for bad in ("yes", 1, 0, "ON", 2.0):
-        with pytest.raises(ValueError, match=r"x must be one of \('auto', 'on', 'off'\)"):
+        with pytest.raises(ValueError, match=r"^x must be one of \('auto', 'on', 'off'\), got"):
             choice("x", bad)
-    assert Options(context_sharing="always", shared_attention=None, cuda_graphs=False) == Options(
-        context_sharing="on", shared_attention="auto", cuda_graphs="off"
-    )
     with pytest.raises(ValueError, match="context_cache must be one of"):
         Options(context_cache="sometimes")
+
+
+@pytest.mark.parametrize(
+    ("old", "new"), [("always", "on"), (True, "on"), ("never", "off"), (False, "off"), (None, "auto")]
+)
+def test_an_old_spelling_is_refused_naming_the_new_one(old, new) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ValueError, match=rf"^x={old!r} is no longer accepted: write x={new!r}$"):
+        choice("x", old)
+    with pytest.raises(ValueError, match=rf"^context_sharing={old!r} is no longer accepted"):
+        Options(context_sharing=old)
+
+
+def test_the_projection_compiles_on_cuda_unless_told() -> None:
+    assert [compiles_projection("auto", device) for device in ("cpu", "cuda")] == [False, True]
+    assert [compiles_projection("on", "cpu"), compiles_projection("off", "cuda")] == [True, False]
 
 
 def test_a_plan_cannot_be_changed() -> None:

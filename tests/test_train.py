@@ -71,7 +71,7 @@ def collator(tokenizer) -> CPTCollator:
 
 
 def fresh_model(config: CPTConfig, arch: str = "llama", seed: int = 0) -> CPTModel:
-    return CPTModel(make_model(arch, seed=seed), config, compile_projection=False)
+    return CPTModel(make_model(arch, seed=seed), config, compile_projection="off")
 
 
 def quick_config(**overrides) -> TrainConfig:

@@ -38,7 +38,19 @@ from cpt._fields import check_path
 from cpt.config import PEFT_TYPE, CPTConfig
 from cpt.data import Template
 from cpt.projection import epsilons
-from cpt.schema import ANY, SHA256_HEX, Built, Choice, Int, Items, Nullable, Record, Text, check_header, validate
+from cpt.schema import (
+    ANY,
+    SHA256_HEX,
+    Built,
+    Choice,
+    Int,
+    Items,
+    Nullable,
+    Record,
+    Text,
+    check_header,
+    validate,
+)
 
 CPT_CONFIG_NAME = "cpt_config.json"
 CPT_WEIGHTS_NAME = "cpt_adapter.safetensors"

@@ -199,7 +199,7 @@ class Either(Kind):
         raise _wrong(self, value, path)
 
 
-def Nullable(kind: Kind) -> Either:  # noqa: N802 (reads as a kind)
+def Nullable(kind: Kind) -> Either:
     """``null`` or what ``kind`` takes."""
     return Either(NULL, kind)
 

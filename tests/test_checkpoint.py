@@ -104,20 +104,22 @@ def test_a_checkpoint_resumes(context, folder: Path) -> None:
         (lambda m: m.update(step=1000), r"field 'step' is 1000, but epoch 0 and position 2 mean 2 steps"),
         (lambda m: m.update(step="2"), r"field 'step' must be an integer >= 0, got '2'"),
         (lambda m: m.update(epoch=True), r"field 'epoch' must be an integer >= 0, got True"),
-        (lambda m: m.pop("losses"), r"field 'losses' must be a list of 2 numbers \(one per step\), got None"),
+        (lambda m: m.pop("losses"), r"field 'losses' is missing"),
+        (lambda m: m.update(losses=[1.0]), r"field 'losses' holds 1 losses, but the run took 2 steps"),
         (lambda m: m.update(losses=[1.0, "x"]), r"field 'losses\[1\]' must be a finite number, got 'x'"),
-        (lambda m: m.update(eval_history=[{"step": 9}]), r"field 'eval_history\[0\]' must be an object with a 'step' in 1..2"),
+        (lambda m: m.update(eval_history=[{"step": 9}]), r"field 'eval_history\[0\].step' must be in 1..2, got 9"),
         (lambda m: m.update(config=[]), r"field 'config' must be an object, got \[\]"),
         (lambda m: m["config"].update(batch_size=0), r"field 'config.batch_size' must be an integer >= 1, got 0"),
         (lambda m: m.update(num_samples=None), r"field 'num_samples' must be an integer >= 1, got None"),
-        (lambda m: m.update(python_rng=[3, [1, 2], None]), r"field 'python_rng' is not a Python random state"),
-        (lambda m: m.update(optimizer={"state": {}}), r"field 'optimizer' must hold 'state' and 'param_groups'"),
+        (lambda m: m.update(python_rng=[3, [1, 2], None]), r"field 'python_rng\[1\]' must be a list of 625, got \[1, 2\]"),
+        (lambda m: m["python_rng"].__setitem__(0, 99), r"field 'python_rng' is not a Python random state"),
+        (lambda m: m.update(optimizer={"state": {}}), r"field 'optimizer.param_groups' is missing"),
         (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "nope"}), r"'optimizer.state.0.exp_avg' must name a saved tensor"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(betas="x"), r"field 'optimizer.param_groups\[0\].betas' is 'x'"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(betas="x"), r"field 'optimizer.param_groups\[0\].betas' must be a list of 2, got 'x'"),
         (lambda m: m.update(format_version=1), r"written by an older cpt \(format 1"),
         (lambda m: m.update(format_version=99), r"written by a newer cpt \(format version 99\)"),
-        (lambda m: m.update(format="x"), r"field 'format' must be 'cpt-trainer-state', got 'x'"),
-        (lambda m: m["files_sha256"].pop(STATE_TENSORS_NAME), r"field 'files_sha256' must map exactly"),
+        (lambda m: m.update(format="x"), r"field 'format' must be \"cpt-trainer-state\", got 'x'"),
+        (lambda m: m["files_sha256"].pop(STATE_TENSORS_NAME), r"field 'files_sha256\[\"trainer_state.safetensors\"\]' is missing"),
     ],
 )
 def test_every_field_is_checked(context, folder: Path, change, message: str) -> None:
@@ -182,13 +184,14 @@ def test_nothing_changes_unless_everything_is_sound(context, folder: Path) -> No
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda m: m["optimizer"]["state"]["0"].pop("exp_avg_sq"), r"'optimizer.state.0' must hold \['exp_avg', 'exp_avg_sq', 'step'\]"),
-        (lambda m: m["optimizer"]["state"]["0"].update(step={"value": 2}), r"'optimizer.state.0.step' must name a saved tensor"),
-        (lambda m: m["optimizer"]["state"].update({"1": m["optimizer"]["state"]["0"]}), r"'optimizer.state' must hold the parameters \['0'\]"),
-        (lambda m: m["optimizer"].update(state={}), r"'optimizer.state' must hold the parameters \['0'\] after 2 steps, got \[\]"),
-        (lambda m: m["optimizer"]["param_groups"][0].pop("eps"), r"'optimizer.param_groups\[0\]' must hold"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(lr=-1.0), r"'optimizer.param_groups\[0\].lr' is -1.0"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(amsgrad=1), r"'optimizer.param_groups\[0\].amsgrad' is 1"),
+        (lambda m: m["optimizer"]["state"]["0"].pop("exp_avg_sq"), r"field 'optimizer.state.0.exp_avg_sq' is missing"),
+        (lambda m: m["optimizer"]["state"]["0"].update(step={"value": 2}), r"field 'optimizer.state.0.step.tensor' is missing"),
+        (lambda m: m["optimizer"]["state"].update({"1": m["optimizer"]["state"]["0"]}), r"field 'optimizer.state' has unknown keys \['1'\]"),
+        (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "rng.torch"}), r"tensor 'rng.torch' must be torch.float32 of shape"),
+        (lambda m: m["optimizer"].update(state={}), r"field 'optimizer.state.0' is missing"),
+        (lambda m: m["optimizer"]["param_groups"][0].pop("eps"), r"field 'optimizer.param_groups\[0\].eps' is missing"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(lr=-1.0), r"field 'optimizer.param_groups\[0\].lr' must be a finite number >= 0, got -1.0"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(amsgrad=1), r"field 'optimizer.param_groups\[0\].amsgrad' must be true or false, got 1"),
     ],
 )
 def test_an_optimizer_state_the_optimizer_would_not_take_is_refused_before_anything_changes(
@@ -245,7 +248,7 @@ def test_an_inconsistent_state_is_not_saved(context, tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), TrainState(step=99), CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
     state = TrainState(step=1, epoch=0, position=1, losses=[1.0])  # but the optimizer never stepped
-    with pytest.raises(ValueError, match=r"field 'optimizer.state' must hold the parameters \['0'\] after 1 steps, got \[\]"):
+    with pytest.raises(ValueError, match=r"field 'optimizer.state.0' is missing"):
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
 

@@ -52,6 +52,8 @@ def show(value: Any) -> str:
         if is_int(value):
             return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
         return f"a {type(value).__name__} holding an integer too long to print"
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to print"
     return text if len(text) <= 80 else text[:77] + "..."
 
 

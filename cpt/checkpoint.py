@@ -616,23 +616,26 @@ def _optimizer_schema(expected: Mapping[int, Mapping[str, Any]], groups: list[di
         for param_id, entry in expected.items()
     }
     saved_groups = [
-        Record({k: Choice(v) if k == "params" else _kind_like(v, below_one=k == "betas") for k, v in group.items()})
+        Record({k: _kind_like(v, below_one=k == "betas", exact=k == "params") for k, v in group.items()})
         for group in groups
     ]
     return Record({"state": Record(state), "param_groups": Tuple(*saved_groups)})
 
 
-def _kind_like(value: Any, below_one: bool = False) -> Kind:
+def _kind_like(value: Any, below_one: bool = False, exact: bool = False) -> Kind:
     """The kind of a JSON value that can stand where ``value`` (a hyper-parameter or optimizer
-    scalar) stands: a bool, None, a string, a number >= 0 (< 1 if ``below_one``), or a list of as many."""
+    scalar) stands: a bool, None, a string, a number >= 0 (< 1 if ``below_one``; ``value`` itself
+    if ``exact``, as a parameter's index), or a list of as many."""
+    if isinstance(value, (list, tuple)):
+        return Tuple(*(_kind_like(v, below_one, exact) for v in value))
+    if exact:
+        return Choice(value)
     if isinstance(value, bool):
         return BOOL
     if value is None or isinstance(value, str):
         return NULL if value is None else Text()
     if isinstance(value, (int, float)):
         return Number(min=0, below=1 if below_one else None)
-    if isinstance(value, (list, tuple)):
-        return Tuple(*(_kind_like(v, below_one) for v in value))
     return Choice()  # nothing a JSON file holds
 
 

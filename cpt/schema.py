@@ -307,13 +307,14 @@ def validate(value: Any, kind: Kind, where: str | Path, path: str = "") -> None:
         path: the field ``value`` is, for the message (``""``: the whole file).
 
     Raises:
-        ValueError: ``<where>: field '<path>' <problem>``, for the first field that breaks its kind.
+        ValueError: ``<where>: field '<path>' <problem>`` for the first field that breaks its kind
+            (``<where> <problem>`` for the whole value).
     """
     try:
         kind.check(value, path)
     except Invalid as refusal:
-        named = f" field '{refusal.path}'" if refusal.path else ""
-        raise ValueError(f"{where}:{named}{refusal.problem}") from None
+        named = f": field '{refusal.path}'" if refusal.path else ""
+        raise ValueError(f"{where}{named}{refusal.problem}") from None
 
 
 def check_header(meta: dict[str, Any], where: Path, kind: str, newest: int) -> int:

@@ -16,6 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_schema import WRONG as _WRONG
+from test_schema import _paths
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
@@ -400,31 +402,12 @@ def _kind(value) -> type:
     return type(value) if value is None or isinstance(value, (bool, int, float, str, list, dict)) else object
 
 
-_WRONG = {
-    type(None): st.none(),
-    bool: st.booleans(),
-    int: st.integers(-(2**70), 2**70),
-    float: st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
-    str: st.text(max_size=8).filter(lambda t: t not in ("nan", "inf", "-inf")),
-    list: st.lists(st.integers(-2, 3), max_size=3),
-    dict: st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-}
 _ALSO_RIGHT = {  # kinds a field takes besides its saved one
     ("python_rng", 2): {int, float},
     ("config", "max_grad_norm"): {type(None), int},
     ("config", "cuda_graphs"): {bool, type(None)},
     **{("config", name): {type(None), int} for name in ("max_steps", "eval_every", "checkpoint_every")},
 }
-
-
-def _paths(value, path=()):
-    """Every field below the top: dict keys, and the first, second and last item of a list."""
-    items = value.items() if isinstance(value, dict) else (
-        [(i, value[i]) for i in sorted({0, 1, len(value) - 1}) if 0 <= i < len(value)] if isinstance(value, list) else []
-    )
-    for key, item in items:
-        yield (*path, key)
-        yield from _paths(item, (*path, key))
 
 
 def _holder(meta, path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 
@@ -53,27 +52,9 @@ def show(value: Any) -> str:
         if is_int(value):
             return f"an integer of about {int(value.bit_length() * math.log10(2))} digits"
         return f"a {type(value).__name__} holding an integer too long to print"
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deep to print"
     return text if len(text) <= 80 else text[:77] + "..."
-
-
-def check_header(meta: dict[str, Any], where: Path, kind: str, newest: int) -> int:
-    """Checks ``meta["format"] == kind`` and ``1 <= meta["format_version"] <= newest``.
-
-    Returns:
-        The format version.
-
-    Raises:
-        ValueError: naming the file, the field and the value; a newer version asks for an
-            upgrade.
-    """
-    if meta.get("format") != kind:
-        raise ValueError(f"{where}: field 'format' must be {kind!r}, got {show(meta.get('format'))}")
-    version = meta.get("format_version")
-    if not is_int(version) or version < 1:
-        raise ValueError(f"{where}: field 'format_version' must be an integer >= 1, got {show(version)}")
-    if version > newest:
-        raise ValueError(f"{where.parent} was written by a newer cpt (format version {version}); upgrade cpt")
-    return version
 
 
 def text_problem(value: Any) -> str | None:

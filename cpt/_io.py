@@ -60,6 +60,8 @@ T = TypeVar("T")
 TMP_TAG = "tmp"  # .<name>.tmp-<pid>-<hex>: a folder being built (or, after the swap, the old one)
 OLD_TAG = "old"  # .<name>.old-<pid>-<hex>: the old folder, moved aside (fallback swap only)
 READ_ATTEMPTS = 8  # a reader retries this often when the folder is swapped under it
+SWAP_WAITS = 3  # a reader that finds no folder waits this often for a fallback swap to end ...
+SWAP_WAIT = 0.01  # ... seconds, doubled each time, before it reads the folder moved aside
 _RENAME_EXCHANGE = 2  # renameat2 flag (linux/fs.h)
 _AT_FDCWD = -100
 LOCK_TIMEOUT = 60.0  # seconds a writer waits for another writer of the same parent folder
@@ -567,7 +569,7 @@ class Folder:
         fd = os.open(self._at / name, flags) if self._fd is None else os.open(name, flags, dir_fd=self._fd)
         return _read_regular(fd, self.path / name, what, limit)
 
-    def read_json(self, name: str, what: str, limit: int = 64 * 2**20) -> dict[str, Any]:
+    def read_json(self, name: str, what: str, limit: int) -> dict[str, Any]:
         """The JSON object in the file ``name``.
 
         Raises:
@@ -719,8 +721,8 @@ def open_folder(path: str | Path, read: Callable[[Folder], T], what: str) -> T:
                 if os.path.isfile(path):
                     raise ValueError(f"{path} is a file, but {what}s are saved as folders") from None
                 raise ValueError(f"no {what} folder at {path}") from None
-            if attempt < 3:
-                time.sleep(0.01 * 2**attempt)  # a fallback swap between its two renames
+            if attempt < SWAP_WAITS:
+                time.sleep(SWAP_WAIT * 2**attempt)  # a fallback swap between its two renames
             else:  # its writer died there: the folder moved aside is the complete old one
                 source = max(aside, key=lambda p: p.stat().st_mtime)
             continue

@@ -34,12 +34,26 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_distinct, check_header, check_path, check_text, is_int, show
+from cpt._fields import check_path
 from cpt.config import (
-    ADAPTER_FILES, CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME, AdapterFormat, CPTConfig,
-    check_adapter_format,
+    ADAPTER_FILES, CPT_CONFIG_NAME, CPT_WEIGHTS_NAME, PEFT_CONFIG_NAME, PEFT_TYPE, PEFT_WEIGHTS_NAME, AdapterFormat,
+    CPTConfig, check_adapter_format,
 )
+from cpt.data import Template
 from cpt.projection import epsilons
+from cpt.schema import (
+    ANY,
+    SHA256_HEX,
+    Built,
+    Choice,
+    Int,
+    Items,
+    Nullable,
+    Record,
+    Text,
+    check_header,
+    validate,
+)
 
 PEFT_WEIGHTS_KEY = "prompt_embeddings"
 FORMAT_VERSION = 1
@@ -51,17 +65,63 @@ BASE_TOLERANCE = 2e-2
 """Largest relative distance of a saved base row from the model's embedding of its token: wide
 enough for a model loaded in bfloat16 or float16, far below a different model's embeddings."""
 
+BALL_ABS_TOLERANCE = 1e-30
+"""Added to each ball's radius in the check of a saved delta, so a zero radius (a frozen row)
+still takes a zero delta after rounding."""
+
+MIN_EMBEDDING_NORM = 1e-6
+"""Norm below which a model's embedding counts as this much in `BASE_TOLERANCE`'s relative
+distance (an all-zero row would otherwise divide by zero)."""
+
 MAX_CONFIG_BYTES = 64 * 2**20
+"""The largest adapter config read: a config holds the context's token ids and the label set,
+kilobytes even for long contexts; a larger file is refused before it is read."""
 
 SAFETENSORS_HEADER_BYTES = 2**20
 """Room a weights file may take beyond its tensors' bytes: the safetensors header (a few hundred
 bytes for cpt's and PEFT's files) with ample slack for another writer's metadata."""
 
+WEIGHTS_DTYPE = torch.float32  # both layouts store their (N, d) tensors so
+
 
 def weights_limit(num_tensors: int, rows: int, hidden_size: int) -> int:
     """The most bytes a weights file of ``num_tensors`` float32 (rows, hidden_size) tensors may
     hold: larger files are refused before they are read, so a huge file cannot exhaust memory."""
-    return num_tensors * rows * hidden_size * 4 + SAFETENSORS_HEADER_BYTES
+    return num_tensors * rows * hidden_size * WEIGHTS_DTYPE.itemsize + SAFETENSORS_HEADER_BYTES
+
+
+_TEMPLATE_FIELDS = dict.fromkeys((f.name for f in fields(Template)), ANY)  # Template checks their values
+TASK_SCHEMA = Record(
+    {
+        "template": Nullable(Built(lambda given: Template(**given), Record(_TEMPLATE_FIELDS, frozenset(_TEMPLATE_FIELDS)))),
+        "labels": Nullable(Items(Text(non_empty=True), non_empty=True, unique=True)),
+    },
+    optional=frozenset({"template", "labels"}),
+)
+"""The task a model was trained for: ``{"template": Template's fields, "labels": [...]}``, either
+part absent or null."""
+
+CPT_CONFIG_SCHEMA = Record(
+    {
+        "format": Choice("cpt"),
+        "format_version": Int(min=1),
+        "config": Built(CPTConfig.from_dict),
+        "hidden_size": Int(min=1),
+        "vocab_size": Int(min=1),
+        "weights_sha256": SHA256_HEX,
+        "base_model_name_or_path": Nullable(Text()),
+        "task": Nullable(TASK_SCHEMA),
+    },
+    optional=frozenset({"base_model_name_or_path", "task"}),
+    extra=ANY,
+)
+"""cpt's ``cpt_config.json`` (the module docstring shows one)."""
+
+PEFT_CONFIG_SCHEMA = Built(
+    CPTConfig.from_dict, Record({"peft_type": Choice(PEFT_TYPE), "token_dim": Int(min=1)}, extra=ANY)
+)
+"""PEFT's ``adapter_config.json``: the config's fields among PEFT's own."""
+
 
 @dataclass
 class AdapterFiles:
@@ -116,12 +176,11 @@ def write_adapter(
     """
     check_path(path, "path")
     check_adapter_format(format)
-    base = base.detach().to("cpu", torch.float32).contiguous()
-    delta = delta.detach().to("cpu", torch.float32).contiguous()
+    base = base.detach().to("cpu", WEIGHTS_DTYPE).contiguous()
+    delta = delta.detach().to("cpu", WEIGHTS_DTYPE).contiguous()
     if not (bool(torch.isfinite(base).all()) and bool(torch.isfinite(delta).all())):
         raise ValueError("cannot save the adapter: its weights hold NaN or inf")
-    if task is not None:
-        _check_task(task, Path(path) / CPT_CONFIG_NAME)
+    validate(task, Nullable(TASK_SCHEMA), Path(path) / CPT_CONFIG_NAME, "task")
     hidden_size = int(base.shape[1])
 
     def fill(folder: Path) -> None:
@@ -272,21 +331,13 @@ def _read_cpt(folder: _io.Folder, hidden_size: int, vocab_size: int) -> AdapterF
     where = folder.path / CPT_CONFIG_NAME
     meta = folder.read_json(CPT_CONFIG_NAME, "adapter config", MAX_CONFIG_BYTES)
     check_header(meta, where, "cpt", FORMAT_VERSION)
-    config = _config(meta.get("config"), where, "config")
-    _check_size(where, "hidden_size", meta.get("hidden_size"), hidden_size, "hidden size")
-    _check_size(where, "vocab_size", meta.get("vocab_size"), vocab_size, "vocabulary size")
-    name = meta.get("base_model_name_or_path")
-    if name is not None and not isinstance(name, str):
-        raise ValueError(f"{where}: field 'base_model_name_or_path' must be a string or null, got {show(name)}")
-    expected = meta.get("weights_sha256")
-    if not (isinstance(expected, str) and len(expected) == 64 and all(c in "0123456789abcdef" for c in expected)):
-        raise ValueError(f"{where}: field 'weights_sha256' must be 64 hex digits, got {show(expected)}")
-    task = meta.get("task")
-    if task is not None:
-        _check_task(task, where)
+    validate(meta, CPT_CONFIG_SCHEMA, where)
+    config = CPTConfig.from_dict(meta["config"])
+    _check_size(where, "hidden_size", meta["hidden_size"], hidden_size, "hidden size")
+    _check_size(where, "vocab_size", meta["vocab_size"], vocab_size, "vocabulary size")
     limit = weights_limit(2, config.num_virtual_tokens, hidden_size)
     raw = folder.read_bytes(CPT_WEIGHTS_NAME, "adapter weights", limit)
-    if hashlib.sha256(raw).hexdigest() != expected:
+    if hashlib.sha256(raw).hexdigest() != meta["weights_sha256"]:
         raise ValueError(
             f"{folder.path / CPT_WEIGHTS_NAME} does not match {CPT_CONFIG_NAME} (checksum differs): "
             "the folder holds files from two different saves, or a damaged file"
@@ -295,23 +346,22 @@ def _read_cpt(folder: _io.Folder, hidden_size: int, vocab_size: int) -> AdapterF
     base, delta = tensors["base"], tensors["delta"]
     radius = epsilons(config, hidden_size)
     norms = torch.linalg.vector_norm(delta.double(), dim=1)
-    outside = (norms > radius.double() * (1 + BALL_TOLERANCE) + 1e-30).nonzero().flatten()
+    outside = (norms > radius.double() * (1 + BALL_TOLERANCE) + BALL_ABS_TOLERANCE).nonzero().flatten()
     if len(outside):
         row = int(outside[0])
         raise ValueError(
             f"{folder.path / CPT_WEIGHTS_NAME}: tensor 'delta' row {row} has norm {float(norms[row]):.6g}, "
             f"outside its ball of radius {float(radius[row]):.6g}"
         )
-    return AdapterFiles("cpt", config, base, delta, task)
+    return AdapterFiles("cpt", config, base, delta, meta.get("task"))
 
 
 def _read_peft(folder: _io.Folder, hidden_size: int) -> AdapterFiles:
     where = folder.path / PEFT_CONFIG_NAME
     data = folder.read_json(PEFT_CONFIG_NAME, "adapter config", MAX_CONFIG_BYTES)
-    if data.get("peft_type") != "CPT":
-        raise ValueError(f"{where}: field 'peft_type' must be \"CPT\", got {show(data.get('peft_type'))}")
-    config = _config(data, where, None)
-    _check_size(where, "token_dim", data.get("token_dim"), hidden_size, "hidden size")
+    validate(data, PEFT_CONFIG_SCHEMA, where)
+    config = CPTConfig.from_dict(data)
+    _check_size(where, "token_dim", data["token_dim"], hidden_size, "hidden size")
     limit = weights_limit(1, config.num_virtual_tokens, hidden_size)
     raw = folder.read_bytes(PEFT_WEIGHTS_NAME, "adapter weights", limit)
     weights_path = folder.path / PEFT_WEIGHTS_NAME
@@ -321,54 +371,12 @@ def _read_peft(folder: _io.Folder, hidden_size: int) -> AdapterFiles:
     return AdapterFiles("peft", config, base, torch.zeros_like(base), None)
 
 
-def _config(data: Any, where: Path, field: str | None) -> CPTConfig:
-    label = f"field {field!r}" if field else "the config"
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: {label} must be a JSON object, got {show(data)}")
-    try:
-        return CPTConfig.from_dict(data)
-    except ValueError as error:
-        raise ValueError(f"{where}: {label}: {error}") from None
-
-
-def _check_size(where: Path, name: str, saved: Any, actual: int, what: str) -> None:
-    if not is_int(saved) or saved < 1:
-        raise ValueError(f"{where}: field {name!r} must be an integer >= 1, got {show(saved)}")
+def _check_size(where: Path, name: str, saved: int, actual: int, what: str) -> None:
+    """A size the file records (checked an integer >= 1) is the model's."""
     if saved != actual:
         raise ValueError(
             f"{where}: field {name!r} is {saved}: the adapter is for {what} {saved}, but the model's is {actual}"
         )
-
-
-def _check_task(task: Any, where: Path) -> None:
-    if not isinstance(task, dict):
-        raise ValueError(f"{where}: field 'task' must be an object or null, got {show(task)}")
-    unknown = sorted(set(task) - {"template", "labels"})
-    if unknown:
-        raise ValueError(f"{where}: field 'task' has unknown keys {unknown}")
-    labels = task.get("labels")
-    if labels is not None:
-        if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
-            raise ValueError(
-                f"{where}: field 'task.labels' must be a non-empty list of non-empty strings, got {show(labels)}"
-            )
-        for i, label in enumerate(labels):
-            check_text(label, f"{where}: field 'task.labels[{i}]'")
-        check_distinct(labels, f"{where}: field 'task.labels'")
-    template = task.get("template")
-    if template is not None:
-        from cpt.data import Template  # the data module is light; imported here to keep this one lean
-
-        if not isinstance(template, dict):
-            raise ValueError(f"{where}: field 'task.template' must be an object, got {show(template)}")
-        names = {f.name for f in fields(Template)}
-        unknown = sorted(set(template) - names)
-        if unknown:
-            raise ValueError(f"{where}: field 'task.template' has unknown keys {unknown}")
-        try:
-            Template(**template)
-        except (ValueError, TypeError) as error:
-            raise ValueError(f"{where}: field 'task.template': {error}") from None
 
 
 def _tensors(path: Path, raw: bytes, names: set[str], rows: int, hidden_size: int) -> dict[str, torch.Tensor]:
@@ -388,7 +396,7 @@ def _tensors(path: Path, raw: bytes, names: set[str], rows: int, hidden_size: in
             raise ValueError(
                 f"{path}: tensor {name!r} has shape {tuple(tensor.shape)}, expected {(rows, hidden_size)}"
             )
-        if tensor.dtype != torch.float32:
+        if tensor.dtype != WEIGHTS_DTYPE:
             raise ValueError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, expected float32")
         bad = (~torch.isfinite(tensor)).nonzero()
         if len(bad):
@@ -419,7 +427,7 @@ def _check_fit(
     else:
         slack = torch.zeros(len(ids), dtype=torch.float64)
     distance = torch.linalg.vector_norm(saved - expected, dim=1)
-    scale = torch.linalg.vector_norm(expected, dim=1).clamp_min(1e-6)
+    scale = torch.linalg.vector_norm(expected, dim=1).clamp_min(MIN_EMBEDDING_NORM)
     far = (distance > slack + BASE_TOLERANCE * scale).nonzero().flatten()
     if len(far):
         row = int(far[0])

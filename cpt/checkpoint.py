@@ -36,7 +36,7 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save as safetensors_bytes
 
 from cpt import _io
-from cpt._fields import check_header, is_finite, is_int, is_number, show
+from cpt._fields import MAX_SEED, is_finite, show
 from cpt.adapter import (
     CPT_CONFIG_NAME,
     CPT_WEIGHTS_NAME,
@@ -47,6 +47,25 @@ from cpt.adapter import (
     write_adapter,
 )
 from cpt.data import epoch_steps
+from cpt.schema import (
+    ANY,
+    BOOL,
+    NULL,
+    SHA256_HEX,
+    Built,
+    Choice,
+    Either,
+    Int,
+    Items,
+    Kind,
+    Nullable,
+    Number,
+    Record,
+    Text,
+    Tuple,
+    check_header,
+    validate,
+)
 
 if TYPE_CHECKING:
     from cpt.model import CPTModel
@@ -67,23 +86,58 @@ UPDATE_FIELDS = ("learning_rate", "weight_decay", "max_grad_norm")
 too, or its adapter would be neither run's. (``max_steps``, ``epochs`` may change: a longer run.)"""
 _KEPT_FIELDS = {**dict.fromkeys(ORDER_FIELDS, "the sample order"), **dict.fromkeys(UPDATE_FIELDS, "the updates")}
 
-MAX_STATE_JSON_BYTES = 256 * 2**20  # steps' losses and evaluations: far more than a run writes
+MAX_STATE_JSON_BYTES = 256 * 2**20
+"""The largest trainer_state.json read: steps' losses and evaluations, far more than a run writes."""
 OPTIMIZER_TENSORS = 4  # per-parameter tensors a trainer state may hold: AdamW keeps 2, 3 with amsgrad
+MOMENT_BYTES = torch.float64.itemsize  # the widest entry an optimizer moment may hold
 RNG_STATE_BYTES = 2**20  # the RNG states of the CPU and every GPU: a few KiB each
 _MT_STATE_LENGTH = 625  # Python's Mersenne Twister: 624 words and an index
+_MT_WORD = Int(0, 2**32 - 1)  # one of its 32-bit words
 SELECTION_TENSOR = "selection.best_delta"
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "nothing (the field is missing)"
-
-
-_MISSING = _Missing()  # what a message shows for a field that is not there
 FINGERPRINT_PARTS = ("context", "samples")
 _FINGERPRINT_WHAT = ("a different context", "different training samples (token ids or type codes)")
 _CONTEXT_FIELDS = ("cpt_token_ids", "cpt_tokens_type_mask", "cpt_mask")  # what the context trains on
 _NON_NEGATIVE_MOMENTS = ("step", "exp_avg_sq", "max_exp_avg_sq")  # Adam's step count, second moments
+_NON_FINITE = ("nan", "inf", "-inf")  # how `_float_to_json` writes what JSON has no number for
+
+FLOAT = Either(Number(), Choice(*_NON_FINITE))
+"""A float that may be non-finite: a number, or one of the strings `_float_to_json` writes."""
+
+PROGRESS_SCHEMA = {
+    "step": Int(min=0),
+    "epoch": Int(min=0),
+    "position": Int(min=0),
+    "num_samples": Int(min=1),
+    "fingerprint": Nullable(Record(dict.fromkeys(FINGERPRINT_PARTS, SHA256_HEX))),
+    "losses": Items(Number()),
+    "eval_history": Items(Record({"step": Int(min=1)}, extra=FLOAT)),  # {"step": s, metric: value, ...}
+    "selection": Nullable(Record({"calls": Int(min=0), "best_call": Nullable(Int(min=0)), "best_score": FLOAT})),
+    "config": Record(
+        {
+            "seed": Int(0, MAX_SEED),
+            **dict.fromkeys(ORDER_FIELDS[1:], Int(min=1)),
+            "learning_rate": Number(min=0),
+            "weight_decay": Number(min=0),
+            "max_grad_norm": Nullable(Number(min=0)),
+        },
+        extra=ANY,  # the rest is TrainConfig's to check, on a resume with a config
+    ),
+}
+"""Where a run stands (`TrainState`), and what it ran with: checked before a save and after a load."""
+
+STATE_SCHEMA = Record(
+    {
+        "format": Choice(STATE_FORMAT),
+        "format_version": Int(min=1),
+        **PROGRESS_SCHEMA,
+        "optimizer": Record({"state": Record({}, extra=Record({}, extra=ANY)), "param_groups": Items(Record({}, extra=ANY))}),
+        "python_rng": Tuple(Int(), Tuple(*[_MT_WORD] * (_MT_STATE_LENGTH - 1), Int(0, _MT_STATE_LENGTH - 1)), Nullable(Number())),
+        "files_sha256": Record(dict.fromkeys(CHECKSUMMED_FILES, SHA256_HEX)),
+        "state_sha256": SHA256_HEX,
+    }
+)
+"""trainer_state.json. The optimizer's part is checked in full against the optimizer it is loaded
+into (`_optimizer_schema`), the order of steps and evaluations by `_check_progress`."""
 
 
 @dataclass
@@ -183,13 +237,11 @@ def save_checkpoint(
     folder = Path(folder)
     config_dict = config.to_dict()
     state_json = _state_json(state, num_samples, fingerprint)
-    _check_state(folder / STATE_JSON_NAME, state_json, config_dict)
+    _check_progress(folder / STATE_JSON_NAME, {**state_json, "config": config_dict})
     tensors, optimizer_json = _optimizer_to_tensors(optimizer)
     # what a resume would refuse is not written: the optimizer's state must be that of the steps
-    _optimizer_from_tensors(
-        {**state_json, "optimizer": optimizer_json}, tensors, optimizer, folder / STATE_JSON_NAME,
-        folder / STATE_TENSORS_NAME, set(),
-    )
+    as_read = json.loads(_io.json_bytes(optimizer_json))  # what a resume reads: tuples become lists
+    _optimizer_from_tensors({**state_json, "optimizer": as_read}, tensors, optimizer, folder, set())
     tensors.update(_rng_tensors())
     if state.selection is not None and state.selection.best_delta is not None:
         tensors[SELECTION_TENSOR] = state.selection.best_delta
@@ -268,12 +320,11 @@ def load_checkpoint(
         lambda f: _read_checkpoint(f, int(weights.shape[1]), int(weights.shape[0]), limits),
         "checkpoint",
     )
-    where = Path(folder) / STATE_JSON_NAME
     tensors_where = Path(folder) / STATE_TENSORS_NAME
     _check_adapter_matches(Path(folder) / ADAPTER_DIR, adapter, model)
     _check_fits_the_run(Path(folder), meta, config, num_samples, fingerprint, selection)
     used = {k for k in tensors if k.startswith("rng.")}
-    optimizer_state = _optimizer_from_tensors(meta, tensors, optimizer, where, tensors_where, used)
+    optimizer_state = _optimizer_from_tensors(meta, tensors, optimizer, Path(folder), used)
     restored = _selection_from_json(meta["selection"], tensors, model.delta, tensors_where, used)
     unexpected = sorted(set(tensors) - used)
     if unexpected:
@@ -302,8 +353,7 @@ def load_checkpoint(
 def _file_limits(rows: int, hidden_size: int) -> dict[str, int]:
     """The most bytes each checksummed file may hold for a context of ``rows`` x ``hidden_size``:
     checked before a file is read, so a huge one is refused instead of exhausting memory."""
-    # optimizer moments may be float64: 8 bytes an entry
-    state = OPTIMIZER_TENSORS * rows * hidden_size * 8 + RNG_STATE_BYTES + SAFETENSORS_HEADER_BYTES
+    state = OPTIMIZER_TENSORS * rows * hidden_size * MOMENT_BYTES + RNG_STATE_BYTES + SAFETENSORS_HEADER_BYTES
     return {
         f"{ADAPTER_DIR}/{CPT_CONFIG_NAME}": MAX_CONFIG_BYTES,
         f"{ADAPTER_DIR}/{CPT_WEIGHTS_NAME}": weights_limit(2, rows, hidden_size),
@@ -332,12 +382,9 @@ def _read_checkpoint(
             f"{where}: field 'state_sha256' is {show(recorded)}, which is not the checksum of the file's "
             "other fields: the file was changed or damaged"
         )
-    checksums = meta.get("files_sha256")
-    if not isinstance(checksums, dict) or sorted(checksums) != sorted(CHECKSUMMED_FILES):
-        raise ValueError(
-            f"{where}: field 'files_sha256' must map exactly {sorted(CHECKSUMMED_FILES)} to checksums, "
-            f"got {show(checksums)}"
-        )
+    validate(meta, STATE_SCHEMA, where)
+    _check_progress(where, meta)
+    checksums = meta["files_sha256"]
     contents = {}
     for name in CHECKSUMMED_FILES:
         parent, _, leaf = name.rpartition("/")
@@ -348,7 +395,6 @@ def _read_checkpoint(
                 f"{folder.path / name} does not match {STATE_JSON_NAME} (checksum differs): the file was "
                 "replaced, changed or damaged"
             )
-    _check_state(where, meta, meta.get("config"))
     # embeddings are compared exactly afterwards (`_check_adapter_matches`), not within rounding
     adapter = read_adapter_folder(folder.folder(ADAPTER_DIR), hidden_size, vocab_size, None)
     tensors_path = folder.path / STATE_TENSORS_NAME
@@ -356,7 +402,7 @@ def _read_checkpoint(
         tensors = safetensors_load(contents[STATE_TENSORS_NAME])
     except (SafetensorError, ValueError, RuntimeError, OverflowError, MemoryError) as error:
         raise ValueError(f"{tensors_path} is not a valid safetensors file: {error}") from None
-    _check_rng(tensors, meta.get("python_rng"), tensors_path, where)
+    _check_rng(tensors, meta["python_rng"], tensors_path, where)
     return meta, tensors, adapter
 
 
@@ -380,21 +426,12 @@ def _state_json(state: TrainState, num_samples: int, fingerprint: Mapping[str, s
     }
 
 
-def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
-    """Checks step, epoch, position, samples, fingerprint, losses, evaluations, the selection and
-    the order fields."""
-    if not isinstance(config, dict):
-        raise ValueError(f"{where}: field 'config' must be an object, got {show(config)}")
-    for name in ORDER_FIELDS:
-        minimum = 0 if name == "seed" else 1
-        if not is_int(config.get(name)) or config[name] < minimum:
-            got = show(config.get(name))
-            raise ValueError(f"{where}: field 'config.{name}' must be an integer >= {minimum}, got {got}")
-    for name, minimum in (("step", 0), ("epoch", 0), ("position", 0), ("num_samples", 1)):
-        value = meta.get(name)
-        if not is_int(value) or value < minimum:
-            raise ValueError(f"{where}: field {name!r} must be an integer >= {minimum}, got {show(value)}")
-    step, epoch, position = meta["step"], meta["epoch"], meta["position"]
+def _check_progress(where: Path, meta: Mapping[str, Any]) -> None:
+    """Checks the fields of `PROGRESS_SCHEMA`, and that they agree: the step is the epoch's and
+    position's, one loss a step, evaluations in order up to the step, and a selection that scored
+    at each evaluation and at most once before (`cpt.workflow.fit` scores the untrained context)."""
+    validate({k: meta.get(k) for k in PROGRESS_SCHEMA}, Record(PROGRESS_SCHEMA), where)
+    config, step, epoch, position = meta["config"], meta["step"], meta["epoch"], meta["position"]
     accumulation = config["gradient_accumulation_steps"]
     batches, steps_per_epoch = epoch_steps(meta["num_samples"], config["batch_size"], accumulation)
     if position >= batches or position % accumulation:
@@ -407,65 +444,24 @@ def _check_state(where: Path, meta: Mapping[str, Any], config: Any) -> None:
             f"{where}: field 'step' is {step}, but epoch {epoch} and position {position} mean "
             f"{epoch * steps_per_epoch + position // accumulation} steps ({steps_per_epoch} per epoch)"
         )
-    _check_fingerprint_field(where, meta.get("fingerprint", _MISSING))
-    losses = meta.get("losses")
-    if not isinstance(losses, list) or len(losses) != step:
-        length = len(losses) if isinstance(losses, list) else show(losses)
-        raise ValueError(f"{where}: field 'losses' must be a list of {step} numbers (one per step), got {length}")
-    for i, loss in enumerate(losses):
-        if not is_finite(loss):
-            raise ValueError(f"{where}: field 'losses[{i}]' must be a finite number, got {show(loss)}")
-    history = meta.get("eval_history")
-    if not isinstance(history, list):
-        raise ValueError(f"{where}: field 'eval_history' must be a list, got {show(history)}")
-    previous = 0
-    for i, entry in enumerate(history):
-        if not isinstance(entry, dict) or not is_int(entry.get("step")) or not previous < entry["step"] <= step:
-            raise ValueError(
-                f"{where}: field 'eval_history[{i}]' must be an object with a 'step' in {previous + 1}..{step}, "
-                f"got {show(entry)}"
-            )
-        previous = entry["step"]
-        for key, value in entry.items():
-            if key != "step" and not _is_float_json(value):
-                raise ValueError(f"{where}: field 'eval_history[{i}].{key}' must be a number, got {show(value)}")
-    _check_selection_field(where, meta.get("selection", _MISSING), len(history))
-
-
-def _check_fingerprint_field(where: Path, value: Any) -> None:
-    ok = value is None or (
-        isinstance(value, dict)
-        and sorted(value) == sorted(FINGERPRINT_PARTS)
-        and all(isinstance(v, str) and len(v) == 64 and set(v) <= set("0123456789abcdef") for v in value.values())
-    )
-    if not ok:
-        raise ValueError(
-            f"{where}: field 'fingerprint' must be null or map {list(FINGERPRINT_PARTS)} to SHA-256 hex digests, "
-            f"got {show(value)}"
-        )
-
-
-def _check_selection_field(where: Path, value: Any, evaluations: int) -> None:
-    """null (no selection), or ``{"calls": n, "best_call": null or 0..n-1, "best_score": ...}``:
-    "-inf" while ``best_call`` is null, else a finite number. The selection scores at each of the
-    ``evaluations`` and at most once before (`cpt.workflow.fit` scores the untrained context)."""
-    if value is None:
+    if len(meta["losses"]) != step:
+        raise ValueError(f"{where}: field 'losses' holds {len(meta['losses'])} losses, but the run took {step} steps")
+    steps = [entry["step"] for entry in meta["eval_history"]]
+    for i, (before, at) in enumerate(zip([0, *steps], steps)):
+        if not before < at <= step:
+            raise ValueError(f"{where}: field 'eval_history[{i}].step' must be in {before + 1}..{step}, got {at}")
+    selection = meta["selection"]
+    if selection is None:
         return
-    if not isinstance(value, dict) or sorted(value) != ["best_call", "best_score", "calls"]:
+    calls, best_call, score = selection["calls"], selection["best_call"], selection["best_score"]
+    if not len(steps) <= calls <= len(steps) + 1:
         raise ValueError(
-            f"{where}: field 'selection' must be null or an object with 'calls', 'best_call' and 'best_score', "
-            f"got {show(value)}"
+            f"{where}: field 'selection.calls' must be {len(steps)} or {len(steps) + 1} (one per evaluation, "
+            f"and one before training), got {calls}"
         )
-    calls, best_call, score = value["calls"], value["best_call"], value["best_score"]
-    if not is_int(calls) or not evaluations <= calls <= evaluations + 1:
-        raise ValueError(
-            f"{where}: field 'selection.calls' must be {evaluations} or {evaluations + 1} (one per evaluation, "
-            f"and one before training), got {show(calls)}"
-        )
-    if best_call is not None and not (is_int(best_call) and 0 <= best_call < calls):
-        got = show(best_call)
-        raise ValueError(f"{where}: field 'selection.best_call' must be null or in 0..{calls - 1}, got {got}")
-    if (best_call is None and score != "-inf") or (best_call is not None and not is_finite(score)):
+    if best_call is not None and best_call >= calls:
+        raise ValueError(f"{where}: field 'selection.best_call' must be null or in 0..{calls - 1}, got {best_call}")
+    if not (score == "-inf" if best_call is None else is_finite(score)):
         wanted = '"-inf" (nothing kept yet)' if best_call is None else "a finite number"
         raise ValueError(f"{where}: field 'selection.best_score' must be {wanted}, got {show(score)}")
 
@@ -480,7 +476,8 @@ def _check_fits_the_run(
 ) -> None:
     """Checks the checkpoint belongs to this run: its config, data and selection."""
     if config is not None:
-        _check_config(folder / STATE_JSON_NAME, meta["config"], config)
+        shape = Record(dict.fromkeys(config.to_dict(), ANY))  # every field of its class, no other
+        validate(meta["config"], Built(lambda saved: type(config)(**saved), shape), folder / STATE_JSON_NAME, "config")
         for name, what in _KEPT_FIELDS.items():
             if meta["config"][name] != getattr(config, name):
                 raise ValueError(
@@ -508,18 +505,6 @@ def _check_fits_the_run(
             f"cannot resume from {folder}: its run {had}, this one {'does' if selection else 'does not'} "
             "(a different selection option?)"
         )
-
-
-def _check_config(where: Path, saved: dict[str, Any], config: Any) -> None:
-    """The saved config holds exactly ``config``'s fields, and they make a valid config."""
-    mine = config.to_dict()
-    if sorted(saved) != sorted(mine):
-        missing, unknown = sorted(set(mine) - set(saved)), sorted(set(saved) - set(mine))
-        raise ValueError(f"{where}: field 'config' lacks {missing} and has unknown {unknown}")
-    try:
-        type(config)(**saved)
-    except (ValueError, TypeError) as error:
-        raise ValueError(f"{where}: field 'config' is not a valid {type(config).__name__}: {error}") from None
 
 
 def _check_adapter_matches(adapter_dir: Path, saved: Any, model: CPTModel) -> None:
@@ -560,23 +545,10 @@ def _check_rng(tensors: dict[str, torch.Tensor], python_rng: Any, tensors_path: 
         except (RuntimeError, ValueError, TypeError) as error:
             message = " ".join(str(error).split())
             raise ValueError(f"{tensors_path}: tensor {key!r} is not a {device} RNG state: {message}") from None
-    ok = (
-        isinstance(python_rng, list)
-        and len(python_rng) == 3
-        and is_int(python_rng[0])
-        and isinstance(python_rng[1], list)
-        and len(python_rng[1]) == _MT_STATE_LENGTH
-        and all(is_int(x) and 0 <= x < 2**32 for x in python_rng[1])
-        and python_rng[1][-1] <= _MT_STATE_LENGTH - 1
-        and (python_rng[2] is None or is_finite(python_rng[2]))
-    )
-    if ok:
-        try:
-            random.Random().setstate(_python_rng_from_json(python_rng))
-        except (ValueError, TypeError, OverflowError):
-            ok = False
-    if not ok:
-        raise ValueError(f"{where}: field 'python_rng' is not a Python random state: {show(python_rng)}")
+    try:
+        random.Random().setstate(_python_rng_from_json(python_rng))
+    except (ValueError, TypeError, OverflowError):
+        raise ValueError(f"{where}: field 'python_rng' is not a Python random state: {show(python_rng)}") from None
 
 
 # ---------------------------------------------------------------------- optimizer, selection and RNG
@@ -606,8 +578,7 @@ def _optimizer_from_tensors(
     meta: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     optimizer: torch.optim.Optimizer,
-    where: Path,
-    tensors_where: Path,
+    folder: Path,
     used: set[str],
 ) -> dict[str, Any]:
     """Rebuilds ``optimizer.state_dict()`` from `_optimizer_to_tensors`' two parts, checked
@@ -616,47 +587,69 @@ def _optimizer_from_tensors(
     equal to the run's steps, second moments >= 0. The param groups are this optimizer's own
     (the current config's hyper-parameters); the saved ones must have its keys and kinds.
     Adds the tensors it reads to ``used``."""
-    description = meta.get("optimizer")
-    if not isinstance(description, dict) or sorted(description) != ["param_groups", "state"]:
-        raise ValueError(f"{where}: field 'optimizer' must hold 'state' and 'param_groups', got {show(description)}")
     current = optimizer.state_dict()["param_groups"]
-    _check_param_groups(where, description["param_groups"], current)
     expected = _state_after_a_step(optimizer) if meta["step"] > 0 else {}
-    raw_state = description["state"]
-    if not isinstance(raw_state, dict) or sorted(raw_state) != sorted(str(i) for i in expected):
-        got = sorted(raw_state) if isinstance(raw_state, dict) else show(raw_state)
-        raise ValueError(
-            f"{where}: field 'optimizer.state' must hold the parameters {sorted(str(i) for i in expected)} "
-            f"after {meta['step']} steps, got {got}"
-        )
-    state: dict[int, dict[str, Any]] = {}
-    for param_id, reference in expected.items():
-        entry, label = raw_state[str(param_id)], f"optimizer.state.{param_id}"
-        if not isinstance(entry, dict) or sorted(entry) != sorted(reference):
-            got = sorted(entry) if isinstance(entry, dict) else show(entry)
-            raise ValueError(f"{where}: field {label!r} must hold {sorted(reference)}, got {got}")
-        state[param_id] = {
+    validate(meta["optimizer"], _optimizer_schema(expected, current), folder / STATE_JSON_NAME, "optimizer")
+    saved = meta["optimizer"]["state"]
+    state = {
+        param_id: {
             name: _optimizer_entry(
-                where, tensors_where, f"{label}.{name}", entry[name], want, tensors, meta["step"], used
+                folder, f"optimizer.state.{param_id}.{name}", saved[str(param_id)][name], want, tensors, meta["step"], used
             )
             for name, want in reference.items()
         }
+        for param_id, reference in expected.items()
+    }
     return {"state": state, "param_groups": current}
 
 
+def _optimizer_schema(expected: Mapping[int, Mapping[str, Any]], groups: list[dict[str, Any]]) -> Record:
+    """What trainer_state.json's ``optimizer`` must be for an optimizer that keeps ``expected``
+    once it has stepped and has the param ``groups``: per parameter the same entries, a tensor's
+    as ``{"tensor": key}`` and a scalar's as ``{"value": v}`` of the same kind; param groups with
+    the same keys, parameters and kinds of values (hyper-parameters >= 0, betas below 1)."""
+    tensor = Record({"tensor": Text()})
+    state = {
+        str(param_id): Record(
+            {name: tensor if isinstance(want, torch.Tensor) else Record({"value": _kind_like(want)}) for name, want in entry.items()}
+        )
+        for param_id, entry in expected.items()
+    }
+    saved_groups = [
+        Record({k: _kind_like(v, below_one=k == "betas", exact=k == "params") for k, v in group.items()})
+        for group in groups
+    ]
+    return Record({"state": Record(state), "param_groups": Tuple(*saved_groups)})
+
+
+def _kind_like(value: Any, below_one: bool = False, exact: bool = False) -> Kind:
+    """The kind of a JSON value that can stand where ``value`` (a hyper-parameter or optimizer
+    scalar) stands: a bool, None, a string, a number >= 0 (< 1 if ``below_one``; ``value`` itself
+    if ``exact``, as a parameter's index), or a list of as many."""
+    if isinstance(value, (list, tuple)):
+        return Tuple(*(_kind_like(v, below_one, exact) for v in value))
+    if exact:
+        return Choice(value)
+    if isinstance(value, bool):
+        return BOOL
+    if value is None or isinstance(value, str):
+        return NULL if value is None else Text()
+    if isinstance(value, (int, float)):
+        return Number(min=0, below=1 if below_one else None)
+    return Choice()  # nothing a JSON file holds
+
+
 def _optimizer_entry(
-    where: Path, tensors_where: Path, label: str, item: Any, want: Any, tensors: dict[str, torch.Tensor],
+    folder: Path, label: str, item: dict[str, Any], want: Any, tensors: dict[str, torch.Tensor],
     steps: int, used: set[str],
 ) -> Any:
-    """One saved optimizer entry, checked against the value ``want`` a real step produced."""
-    name = label.rpartition(".")[2]
+    """One saved optimizer entry (its JSON checked), with its tensor checked against the value
+    ``want`` a real step produced."""
     if not isinstance(want, torch.Tensor):
-        if not (isinstance(item, dict) and list(item) == ["value"] and _same_kind(item["value"], want)):
-            raise ValueError(f"{where}: field {label!r} must be {{'value': {want!r}-like}}, got {show(item)}")
         return item["value"]
-    key = item.get("tensor") if isinstance(item, dict) and list(item) == ["tensor"] else None
-    if not isinstance(key, str) or key not in tensors:
-        raise ValueError(f"{where}: field {label!r} must name a saved tensor, got {show(item)}")
+    name, key, tensors_where = label.rpartition(".")[2], item["tensor"], folder / STATE_TENSORS_NAME
+    if key not in tensors:
+        raise ValueError(f"{folder / STATE_JSON_NAME}: field {label!r} must name a saved tensor, got {show(item)}")
     tensor = tensors[key]
     if tensor.dtype != want.dtype or tuple(tensor.shape) != tuple(want.shape):
         raise ValueError(
@@ -685,36 +678,6 @@ def _state_after_a_step(optimizer: torch.optim.Optimizer) -> dict[int, dict[str,
             param.grad = torch.zeros_like(param)
     twin.step()
     return twin.state_dict()["state"]
-
-
-def _check_param_groups(where: Path, saved: Any, current: list[dict[str, Any]]) -> None:
-    """The saved param groups have the current ones' parameters, keys and kinds of values."""
-    if not isinstance(saved, list) or len(saved) != len(current):
-        raise ValueError(f"{where}: field 'optimizer.param_groups' must be a list of {len(current)}, got {show(saved)}")
-    for i, (group, mine) in enumerate(zip(saved, current)):
-        label = f"optimizer.param_groups[{i}]"
-        if not isinstance(group, dict) or sorted(group) != sorted(mine):
-            raise ValueError(f"{where}: field {label!r} must hold {sorted(mine)}, got {show(group)}")
-        params = group["params"]
-        if not (isinstance(params, list) and all(is_int(p) for p in params) and params == mine["params"]):
-            raise ValueError(f"{where}: field '{label}.params' must be {mine['params']}, got {show(params)}")
-        for key, value in group.items():
-            if key != "params" and not _same_kind(value, mine[key], below_one=key == "betas"):
-                raise ValueError(f"{where}: field '{label}.{key}' is {show(value)}, unlike {mine[key]!r}")
-
-
-def _same_kind(value: Any, like: Any, below_one: bool = False) -> bool:
-    """Whether a JSON ``value`` can stand where ``like`` (a hyper-parameter or optimizer scalar)
-    stands: the same kind (bool, None, string, list of as many), numbers finite and >= 0."""
-    if isinstance(like, bool) or like is None or isinstance(like, str):
-        return type(value) is type(like)
-    if is_number(like):
-        return is_finite(value) and 0 <= value and (not below_one or value < 1)
-    if isinstance(like, (list, tuple)):
-        return isinstance(value, (list, tuple)) and len(value) == len(like) and all(
-            _same_kind(v, w, below_one) for v, w in zip(value, like)
-        )
-    return False
 
 
 def _selection_from_json(
@@ -797,11 +760,6 @@ def _plain(value: Any, what: str) -> Any:
     if value is None or isinstance(value, (str, int)) or is_finite(value):
         return value
     raise ValueError(f"cannot fingerprint {what} for a checkpoint: it holds {show(value)}")
-
-
-def _is_float_json(value: Any) -> bool:
-    """A number, or one of the strings `_float_to_json` writes for a non-finite one."""
-    return is_number(value) or (isinstance(value, str) and value in ("nan", "inf", "-inf"))
 
 
 def _float_to_json(value: Any) -> Any:

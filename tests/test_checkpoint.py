@@ -16,6 +16,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
+from test_schema import WRONG as _WRONG
+from test_schema import _paths
 from tiny_models import make_model
 from tokenizers_util import make_wordlevel_tokenizer
 
@@ -104,20 +106,22 @@ def test_a_checkpoint_resumes(context, folder: Path) -> None:
         (lambda m: m.update(step=1000), r"field 'step' is 1000, but epoch 0 and position 2 mean 2 steps"),
         (lambda m: m.update(step="2"), r"field 'step' must be an integer >= 0, got '2'"),
         (lambda m: m.update(epoch=True), r"field 'epoch' must be an integer >= 0, got True"),
-        (lambda m: m.pop("losses"), r"field 'losses' must be a list of 2 numbers \(one per step\), got None"),
+        (lambda m: m.pop("losses"), r"field 'losses' is missing"),
+        (lambda m: m.update(losses=[1.0]), r"field 'losses' holds 1 losses, but the run took 2 steps"),
         (lambda m: m.update(losses=[1.0, "x"]), r"field 'losses\[1\]' must be a finite number, got 'x'"),
-        (lambda m: m.update(eval_history=[{"step": 9}]), r"field 'eval_history\[0\]' must be an object with a 'step' in 1..2"),
+        (lambda m: m.update(eval_history=[{"step": 9}]), r"field 'eval_history\[0\].step' must be in 1..2, got 9"),
         (lambda m: m.update(config=[]), r"field 'config' must be an object, got \[\]"),
         (lambda m: m["config"].update(batch_size=0), r"field 'config.batch_size' must be an integer >= 1, got 0"),
         (lambda m: m.update(num_samples=None), r"field 'num_samples' must be an integer >= 1, got None"),
-        (lambda m: m.update(python_rng=[3, [1, 2], None]), r"field 'python_rng' is not a Python random state"),
-        (lambda m: m.update(optimizer={"state": {}}), r"field 'optimizer' must hold 'state' and 'param_groups'"),
+        (lambda m: m.update(python_rng=[3, [1, 2], None]), r"field 'python_rng\[1\]' must be a list of 625, got \[1, 2\]"),
+        (lambda m: m["python_rng"].__setitem__(0, 99), r"field 'python_rng' is not a Python random state"),
+        (lambda m: m.update(optimizer={"state": {}}), r"field 'optimizer.param_groups' is missing"),
         (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "nope"}), r"'optimizer.state.0.exp_avg' must name a saved tensor"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(betas="x"), r"field 'optimizer.param_groups\[0\].betas' is 'x'"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(betas="x"), r"field 'optimizer.param_groups\[0\].betas' must be a list of 2, got 'x'"),
         (lambda m: m.update(format_version=1), r"written by an older cpt \(format 1"),
         (lambda m: m.update(format_version=99), r"written by a newer cpt \(format version 99\)"),
-        (lambda m: m.update(format="x"), r"field 'format' must be 'cpt-trainer-state', got 'x'"),
-        (lambda m: m["files_sha256"].pop(STATE_TENSORS_NAME), r"field 'files_sha256' must map exactly"),
+        (lambda m: m.update(format="x"), r"field 'format' must be \"cpt-trainer-state\", got 'x'"),
+        (lambda m: m["files_sha256"].pop(STATE_TENSORS_NAME), r"field 'files_sha256\[\"trainer_state.safetensors\"\]' is missing"),
     ],
 )
 def test_every_field_is_checked(context, folder: Path, change, message: str) -> None:
@@ -176,19 +180,20 @@ def assert_refused_untouched(context, folder: Path, message: str) -> None:
 
 def test_nothing_changes_unless_everything_is_sound(context, folder: Path) -> None:
     edit_state(folder, lambda m: m["optimizer"]["param_groups"][0].update(params=[0, 1]))
-    assert_refused_untouched(context, folder, r"field 'optimizer.param_groups\[0\].params' must be \[0\]")
+    assert_refused_untouched(context, folder, r"field 'optimizer.param_groups\[0\].params' must be a list of 1, got \[0, 1\]")
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda m: m["optimizer"]["state"]["0"].pop("exp_avg_sq"), r"'optimizer.state.0' must hold \['exp_avg', 'exp_avg_sq', 'step'\]"),
-        (lambda m: m["optimizer"]["state"]["0"].update(step={"value": 2}), r"'optimizer.state.0.step' must name a saved tensor"),
-        (lambda m: m["optimizer"]["state"].update({"1": m["optimizer"]["state"]["0"]}), r"'optimizer.state' must hold the parameters \['0'\]"),
-        (lambda m: m["optimizer"].update(state={}), r"'optimizer.state' must hold the parameters \['0'\] after 2 steps, got \[\]"),
-        (lambda m: m["optimizer"]["param_groups"][0].pop("eps"), r"'optimizer.param_groups\[0\]' must hold"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(lr=-1.0), r"'optimizer.param_groups\[0\].lr' is -1.0"),
-        (lambda m: m["optimizer"]["param_groups"][0].update(amsgrad=1), r"'optimizer.param_groups\[0\].amsgrad' is 1"),
+        (lambda m: m["optimizer"]["state"]["0"].pop("exp_avg_sq"), r"field 'optimizer.state.0.exp_avg_sq' is missing"),
+        (lambda m: m["optimizer"]["state"]["0"].update(step={"value": 2}), r"field 'optimizer.state.0.step.tensor' is missing"),
+        (lambda m: m["optimizer"]["state"].update({"1": m["optimizer"]["state"]["0"]}), r"field 'optimizer.state' has unknown keys \['1'\]"),
+        (lambda m: m["optimizer"]["state"]["0"].update(exp_avg={"tensor": "rng.torch"}), r"tensor 'rng.torch' must be torch.float32 of shape"),
+        (lambda m: m["optimizer"].update(state={}), r"field 'optimizer.state.0' is missing"),
+        (lambda m: m["optimizer"]["param_groups"][0].pop("eps"), r"field 'optimizer.param_groups\[0\].eps' is missing"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(lr=-1.0), r"field 'optimizer.param_groups\[0\].lr' must be a finite number >= 0, got -1.0"),
+        (lambda m: m["optimizer"]["param_groups"][0].update(amsgrad=1), r"field 'optimizer.param_groups\[0\].amsgrad' must be true or false, got 1"),
     ],
 )
 def test_an_optimizer_state_the_optimizer_would_not_take_is_refused_before_anything_changes(
@@ -245,7 +250,7 @@ def test_an_inconsistent_state_is_not_saved(context, tmp_path: Path) -> None:
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), TrainState(step=99), CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
     state = TrainState(step=1, epoch=0, position=1, losses=[1.0])  # but the optimizer never stepped
-    with pytest.raises(ValueError, match=r"field 'optimizer.state' must hold the parameters \['0'\] after 1 steps, got \[\]"):
+    with pytest.raises(ValueError, match=r"field 'optimizer.state.0' is missing"):
         save_checkpoint(tmp_path / "c", model, make_optimizer(model, CONFIG), state, CONFIG, num_samples=3)
     assert not (tmp_path / "c").exists()
 
@@ -397,31 +402,12 @@ def _kind(value) -> type:
     return type(value) if value is None or isinstance(value, (bool, int, float, str, list, dict)) else object
 
 
-_WRONG = {
-    type(None): st.none(),
-    bool: st.booleans(),
-    int: st.integers(-(2**70), 2**70),
-    float: st.floats(allow_nan=False, allow_infinity=False).filter(lambda x: not x.is_integer()),
-    str: st.text(max_size=8).filter(lambda t: t not in ("nan", "inf", "-inf")),
-    list: st.lists(st.integers(-2, 3), max_size=3),
-    dict: st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
-}
 _ALSO_RIGHT = {  # kinds a field takes besides its saved one
     ("python_rng", 2): {int, float},
     ("config", "max_grad_norm"): {type(None), int},
     ("config", "cuda_graphs"): {bool, type(None)},
     **{("config", name): {type(None), int} for name in ("max_steps", "eval_every", "checkpoint_every")},
 }
-
-
-def _paths(value, path=()):
-    """Every field below the top: dict keys, and the first, second and last item of a list."""
-    items = value.items() if isinstance(value, dict) else (
-        [(i, value[i]) for i in sorted({0, 1, len(value) - 1}) if 0 <= i < len(value)] if isinstance(value, list) else []
-    )
-    for key, item in items:
-        yield (*path, key)
-        yield from _paths(item, (*path, key))
 
 
 def _holder(meta, path):

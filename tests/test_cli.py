@@ -607,9 +607,9 @@ def test_resume_refuses_other_data_of_the_same_size(selection_run, tmp_path: Pat
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda meta: meta["optimizer"]["state"]["0"].pop("exp_avg"), "field 'optimizer.state.0' must hold"),
-        (lambda meta: meta["selection"].update(best_call="2"), "field 'selection.best_call' must be null or in"),
-        (lambda meta: meta["config"].update(learning_rate=[]), "field 'config' is not a valid TrainConfig"),
+        (lambda meta: meta["optimizer"]["state"]["0"].pop("exp_avg"), "field 'optimizer.state.0.exp_avg' is missing"),
+        (lambda meta: meta["selection"].update(best_call="2"), "field 'selection.best_call' must be null or an integer >= 0, got '2'"),
+        (lambda meta: meta["config"].update(learning_rate=[]), "field 'config.learning_rate' must be a finite number >= 0, got []"),
     ],
 )
 def test_a_bad_checkpoint_field_is_one_line(selection_run, tmp_path: Path, monkeypatch, capsys, edit, message) -> None:

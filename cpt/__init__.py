@@ -20,7 +20,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one source: pyproject.toml reads it as text, `cpt --version` prints it
 
 _EXPORTS: dict[str, str] = {
     "save_adapter": "cpt.adapter",

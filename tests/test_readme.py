@@ -12,7 +12,7 @@ CI = ROOT / ".ci" / "run"
 
 
 def _commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.DOTALL)
     return [line for block in blocks for line in block.splitlines() if line.startswith("python3 -m pip")]
 
 
@@ -72,8 +72,25 @@ def test_commands_pin_the_cpu_torch() -> None:
 
 def test_extras_declare_what_the_demo_needs() -> None:
     pyproject = (ROOT / "pyproject.toml").read_text()
-    demo = re.search(r"^demo = \[(.*)\]$", pyproject, flags=re.M).group(1)
-    test = re.search(r"^test = \[(.*)\]$", pyproject, flags=re.M).group(1)
+    demo = re.search(r"^demo = \[(.*)\]$", pyproject, flags=re.MULTILINE).group(1)
+    test = re.search(r"^test = \[(.*)\]$", pyproject, flags=re.MULTILINE).group(1)
     for needed in ('"gguf', '"accelerate'):  # transformers reads GGUF files with both
         assert needed in demo and needed in test
     assert "torch" not in demo + test  # nothing in the extras may move the pinned torch
+
+
+_PIP_BY_NAME = re.compile(r"pip (?:install|show|uninstall|download)(?: -\S+)* ([A-Za-z0-9][\w.-]*)")
+"""A pip command that names a distribution (not a folder such as ``.`` or ``".[test]"``)."""
+
+
+def test_pages_name_the_distribution_not_the_package() -> None:
+    """`cpt` on PyPI is another project: a page names it only to warn against it."""
+    name = re.search(r'^name = "(.+)"$', (ROOT / "pyproject.toml").read_text(), flags=re.MULTILINE).group(1)
+    install = (ROOT / "README.md").read_text().split("## Install\n", 1)[1].split("\n## ", 1)[0]
+    assert f"`{name}`" in install and "import it as `cpt`" in install and "Never `pip install cpt`" in install
+    assert _PIP_BY_NAME.findall("pip install -e . && pip show -v cpt") == ["cpt"]
+    for page in [ROOT / "README.md", CI, *sorted((ROOT / "docs").glob("*.md"))]:
+        text = " ".join(page.read_text().split())
+        for match in _PIP_BY_NAME.finditer(text):
+            if match.group(1) == "cpt":
+                assert text[: match.start()].endswith("Never `"), f"{page.name}: {match.group(0)}"

@@ -24,7 +24,7 @@ __version__ = "0.1.0"  # the one source: pyproject.toml reads it as text, `cpt -
 
 _EXPORTS: dict[str, str] = {
     "save_adapter": "cpt.adapter",
-    "load_adapter": "cpt.adapter",
+    "load_adapter": "cpt.model",
     "adapter_format": "cpt.adapter",
     "CPTProjectionCallback": "cpt.callback",
     "CPTTrainer": "cpt.callback",
@@ -59,7 +59,7 @@ _EXPORTS: dict[str, str] = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` does this lazily
-    from cpt.adapter import adapter_format, load_adapter, save_adapter
+    from cpt.adapter import adapter_format, save_adapter
     from cpt.callback import CPTProjectionCallback, CPTTrainer, TrainerCollator
     from cpt.config import CODES_PER_EXAMPLE, CPTConfig, TokenRole
     from cpt.data import (
@@ -75,7 +75,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time `__getattr__` 
     )
     from cpt.infer import Classification, classify, generate
     from cpt.pretrained import load_model_and_tokenizer
-    from cpt.model import ContextCache, CPTModel, CPTOutput
+    from cpt.model import ContextCache, CPTModel, CPTOutput, load_adapter
     from cpt.train import TrainConfig, TrainResult, load_checkpoint, save_checkpoint
     from cpt.workflow import fit
 

@@ -291,26 +291,6 @@ def read_adapter_folder(
     return files
 
 
-def load_adapter(base_model: Any, path: str | Path, **model_kwargs: Any) -> Any:
-    """Loads an adapter folder of either layout onto ``base_model``: `CPTModel.from_pretrained`.
-
-    Args:
-        base_model: the causal LM the adapter was trained on (same hidden size, vocabulary and
-            embeddings).
-        path: the folder.
-        **model_kwargs: passed to `CPTModel` (``context_sharing``, ``compile_projection``).
-
-    Returns:
-        A `CPTModel` whose ``context_embeddings()`` equal the saved ones exactly.
-
-    Raises:
-        ValueError: naming what is missing, malformed, or does not match the model.
-    """
-    from cpt.model import CPTModel  # at call time: the model module imports this one
-
-    return CPTModel.from_pretrained(base_model, path, **model_kwargs)
-
-
 # ---------------------------------------------------------------------- reading
 
 

@@ -11,13 +11,26 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from cpt import _io
 from cpt.config import ADAPTER_FILES, CPT_CONFIG_NAME, PEFT_CONFIG_NAME, AdapterFormat
 
-if TYPE_CHECKING:
-    from cpt.model import CPTModel
+
+class Uploadable(Protocol):
+    """What `model_card` and `push_to_hub` read of a model (a `CPTModel`): this module sits below
+    `cpt.model`, so that `CPTModel.push_to_hub` calls it without an import running upwards."""
+
+    base_model: Any
+    task: dict | None
+
+    @property
+    def num_virtual_tokens(self) -> int: ...
+
+    @property
+    def hidden_size(self) -> int: ...
+
+    def save_pretrained(self, path: str | Path, format: AdapterFormat = "cpt") -> Path: ...
 
 HUB_TIMEOUT_S = 5.0
 """Seconds the hub may take to answer cpt's first question about a repository."""
@@ -117,7 +130,7 @@ def adapter_folder(repo_id: str, *, revision: str | None = None, token: str | bo
         raise ValueError(f"cannot download the adapter {repo_id}: {_first_line(err)}") from None
 
 
-def model_card(model: CPTModel, *, base_model_name: str | None = None) -> str:
+def model_card(model: Uploadable, *, base_model_name: str | None = None) -> str:
     """A model card (``README.md`` with YAML metadata) describing ``model``'s adapter."""
     task = model.task or {}
     labels = task.get("labels")
@@ -164,7 +177,7 @@ def model_card(model: CPTModel, *, base_model_name: str | None = None) -> str:
 
 
 def push_to_hub(
-    model: CPTModel,
+    model: Uploadable,
     repo_id: str,
     *,
     private: bool | None = None,

@@ -18,15 +18,16 @@ import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
-from cpt import _compat, loss, passes, plan, recompute
+from cpt import _compat, generation, hub, loss, passes, plan, recompute
 from cpt._fields import check_bool, check_path, show
+from cpt.adapter import read_adapter, save_adapter
 from cpt.config import AdapterFormat, CPTConfig
 from cpt.context import Context
 from cpt.inputs import check_base_model, check_batch, check_token_ids
 from cpt.passes import ContextCache
 from cpt.warning import CPTWarning
 
-__all__ = ["CPTModel", "CPTOutput", "ContextCache"]
+__all__ = ["CPTModel", "CPTOutput", "ContextCache", "load_adapter"]
 
 
 @dataclass
@@ -69,16 +70,12 @@ class _Conveniences(nn.Module):
               f"trainable%: {100 * trainable / total:.4f}")
 
     def generate(self, tokenizer, texts, **kwargs):  # type: ignore[no-untyped-def]
-        """`cpt.infer.generate` (which uses the model's own template unless ``template`` is given)."""
-        from cpt.infer import generate
-
-        return generate(self, tokenizer, texts, **kwargs)
+        """`cpt.generation.generate` (which uses the model's own template unless ``template`` is given)."""
+        return generation.generate(self, tokenizer, texts, **kwargs)
 
     def push_to_hub(self, repo_id: str, **kwargs) -> str:  # type: ignore[no-untyped-def]
         """Uploads the adapter and a model card to ``repo_id`` (`cpt.hub.push_to_hub`); returns the URL."""
-        from cpt.hub import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
+        return hub.push_to_hub(self, repo_id, **kwargs)
 
 
 class _TrainerSupport(nn.Module):
@@ -319,8 +316,6 @@ class CPTModel(_TrainerSupport, _Conveniences):
     def save_pretrained(self, path: str | Path, format: AdapterFormat = "cpt") -> Path:
         """Writes the adapter to the folder ``path`` (projecting first if a row is outside its
         ball), replacing any adapter there as a whole; see `cpt.adapter`."""
-        from cpt.adapter import save_adapter
-
         if not self.is_projected():  # projecting a projected delta again moves rows by an ulp
             self.project_()
         return save_adapter(self, path, format=format)
@@ -338,14 +333,11 @@ class CPTModel(_TrainerSupport, _Conveniences):
             ValueError: on an argument of the wrong type or an unknown option (before anything
                 is read), and on an adapter that does not load (see `cpt.adapter.read_adapter`).
         """
-        from cpt.adapter import read_adapter
-        from cpt.hub import resolve_adapter
-
         _check_location(path, revision, kwargs)
         embeddings = check_base_model(base_model)
         vocab_size, hidden_size = (int(n) for n in embeddings.weight.shape)
         embed = lambda ids: embeddings(ids.to(embeddings.weight.device))  # noqa: E731 (as base is made)
-        files = read_adapter(resolve_adapter(path, revision=revision), hidden_size=hidden_size,
+        files = read_adapter(hub.resolve_adapter(path, revision=revision), hidden_size=hidden_size,
                              vocab_size=vocab_size, embed=embed)
         model = cls(base_model, files.config, **kwargs)
         model.task = files.task
@@ -353,6 +345,24 @@ class CPTModel(_TrainerSupport, _Conveniences):
             model.base.copy_(files.base)
             model.delta.copy_(files.delta)
         return model
+
+
+def load_adapter(base_model: nn.Module, path: str | Path, **model_kwargs: object) -> CPTModel:
+    """Loads an adapter folder of either layout onto ``base_model``: `CPTModel.from_pretrained`.
+
+    Args:
+        base_model: the causal LM the adapter was trained on (same hidden size, vocabulary and
+            embeddings).
+        path: the folder, or a hub name.
+        **model_kwargs: `CPTModel`'s options (``context_sharing``, ``compile_projection``...).
+
+    Returns:
+        A `CPTModel` whose ``context_embeddings()`` equal the saved ones exactly.
+
+    Raises:
+        ValueError: naming what is missing, malformed, or does not match the model.
+    """
+    return CPTModel.from_pretrained(base_model, path, **model_kwargs)
 
 
 def _check_arguments(config: object, activation_checkpointing: object) -> None:

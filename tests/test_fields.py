@@ -15,7 +15,6 @@ from cpt._fields import (
     MAX_SEED,
     as_list,
     check_bool,
-    check_header,
     check_instance,
     check_path,
     check_seed,
@@ -63,18 +62,6 @@ def test_show_cuts_long_values_and_names_unprintable_integers() -> None:
     assert len(long) == 80 and long.endswith("...")
     assert show(10**5000) == "an integer of about 5000 digits"
     assert show([10**5000]) == "a list holding an integer too long to print"
-
-
-def test_check_header_takes_known_versions_and_asks_for_an_upgrade_for_newer_ones(tmp_path: Path) -> None:
-    where = tmp_path / "adapter" / "config.json"
-    assert check_header({"format": "cpt-adapter", "format_version": 2}, where, "cpt-adapter", 2) == 2
-    with pytest.raises(ValueError, match=rf"^{where}: field 'format' must be 'cpt-adapter', got 'other'$"):
-        check_header({"format": "other", "format_version": 1}, where, "cpt-adapter", 2)
-    for version in (0, "1", True, None):
-        with pytest.raises(ValueError, match=rf"^{where}: field 'format_version' must be an integer >= 1, got "):
-            check_header({"format": "cpt-adapter", "format_version": version}, where, "cpt-adapter", 2)
-    with pytest.raises(ValueError, match=rf"^{where.parent} was written by a newer cpt \(format version 3\); upgrade"):
-        check_header({"format": "cpt-adapter", "format_version": 3}, where, "cpt-adapter", 2)
 
 
 def test_texts_are_strings_that_encode_as_utf8() -> None:

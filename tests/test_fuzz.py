@@ -595,7 +595,8 @@ def test_train_with_any_argument_of_any_type(api, offline_in_a_temp_folder, name
 @given(name=st.sampled_from(["model", "base_model", "path", "format"]), value=hostile)
 def test_adapter_functions_with_any_argument_of_any_type(api, saved, offline_in_a_temp_folder, name: str,
                                                          value) -> None:
-    from cpt.adapter import adapter_format, load_adapter, save_adapter
+    from cpt.adapter import adapter_format, save_adapter
+    from cpt.model import load_adapter
 
     if name == "base_model":
         _only_value_error(lambda: load_adapter(value, saved["cpt"]))

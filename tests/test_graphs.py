@@ -69,7 +69,7 @@ def test_graph_replay_matches_eager_passes_over_shapes(arch: str) -> None:
     graphed = GraphedLoss(model)
     for batch_size, seed in [(4, 1), (4, 2), (3, 3), (4, 4), (1, 5)]:
         batch = sample_batch(batch_size, seed=seed)
-        model.context_sharing = "always"
+        model.context_sharing = "on"
         eager = loss_and_grad(model, lambda b=batch: model(**b).loss)
         model.delta.grad = None
         loss, count = graphed(**batch)
@@ -144,7 +144,7 @@ def test_a_capture_that_fails_falls_back_to_eager_passes_with_one_warning(monkey
     monkeypatch.setattr(cpt_loss, "shared_total", reads_back)
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
-    model.context_sharing = "always"
+    model.context_sharing = "on"
     eager = loss_and_grad(model, lambda: model(**batch).loss)
     model.delta.grad = None
     with pytest.warns(UserWarning, match="CUDA graphs are off"):
@@ -160,7 +160,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
     model = trained_model(activation_checkpointing=checkpointing)
     batch = sample_batch(4)
-    model.context_sharing = "never"
+    model.context_sharing = "off"
     plain = loss_and_grad(model, lambda: model(**batch).loss)
     attention._register()
     masks: list[bool] = []
@@ -172,7 +172,7 @@ def test_context_pass_runs_causal_sdpa_without_a_mask(checkpointing: bool) -> No
 
     AttentionInterface.register(attention.CAUSAL_NAME, recording)
     try:
-        model.context_sharing = "always"
+        model.context_sharing = "on"
         shared = loss_and_grad(model, lambda: model(**batch).loss)
         assert_same(shared, plain)
         layers = model.base_model.config.num_hidden_layers
@@ -205,7 +205,7 @@ def test_graphed_logits_capture_a_shape_on_its_nth_call() -> None:
 @needs_cuda
 def test_graph_replay_with_activation_checkpointing_matches_eager() -> None:
     model = trained_model(activation_checkpointing=True).cuda()
-    model.context_sharing = "always"
+    model.context_sharing = "on"
     graphed = GraphedLoss(model)
     for seed in (1, 2):  # capture, then a replay with other values
         batch = sample_batch(4, seed=seed)

@@ -8,16 +8,20 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "cpt"
 MODULES = {f"cpt.{path.stem}": path for path in PACKAGE.glob("*.py") if path.stem != "__main__"}
 
 
-def _imports(path: Path) -> set[str]:
-    """The cpt modules ``path`` imports when it runs, at module level or inside functions."""
+def _imports(path: Path, type_checking: bool = False) -> set[str]:
+    """The cpt modules ``path`` imports when it runs, at module level or inside functions, and
+    with ``type_checking`` also those it imports for annotations only."""
     found = set()
     tree = ast.parse(path.read_text())
     for block in [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]:
-        block.body = []  # annotations only: nothing imported when the module runs
+        if not type_checking:
+            block.body = []  # annotations only: nothing imported when the module runs
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
@@ -27,8 +31,8 @@ def _imports(path: Path) -> set[str]:
     return {name for name in found if name in MODULES and name != "cpt.__init__"}
 
 
-def _cycles() -> list[list[str]]:
-    graph = {name: _imports(path) - {name} for name, path in MODULES.items() if name != "cpt.__init__"}
+def _cycles(type_checking: bool = False) -> list[list[str]]:
+    graph = {name: _imports(path, type_checking) - {name} for name, path in MODULES.items() if name != "cpt.__init__"}
     cycles, state = [], {}
 
     def visit(node: str, stack: list[str]) -> None:
@@ -46,14 +50,9 @@ def _cycles() -> list[list[str]]:
     return cycles
 
 
-PENDING = [["cpt.adapter", "cpt.model", "cpt.adapter"]]
-"""The cycle left for the one-way-imports redesign (cpt.model's conveniences import cpt.adapter,
-which imports CPTModel back). Delete the entry when it is broken (the test then holds the package
-to no cycle at all)."""
-
-
-def test_imports_run_one_way() -> None:
-    assert [cycle for cycle in _cycles() if cycle not in PENDING] == []
+@pytest.mark.parametrize("type_checking", [False, True], ids=["at run time", "for the type checker"])
+def test_imports_run_one_way(type_checking: bool) -> None:
+    assert _cycles(type_checking) == []
 
 
 def test_the_cycle_finder_can_fail(tmp_path, monkeypatch) -> None:
@@ -61,6 +60,8 @@ def test_the_cycle_finder_can_fail(tmp_path, monkeypatch) -> None:
     (tmp_path / "b.py").write_text("def f():\n    from cpt.a import x\n")
     monkeypatch.setattr("test_layout.MODULES", {"cpt.a": tmp_path / "a.py", "cpt.b": tmp_path / "b.py"})
     assert _cycles() == [["cpt.a", "cpt.b", "cpt.a"]]
+    (tmp_path / "b.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from cpt.a import x\n")
+    assert _cycles() == [] and _cycles(type_checking=True) == [["cpt.a", "cpt.b", "cpt.a"]]
 
 
 def _calls_base_model(source: str) -> bool:

@@ -101,7 +101,7 @@ def test_a_negative_type_code_is_refused_by_every_entry() -> None:
         lambda: cpt_loss.loss_targets(model.context, batch["labels"], batch["input_type_mask"]),
         lambda: cpt_loss.term_counts(model.context, batch["labels"], batch["input_type_mask"]),
     ]
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         entries.append(lambda: model(**batch))
     for entry in entries:
@@ -109,7 +109,7 @@ def test_a_negative_type_code_is_refused_by_every_entry() -> None:
             entry()
 
 
-@pytest.mark.parametrize("sharing", ["never", "always"])
+@pytest.mark.parametrize("sharing", ["off", "on"])
 def test_batch_without_label_token_is_refused(sharing: str) -> None:
     config = context_config()
     config = type(config)(
@@ -158,7 +158,7 @@ def test_every_path_counts_the_same_loss_terms() -> None:
     assert per_row.tolist() == (targets != -100).sum(dim=1).tolist()
     assert cpt_loss.count_targets(targets) == int(per_row.sum())
     counts = {"terms": int(per_row.sum())}
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         counts[sharing] = model(**batch).num_targets
     counts["plan"] = cpt_loss.plan_targets(model.context, labels, codes, batch["attention_mask"]).count
@@ -192,7 +192,7 @@ def test_divisor_checks_shift_labels_against_the_count() -> None:
         cpt_loss.divisor(count, shift_labels=targets.tolist())
 
 
-@pytest.mark.parametrize("sharing", ["never", "always"])
+@pytest.mark.parametrize("sharing", ["off", "on"])
 def test_forward_divides_by_num_items_in_batch(sharing: str) -> None:
     model = trained_model(context_sharing=sharing)
     batch = sample_batch(3)
@@ -218,11 +218,11 @@ def test_shared_and_plain_paths_agree() -> None:
         model.delta.normal_(0, 0.01)
     batch = sample_batch(5)
     results = {}
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         results[sharing] = loss_and_grad(model, lambda: model(**batch).loss)
     # elementwise, tiny gradient entries differ in the last bits; as a whole they agree to 1e-5
-    assert_same(results["always"], results["never"])
+    assert_same(results["on"], results["off"])
 
 
 def test_label_at_first_sample_position_is_scored_from_the_context() -> None:
@@ -230,18 +230,18 @@ def test_label_at_first_sample_position_is_scored_from_the_context() -> None:
     batch = sample_batch(3)
     batch["input_type_mask"][:, 0] = 4  # the sample starts with a label token
     losses = {}
-    for sharing in ("never", "always"):
+    for sharing in ("off", "on"):
         model.context_sharing = sharing
         losses[sharing] = model(**batch).loss
-    torch.testing.assert_close(losses["always"], losses["never"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_padded_target_plan_gives_the_plain_loss(shared_attention: bool) -> None:
+@pytest.mark.parametrize("shared_attention", ["off", "on"])
+def test_padded_target_plan_gives_the_plain_loss(shared_attention: str) -> None:
     model = trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
     batch["input_type_mask"][1, 0] = 4  # a label at the first sample position, in one row only
-    model.context_sharing = "never"
+    model.context_sharing = "off"
     plain = loss_and_grad(model, lambda: model(**batch).loss)
     for pad in (1, 8):
         plan = cpt_loss.plan_targets(
@@ -270,8 +270,8 @@ def test_plan_drops_a_mask_without_padding() -> None:
     assert unpadded.attention_mask is None
 
 
-@pytest.mark.parametrize("shared_attention", [False, True])
-def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: bool) -> None:
+@pytest.mark.parametrize("shared_attention", ["off", "on"])
+def test_shared_pass_reads_nothing_back_from_the_device(shared_attention: str) -> None:
     model = trained_model(shared_attention=shared_attention)
     batch = sample_batch(4)
     args = (model.context, batch["labels"], batch["input_type_mask"], batch["attention_mask"])
@@ -293,7 +293,7 @@ def test_graphed_loss_divides_by_num_items_in_batch_as_forward_does() -> None:
     from cpt.graphs import GraphedLoss
 
     model = trained_model().cuda()
-    model.context_sharing = "always"
+    model.context_sharing = "on"
     graphed = GraphedLoss(model)
     batch = sample_batch(4)
     count = model(**batch).num_targets

@@ -48,23 +48,8 @@ from cpt.adapter import (
 )
 from cpt.data import epoch_steps
 from cpt.schema import (
-    ANY,
-    BOOL,
-    NULL,
-    SHA256_HEX,
-    Built,
-    Choice,
-    Either,
-    Int,
-    Items,
-    Kind,
-    Nullable,
-    Number,
-    Record,
-    Text,
-    Tuple,
-    check_header,
-    validate,
+    ANY, BOOL, NULL, SHA256_HEX, Built, Choice, Either, Int, Items, Kind, Nullable, Number, Record, Text, Tuple,
+    check_header, validate,
 )
 
 if TYPE_CHECKING:

@@ -262,9 +262,7 @@ def shift_type_codes(type_codes: Sequence[int], offset: int) -> list[int]:
 
 
 def render_context(
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[Example | tuple[str, str]],
-    template: Template | None = None,
+    tokenizer: PreTrainedTokenizerBase, examples: Sequence[Example | tuple[str, str]], template: Template | None = None
 ) -> RenderedExample:
     """Renders K examples one after another, example k's non-zero codes shifted by ``4k``.
 
@@ -304,10 +302,9 @@ def build_context(
     """Builds the `CPTConfig` of a context made of K labelled examples.
 
     Args:
-        tokenizer: a Hugging Face tokenizer; its ``name_or_path`` is recorded in the config
-            (unless ``tokenizer_name_or_path`` is given; an empty name is stored as None).
-        examples: K >= 1 labelled examples, as `Example` or ``(text, label)`` pairs.
-        template: how each example is written out; the default `Template` if None.
+        tokenizer, examples, template: rendered by `render_context`; the tokenizer's
+            ``name_or_path`` is recorded in the config (unless ``tokenizer_name_or_path`` is
+            given; an empty name is stored as None).
         **config_kwargs: further `CPTConfig` fields (epsilons, loss type, ...).
 
     Returns:

@@ -118,19 +118,30 @@ class Number(Kind):
             raise _wrong(self, value, path)
 
 
+class _Sized(Kind):
+    """A string or a list, which a field may require to be non-empty (its ``non_empty``)."""
+
+    non_empty: bool
+    noun: str
+
+    def describe(self) -> str:
+        return f"a non-empty {self.noun}" if self.non_empty else f"a {self.noun}"
+
+    def check(self, value: Any, path: str) -> None:
+        if not isinstance(value, self.types) or (self.non_empty and not value):
+            raise _wrong(self, value, path)
+
+
 @dataclass(frozen=True)
-class Text(Kind):
+class Text(_Sized):
     """A string of valid Unicode (`cpt._fields.text_problem`), non-empty if asked."""
 
     non_empty: bool = False
+    noun = "string"
     types = (str,)
 
-    def describe(self) -> str:
-        return "a non-empty string" if self.non_empty else "a string"
-
     def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, str) or (self.non_empty and not value):
-            raise _wrong(self, value, path)
+        super().check(value, path)
         problem = text_problem(value)
         if problem is not None:
             raise Invalid(path, f" {problem}")
@@ -205,20 +216,17 @@ def Nullable(kind: Kind) -> Either:
 
 
 @dataclass(frozen=True)
-class Items(Kind):
+class Items(_Sized):
     """A list of items of one kind, non-empty if asked, no two equal if ``unique``."""
 
     item: Kind
     non_empty: bool = False
     unique: bool = False
+    noun = "list"
     types = (list,)
 
-    def describe(self) -> str:
-        return "a non-empty list" if self.non_empty else "a list"
-
     def check(self, value: Any, path: str) -> None:
-        if not isinstance(value, list) or (self.non_empty and not value):
-            raise _wrong(self, value, path)
+        super().check(value, path)
         for i, item in enumerate(value):
             self.item.check(item, field_path(path, i))
         if self.unique:

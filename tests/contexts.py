@@ -61,3 +61,17 @@ def plain_forward(base_model: torch.nn.Module, context: torch.Tensor, embeds: to
     full = torch.cat([context.to(embeds.dtype).unsqueeze(0).expand(batch_size, -1, -1), embeds], dim=1)
     with torch.no_grad():
         return base_model(inputs_embeds=full, attention_mask=attention_mask).logits
+
+
+def moved_model(arch: str = "llama", scale: float = 0.05, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A `CPTModel` over a tiny ``arch`` model whose delta was drawn (seeded) and projected: an
+    adapter as training leaves one, for the tests that save and load it."""
+    from tiny_models import make_model
+
+    from cpt import CPTModel
+
+    model = CPTModel(make_model(arch), context_config())
+    with torch.no_grad():
+        model.delta.normal_(0, scale, generator=torch.Generator().manual_seed(seed))
+    model.project_()
+    return model

@@ -29,10 +29,16 @@ def json_lines(text: str) -> list[dict]:
     return records
 
 
+def run_quick(bench, args: list[str], capsys, output):  # type: ignore[no-untyped-def]
+    """Runs a benchmark's ``main`` writing its table to ``output``: what it returned, and the
+    JSON lines it printed."""
+    returned = bench.main([*args, "--output", str(output)])
+    return returned, json_lines(capsys.readouterr().out)
+
+
 def test_speed_quick_prints_one_json_line_per_case(capsys, tmp_path):
     output = tmp_path / "table.md"
-    returned = speed.main([*QUICK_SPEED, "--output", str(output)])
-    lines = json_lines(capsys.readouterr().out)
+    returned, lines = run_quick(speed, QUICK_SPEED, capsys, output)
 
     assert lines[0]["kind"] == "environment" and lines[0]["bench"] == "speed"
     cases = [r for r in lines if "case" in r]
@@ -74,8 +80,7 @@ def test_speed_skips_a_checkpointing_case_that_cpt_cannot_run(monkeypatch):
 
 def test_projection_quick_prints_one_json_line_per_method(capsys, tmp_path):
     output = tmp_path / "table.md"
-    returned = projection.main([*QUICK_PROJECTION, "--output", str(output)])
-    lines = json_lines(capsys.readouterr().out)
+    returned, lines = run_quick(projection, QUICK_PROJECTION, capsys, output)
 
     assert lines[0]["kind"] == "environment" and lines[0]["bench"] == "projection"
     methods = [r for r in lines if "method" in r]

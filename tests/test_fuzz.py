@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from contexts import context_config
+from contexts import context_config, moved_model
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load as safetensors_load
@@ -144,10 +144,7 @@ def test_config_from_any_json_text(text: str) -> None:
 
 @pytest.fixture(scope="module")
 def trained() -> CPTModel:
-    model = CPTModel(make_model("llama"), context_config())
-    with torch.no_grad():
-        model.delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    model.project_()
+    model = moved_model()
     model.task = {"template": {"input_template": "in: {}"}, "labels": ["pos", "neg"]}
     return model
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from contexts import context_config
-from tiny_models import make_model
+from contexts import moved_model
 
 from cpt import CPTModel, _io
 from cpt._io import OLD_TAG, TMP_TAG, sibling_names
@@ -34,10 +33,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def model() -> CPTModel:
-    model = CPTModel(make_model("llama"), context_config())
-    with torch.no_grad():
-        model.delta.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    model.project_()
+    model = moved_model()
     model.reference_delta = model.delta.detach().clone()  # what the versions are made from
     return model
 

@@ -128,3 +128,9 @@ def test_the_test_file_check_can_fail(tmp_path, monkeypatch) -> None:
     assert _modules_without_tests(tests) == ["cpt._b"]
     (tests / "test_b.py").write_text("")
     assert _modules_without_tests(tests) == []
+
+
+def test_the_layout_page_names_every_module() -> None:
+    page = (PACKAGE.parent / "docs" / "layout.md").read_text()
+    missing = [name for name in MODULES if name != "cpt.__init__" and f"`{name[4:]}`" not in page]
+    assert missing == []

@@ -54,6 +54,9 @@ class ContextModel(Protocol):
     @property
     def num_virtual_tokens(self) -> int: ...
 
+    @property
+    def vocab_size(self) -> int: ...
+
     def context_cache(self) -> ContextCache: ...
 
     def context_key(self) -> tuple: ...
@@ -171,7 +174,7 @@ def generate(
         generation_kwargs["eos_token_id"] = stop_token_ids(model, tokenizer, template)
     stops = set(_as_list(generation_kwargs["eos_token_id"]))
     if generation_kwargs.get("pad_token_id", base_model.generation_config.pad_token_id) is None:
-        generation_kwargs["pad_token_id"] = padding_id(tokenizer, vocab_size(model))  # spares the warning; one sequence is never padded
+        generation_kwargs["pad_token_id"] = padding_id(tokenizer, model.vocab_size)  # spares the warning; one sequence is never padded
 
     outputs: list[str] = []
     for i, text in enumerate(texts):
@@ -233,12 +236,8 @@ def query_ids(
 ) -> list[int]:
     """``render_query(text)``'s ids, refused (naming the text) if the model cannot embed one."""
     ids = render_query(tokenizer, template, text).input_ids
-    check_vocabulary(ids, vocab_size(model), _text_name(index, text))
+    check_vocabulary(ids, model.vocab_size, _text_name(index, text))
     return ids
-
-
-def vocab_size(model: ContextModel) -> int:
-    return int(passes.input_embeddings(model.base_model).weight.shape[0])
 
 
 def template_for(model: ContextModel, template: Template | None) -> Template:
@@ -331,7 +330,7 @@ def _check_generation_arguments(model: ContextModel, kwargs: dict[str, Any]) -> 
             raise ValueError(f"{name} must be an integer, got {show(value)}")
     for name in TOKEN_ARGUMENTS:
         if kwargs.get(name) is not None:
-            check_vocabulary(_as_list(kwargs[name], name), vocab_size(model), name)
+            check_vocabulary(_as_list(kwargs[name], name), model.vocab_size, name)
     config = kwargs.get("generation_config")
     if config is not None and not isinstance(config, GenerationConfig):
         raise ValueError(f"generation_config must be a transformers GenerationConfig, got {show(config)}")

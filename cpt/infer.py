@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from cpt import _compat, calibration, passes
+from cpt import calibration
 from cpt._fields import as_list, check_bool, check_distinct, check_vocabulary
 from cpt.data import (
     Template,
@@ -45,7 +45,6 @@ from cpt.generation import (
     query_ids,
     stop_token_ids,
     template_for,
-    vocab_size,
 )
 from cpt.graphs import SEQ_BUCKET, GraphedLogits
 from cpt.passes import ContextCache
@@ -168,13 +167,13 @@ def classify(
     longest = max(len(ids) for ids in continuations)
     i = max(range(len(queries)), key=lambda j: len(queries[j]))  # the first of the longest texts
     what = f"text {i} with the longest label"
-    _compat.check_positions(model.base_model.config, model.num_virtual_tokens, len(queries[i]) + longest, what)
+    model.check_fits(len(queries[i]) + longest, what)
 
     cached: Choice = "on" if use_cache else "off"
     how = model.execution_plan("infer", batch_size, longest, context_cache=cached, cuda_graphs=cuda_graphs)
     cache = checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
-    pad_id = padding_id(tokenizer, vocab_size(model))
+    pad_id = padding_id(tokenizer, model.vocab_size)
     if how.query_once:
         scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
     else:
@@ -327,14 +326,12 @@ def _after_queries(
     """
     device = lengths.device
     batch_size = len(queries)
-    context_mask = model.context.mask.expand(batch_size, -1)  # (b, N)
     if max(len(query) for query in queries) == 0:
-        return cache.tensors, context_mask, cache.last_logits.unsqueeze(0).expand(batch_size, -1)
+        return cache.tensors, model.context_mask(batch_size), cache.last_logits.unsqueeze(0).expand(batch_size, -1)
     input_ids, query_mask = (t.to(device) for t in right_pad(queries, pad_id))  # (b, S) each
-    mask = torch.cat([context_mask, query_mask], dim=1)  # (b, N + S)
     last = (lengths - 1).clamp(min=0)  # (b,)
     keep = torch.unique(last)
-    logits, states = passes.query_pass(model.base_model, cache, input_ids, mask, keep)
+    logits, states, mask = model.query_pass(cache, input_ids, query_mask, keep)  # mask: (b, N + S)
     logits = logits[torch.arange(batch_size, device=device), torch.searchsorted(keep, last)]  # (b, V)
     empty = lengths == 0  # an empty query beside others: its first token comes from the context
     logits = torch.where(empty.unsqueeze(1), cache.last_logits.float(), logits.float())  # (b, V) float32
@@ -367,7 +364,7 @@ def _continuation_log_probs(
     starts = model.num_virtual_tokens + lengths[source]  # (rows,)
     positions = starts.unsqueeze(1) + torch.arange(length, device=ids.device)  # (rows, C)
     keep = torch.arange(length - 1, device=ids.device)
-    logits = passes.continuation_pass(model.base_model, prefix, ids, mask, positions, keep)
+    logits = model.continuation_pass(prefix, ids, mask, positions, keep)
     log_probs = logits.float().log_softmax(dim=-1)  # (rows, C - 1, V): position k predicts k + 1
     token_log_probs = log_probs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # (rows, C - 1)
     real = cont_mask.repeat(batch_size, 1)[:, 1:].bool()  # right padding scores nothing
@@ -385,7 +382,7 @@ def _continuation(
     except ValueError as error:
         raise ValueError(f"{what}: {error}") from error
     ids = full[len(render_query(tokenizer, template, "").input_ids) :]
-    check_vocabulary(ids, vocab_size(model), what)
+    check_vocabulary(ids, model.vocab_size, what)
     return ids
 
 

@@ -106,7 +106,44 @@ class _TrainerSupport(nn.Module):
         return _load_adapter_state(self, state_dict, strict)
 
 
-class CPTModel(_TrainerSupport, _Conveniences):
+class _Inference(nn.Module):
+    """The inference API that `cpt.infer` and `cpt.generation` use: the facts they check queries
+    against, and the passes after the cached context (`cpt.passes` runs the base model)."""
+
+    vocab_size = property(lambda self: int(passes.input_embeddings(self.base_model).weight.shape[0]),
+                          doc="V, the rows of the base model's input embeddings.")
+
+    def check_fits(self, num_tokens: int, what: str = "samples") -> None:
+        """Refuses ``what`` of ``num_tokens`` tokens after the context where the model has fewer positions."""
+        _compat.check_positions(self.base_model.config, self.num_virtual_tokens, num_tokens, what)
+
+    def query_pass(
+        self, cache: ContextCache, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+    ) -> tuple[torch.Tensor, _compat.KV, torch.Tensor]:
+        """b right-padded queries (b, S) after the cached context.
+
+        Returns:
+            The (b, K, V) logits at the query positions ``keep``, the per-layer (keys, values) of
+            ``[context ; queries]`` (each (b, heads, N + S, dim)), and their (b, N + S) mask.
+        """
+        mask = torch.cat([self.context_mask(input_ids.shape[0]), attention_mask], dim=1)  # (b, N + S)
+        logits, states = passes.query_pass(self.base_model, cache, input_ids, mask, keep)
+        return logits, states, mask
+
+    def continuation_pass(
+        self, prefix: _compat.KV, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+        keep: torch.Tensor,
+    ) -> torch.Tensor:
+        """(R, K, V) logits at ``keep`` of R continuations (R, C) after per-row prefixes
+        (`cpt.passes.continuation_pass`)."""
+        return passes.continuation_pass(self.base_model, prefix, input_ids, mask, positions, keep)
+
+    def context_mask(self, batch_size: int) -> torch.Tensor:
+        """(batch_size, N) the attention mask of the context's rows."""
+        return self.context.mask.expand(batch_size, -1)
+
+
+class CPTModel(_TrainerSupport, _Conveniences, _Inference):
     """Wraps any `transformers` causal LM with a CPT context.
 
     The base model is frozen. The context's embeddings are ``base + delta`` (`cpt.context`).

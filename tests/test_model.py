@@ -244,3 +244,26 @@ def test_shared_context_attention_without_padding_mask(arch: str) -> None:
         model.shared_attention = shared_attention
         losses[shared_attention] = model(**batch).loss
     torch.testing.assert_close(losses["on"], losses["off"], rtol=1e-5, atol=0)
+
+
+def test_the_inference_api_runs_queries_and_continuations_after_the_cached_context() -> None:
+    """`query_pass` then `continuation_pass` give the logits of ``[context ; query ; continuation]``
+    run from the start (the plain path), and `check_fits` refuses what passes the positions."""
+    model = CPTModel(make_model("llama"), context_config())
+    with torch.no_grad():
+        model.delta.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    assert model.vocab_size == 96
+    query = torch.tensor([[5, 6, 7]])
+    continuation = torch.tensor([[8, 9]])
+    n = model.num_virtual_tokens
+    logits, states, mask = model.query_pass(model.context_cache(), query, torch.ones_like(query), torch.tensor([2]))
+    assert mask.shape == (1, n + 3) and bool(mask.all())
+    positions = torch.arange(n + 3, n + 5).unsqueeze(0)
+    after = model.continuation_pass(states, continuation, torch.ones(1, n + 5, dtype=torch.long), positions,
+                                    torch.tensor([0]))
+    whole = model.sample_logits(torch.cat([query, continuation], dim=1), positions=torch.tensor([2, 3]))
+    torch.testing.assert_close(torch.cat([logits, after], dim=1), whole, rtol=1e-5, atol=1e-5)
+    limit = model.base_model.config.max_position_embeddings
+    model.check_fits(limit - n, "a query")
+    with pytest.raises(ValueError, match="a query"):
+        model.check_fits(limit - n + 1, "a query")

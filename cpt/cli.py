@@ -878,43 +878,12 @@ def _classify(
     cpt_model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], template: Any,
     batch_size: int, progress: bool, calibrate: bool = False,
 ):  # type: ignore[no-untyped-def]
-    """`cpt.infer.classify` in passes of ``batch_size`` texts (longest first), with a progress
-    bar on stderr; the result is in the order of ``texts``. With ``calibrate``, the content-free
-    prior is computed once and every pass's probabilities are divided by it (`cpt.calibration`)."""
-    import torch
-    from tqdm import tqdm
+    """`cpt.infer.classify` of ``texts``, with its progress bar on stderr where asked."""
+    from cpt.infer import classify
 
-    from cpt.infer import Classification, NonFiniteScoresError, classify
-
-    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-    parts = []
-    with tqdm(total=len(texts), desc="scoring", unit="text", file=sys.stderr, disable=not progress) as bar:
-        for start in range(0, len(order), batch_size):
-            chunk = [texts[i] for i in order[start : start + batch_size]]
-            try:
-                parts.append(classify(cpt_model, tokenizer, chunk, labels, template=template, batch_size=batch_size))
-            except NonFiniteScoresError as error:  # named by its place in the pass: name it by the user's
-                raise error.at(order[start + error.index]) from None
-            bar.update(len(chunk))
-    back = torch.argsort(torch.tensor(order))  # position of each text in the sorted order
-    predictions = [p for part in parts for p in part.predictions]
-    probabilities = torch.cat([part.probabilities for part in parts])[back]
-    prior = None
-    if calibrate:
-        from cpt.calibration import calibrate as divide_by
-        from cpt.infer import content_free_prior
-
-        prior = content_free_prior(cpt_model, tokenizer, labels, template=template, batch_size=batch_size)
-        probabilities = divide_by(probabilities, prior)
-        predictions = [labels[j] for j in probabilities.argmax(dim=-1).tolist()]
-    else:
-        predictions = [predictions[int(i)] for i in back]
-    return Classification(
-        predictions=predictions,
-        probabilities=probabilities,
-        log_likelihoods=torch.cat([part.log_likelihoods for part in parts])[back],
-        labels=list(labels),
-        prior=prior,
+    return classify(
+        cpt_model, tokenizer, texts, labels, template=template, batch_size=batch_size, calibrate=calibrate,
+        progress=progress,
     )
 
 

@@ -18,11 +18,13 @@ token, only the label's own tokens are scored, and that protection is gone.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from tqdm import tqdm
 
 from cpt import calibration
 from cpt._fields import as_list, check_bool, check_distinct, check_vocabulary
@@ -98,6 +100,7 @@ def classify(
     use_cache: bool = True,
     cuda_graphs: Choice = "auto",
     calibrate: bool = False,
+    progress: bool = False,
 ) -> Classification:
     """Scores every candidate label for every text by its log-likelihood after the context.
 
@@ -133,6 +136,8 @@ def classify(
         calibrate: divide each text's label probabilities by those the context gives
             content-free inputs (`cpt.calibration`, Zhao et al. 2021) before choosing a label;
             ``log_likelihoods`` stay uncalibrated. Costs 3 more queries.
+        progress: show a bar on stderr counting the texts scored (as ``cpt eval`` and ``cpt
+            predict`` do).
 
     Returns:
         A `Classification` with (T, L) float32 tensors on the CPU.
@@ -159,6 +164,7 @@ def classify(
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     check_bool(use_cache, "use_cache")
     check_bool(calibrate, "calibrate")
+    check_bool(progress, "progress")
     template = template_for(model, template)
 
     queries = [query_ids(model, tokenizer, template, text, i) for i, text in enumerate(texts)]
@@ -174,10 +180,11 @@ def classify(
     cache = checked_cache(model, context_cache) if how.cached else None
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
     pad_id = padding_id(tokenizer, model.vocab_size)
-    if how.query_once:
-        scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id)
-    else:
-        scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id)
+    with tqdm(total=len(texts), desc="scoring", unit="text", file=sys.stderr, disable=not progress) as bar:
+        if how.query_once:
+            scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id, bar.update)
+        else:
+            scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id, bar.update)
     _check_finite_scores(scores, texts)
 
     probabilities = scores.softmax(dim=-1)  # (T, L)
@@ -229,6 +236,7 @@ def _score_pairs(
     continuations: list[list[int]],
     batch_size: int,
     pad_id: int,
+    on_scored: Callable[[int], object],
 ) -> torch.Tensor:
     """(T, L) scores with one sequence ``query + continuation`` per (text, label) pair,
     ``batch_size`` sequences per pass, longest first. The reference path (``cache`` None: the
@@ -246,6 +254,7 @@ def _score_pairs(
     pairs = [(i, j) for i in range(len(queries)) for j in range(len(continuations))]
     pairs.sort(key=lambda pair: -(len(queries[pair[0]]) + len(continuations[pair[1]])))
     scores = torch.empty(len(queries), len(continuations), dtype=torch.float32)
+    labels_left = [len(continuations)] * len(queries)  # a text is scored once its last pair is
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         cpu_ids, cpu_mask = right_pad([queries[i] + continuations[j] for i, j in chunk], pad_id, bucket)
@@ -277,6 +286,9 @@ def _score_pairs(
         totals = torch.where(scored, token_log_probs, 0.0).sum(dim=-1).cpu()  # (B,)
         rows, columns = zip(*chunk, strict=True)
         scores[list(rows), list(columns)] = totals
+        for i in rows:
+            labels_left[i] -= 1
+        on_scored(sum(labels_left[i] == 0 for i in set(rows)))
 
     return scores
 
@@ -288,6 +300,7 @@ def _score_by_query(
     continuations: list[list[int]],
     batch_size: int,
     pad_id: int,
+    on_scored: Callable[[int], object],
 ) -> torch.Tensor:
     """(T, L) scores with each query run once: a batch of queries goes through the model after
     the cached context, then each one's L continuations run against ``[context ; its query]``.
@@ -311,6 +324,7 @@ def _score_by_query(
             for texts in torch.arange(len(chunk), device=device).split(max(1, batch_size // num_labels))
         ])  # (b, L)
         scores[chunk] = (first + rest).cpu()
+        on_scored(len(chunk))
     return scores
 
 

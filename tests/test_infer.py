@@ -341,3 +341,15 @@ def test_classify_refuses_infinite_logits() -> None:
         classify(model, tokenizer, [TEXTS[3], TEXTS[0]], LABELS)
 
 
+
+
+@pytest.mark.parametrize("use_cache", [True, False], ids=["each query once", "each pair a sequence"])
+def test_progress_counts_every_text_once_on_either_scorer(use_cache: bool, capsys) -> None:
+    tokenizer = make_wordlevel_tokenizer()
+    model = trained_model("llama", tokenizer)
+    quiet = classify(model, tokenizer, TEXTS, LABELS, use_cache=use_cache, batch_size=3)
+    assert capsys.readouterr().err == ""
+    shown = classify(model, tokenizer, TEXTS, LABELS, use_cache=use_cache, batch_size=3, progress=True)
+    bar = capsys.readouterr().err
+    assert "scoring" in bar and f"{len(TEXTS)}/{len(TEXTS)}" in bar and f"{len(TEXTS) + 1}/" not in bar
+    assert torch.equal(shown.log_likelihoods, quiet.log_likelihoods)

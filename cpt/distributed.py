@@ -220,8 +220,9 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
     modules around the layers (embeddings, final norm, head) stay whole on every rank.
 
     Call it on every rank, after the process group is up and the model is on its device, before
-    training. The model's ``context_sharing="auto"`` becomes ``"on"``: every rank must run
-    the same passes over the layers, whatever the size of its share.
+    training. With ``context_sharing="auto"``, the plan then shares the context at every batch
+    size (`cpt.plan.resolve`): every rank must run the same passes over the layers, whatever the
+    size of its share.
 
     Args:
         model: the model to shard, in place.
@@ -253,8 +254,6 @@ def shard_base_model(model: CPTModel, **fsdp_kwargs: Any) -> int:
         fsdp_kwargs["mesh"] = init_device_mesh(model.delta.device.type, (world_size(),))
     for layer in layers:
         fully_shard(layer, **fsdp_kwargs)
-    if model.context_sharing == "auto":
-        model.context_sharing = "on"
     setattr(model, _SHARDED, True)
     return len(layers)
 

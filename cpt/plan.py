@@ -205,8 +205,10 @@ def resolve(
         why_plain = Why.HF_CHECKPOINTING
     elif outruns:
         why_plain = Why.SLIDING_WINDOW
-    else:  # one sample shares only where graphs replay the step: they make up for the second pass
-        why_plain = Why.ONE_SAMPLE if options.context_sharing == "auto" and batch_size == 1 else None
+    else:  # one sample shares only where graphs replay the step (they make up for the second pass),
+        # or where the layers are sharded: every rank must take the same path, whatever its share
+        alone = options.context_sharing == "auto" and batch_size == 1 and not facts.sharded
+        why_plain = Why.ONE_SAMPLE if alone else None
     why_no_graphs = _why_no_graphs(purpose, options, facts, why_plain)
     if why_no_graphs is None:
         why_plain = None

@@ -122,7 +122,8 @@ def test_sharded_model_refuses_cuda_graphs_and_trains_alone(tmp_path) -> None:
         assert distributed.shard_base_model(model) == 2
         sharded_weight = next(model.base_model.model.layers[0].parameters())
         assert sharded_weight.device_mesh.device_type == "cpu"  # the model's device, not the machine's GPU
-        assert distributed.is_sharded(model) and model.context_sharing == "on"  # shared on every rank
+        assert distributed.is_sharded(model) and model.context_sharing == "auto"  # the option is the user's
+        assert model.execution_plan("loss", 1, 4).shared  # the plan shares even one sample: every rank alike
         tok = cases.tokenizer()
         dataset, collator = cases.CPTDataset(tok, cases.TRAINING), cases.CPTCollator(tok.pad_token_id)
         with pytest.raises(ValueError, match="sharded with FSDP2"):

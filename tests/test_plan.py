@@ -65,6 +65,8 @@ TABLE = [
     # a sharded model: its layers' collectives do not replay from a graph
     ("train", AUTO, SHARDED, 4, 9, True, _plan(True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.SHARDED)),
     ("train", AUTO, Facts(sharded=True), 4, 9, True, _plan(True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.SHARDED)),
+    # ... and shares even one sample, so that every rank runs the same passes whatever its share
+    ("train", AUTO, Facts(sharded=True), 1, 9, True, _plan(True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.SHARDED)),
     # inference against the context's cache: the larger threshold without gradients
     ("infer", AUTO, CPU, BIG_B, 9, False,
      _plan(True, query_once=True, why_not_one_copy=Why.SMALL, why_no_graphs=Why.NOT_CUDA)),

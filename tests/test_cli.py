@@ -226,7 +226,9 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out.strip()
-    assert out == (f"cpt 0.1.0 (torch {importlib.metadata.version('torch')}, "
+    import cpt
+
+    assert out == (f"cpt {cpt.__version__} (torch {importlib.metadata.version('torch')}, "
                    f"transformers {importlib.metadata.version('transformers')})")
 
 

@@ -24,13 +24,10 @@ class Uploadable(Protocol):
     base_model: Any
     task: dict | None
 
-    @property
-    def num_virtual_tokens(self) -> int: ...
-
-    @property
-    def hidden_size(self) -> int: ...
+    def context_embeddings(self) -> Any: ...  # (N, d): the card states N and d
 
     def save_pretrained(self, path: str | Path, format: AdapterFormat = "cpt") -> Path: ...
+
 
 HUB_TIMEOUT_S = 5.0
 """Seconds the hub may take to answer cpt's first question about a repository."""
@@ -132,6 +129,7 @@ def adapter_folder(repo_id: str, *, revision: str | None = None, token: str | bo
 
 def model_card(model: Uploadable, *, base_model_name: str | None = None) -> str:
     """A model card (``README.md`` with YAML metadata) describing ``model``'s adapter."""
+    num_tokens, hidden_size = model.context_embeddings().shape
     task = model.task or {}
     labels = task.get("labels")
     template = task.get("template") or {}
@@ -147,8 +145,8 @@ def model_card(model: Uploadable, *, base_model_name: str | None = None) -> str:
         "",
         "A [Context-aware Prompt Tuning](https://arxiv.org/abs/2410.17222) adapter made with the "
         "`cpt` library: a context of "
-        f"{model.num_virtual_tokens} tokens whose embeddings were trained "
-        f"(hidden size {model.hidden_size}).",
+        f"{num_tokens} tokens whose embeddings were trained "
+        f"(hidden size {hidden_size}).",
         "",
         f"- base model: `{base or 'not recorded'}`",
     ]

@@ -181,10 +181,8 @@ def classify(
     graphed = GraphedLogits(model, capture_after=2) if how.graphs else None  # a shape used once: no capture
     pad_id = padding_id(tokenizer, model.vocab_size)
     with tqdm(total=len(texts), desc="scoring", unit="text", file=sys.stderr, disable=not progress) as bar:
-        if how.query_once:
-            scores = _score_by_query(model, cache, queries, continuations, batch_size, pad_id, bar.update)
-        else:
-            scores = _score_pairs(model, cache, graphed, queries, continuations, batch_size, pad_id, bar.update)
+        job = _Job(queries, continuations, batch_size, pad_id, bar.update)
+        scores = _score_by_query(model, cache, job) if how.query_once else _score_pairs(model, cache, graphed, job)
     _check_finite_scores(scores, texts)
 
     probabilities = scores.softmax(dim=-1)  # (T, L)
@@ -228,20 +226,24 @@ def content_free_prior(
 
 
 
-def _score_pairs(
-    model: CPTModel,
-    cache: ContextCache | None,
-    graphed: GraphedLogits | None,
-    queries: list[list[int]],
-    continuations: list[list[int]],
-    batch_size: int,
-    pad_id: int,
-    on_scored: Callable[[int], object],
-) -> torch.Tensor:
+@dataclass(frozen=True)
+class _Job:
+    """What a scorer scores: T queries and L continuations (token ids), ``batch_size`` a pass,
+    right-padded with ``pad_id``; ``on_scored(n)`` hears of every n texts a pass finishes."""
+
+    queries: list[list[int]]
+    continuations: list[list[int]]
+    batch_size: int
+    pad_id: int
+    on_scored: Callable[[int], object]
+
+
+def _score_pairs(model: CPTModel, cache: ContextCache | None, graphed: GraphedLogits | None, job: _Job) -> torch.Tensor:
     """(T, L) scores with one sequence ``query + continuation`` per (text, label) pair,
     ``batch_size`` sequences per pass, longest first. The reference path (``cache`` None: the
     context runs again with every batch) and the one CUDA graphs replay (sequences padded to
     `SEQ_BUCKET` tokens, so that batch shapes repeat)."""
+    queries, continuations, batch_size, pad_id = job.queries, job.continuations, job.batch_size, job.pad_id
     device = model.delta.device
     bucket = SEQ_BUCKET if graphed is not None else 1
     # The first token of a sequence is predicted at the context's last position: needed only
@@ -288,26 +290,19 @@ def _score_pairs(
         scores[list(rows), list(columns)] = totals
         for i in rows:
             labels_left[i] -= 1
-        on_scored(sum(labels_left[i] == 0 for i in set(rows)))
+        job.on_scored(sum(labels_left[i] == 0 for i in set(rows)))
 
     return scores
 
 
-def _score_by_query(
-    model: CPTModel,
-    cache: ContextCache,
-    queries: list[list[int]],
-    continuations: list[list[int]],
-    batch_size: int,
-    pad_id: int,
-    on_scored: Callable[[int], object],
-) -> torch.Tensor:
+def _score_by_query(model: CPTModel, cache: ContextCache, job: _Job) -> torch.Tensor:
     """(T, L) scores with each query run once: a batch of queries goes through the model after
     the cached context, then each one's L continuations run against ``[context ; its query]``.
     The same numbers as `_score_pairs`, for about ``(Q + L * C) / (L * (Q + C))`` of its tokens
     (queries of Q tokens, continuations of C). ``batch_size`` queries per pass, longest first;
     their continuations run ``max(1, batch_size // L)`` texts (about ``batch_size`` rows, each
     with its own copy of the prefix's states) a pass."""
+    queries, continuations, batch_size, pad_id = job.queries, job.continuations, job.batch_size, job.pad_id
     device = model.delta.device
     num_labels = len(continuations)
     cont_ids, cont_mask = (t.to(device) for t in right_pad(continuations, pad_id))  # (L, C) each
@@ -324,7 +319,7 @@ def _score_by_query(
             for texts in torch.arange(len(chunk), device=device).split(max(1, batch_size // num_labels))
         ])  # (b, L)
         scores[chunk] = (first + rest).cpu()
-        on_scored(len(chunk))
+        job.on_scored(len(chunk))
     return scores
 
 

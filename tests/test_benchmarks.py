@@ -29,20 +29,20 @@ def json_lines(text: str) -> list[dict]:
     return records
 
 
-def run_quick(bench, args: list[str], capsys, output):  # type: ignore[no-untyped-def]
-    """Runs a benchmark's ``main`` writing its table to ``output``: what it returned, and the
-    JSON lines it printed."""
+def run_quick(bench, args: list[str], capsys, output, key: str):  # type: ignore[no-untyped-def]
+    """Runs a benchmark's ``main`` writing its table to ``output``; checks that it printed its
+    environment first, then one JSON line per record it returned (those holding ``key``)."""
     returned = bench.main([*args, "--output", str(output)])
-    return returned, json_lines(capsys.readouterr().out)
+    lines = json_lines(capsys.readouterr().out)
+    assert lines[0]["kind"] == "environment" and lines[0]["bench"] == bench.__name__.rsplit(".", 1)[-1]
+    records = [r for r in lines if key in r]
+    assert records == returned
+    return records
 
 
 def test_speed_quick_prints_one_json_line_per_case(capsys, tmp_path):
     output = tmp_path / "table.md"
-    returned, lines = run_quick(speed, QUICK_SPEED, capsys, output)
-
-    assert lines[0]["kind"] == "environment" and lines[0]["bench"] == "speed"
-    cases = [r for r in lines if "case" in r]
-    assert cases == returned
+    cases = run_quick(speed, QUICK_SPEED, capsys, output, "case")
     assert [c["case"] for c in cases] == ["tiny:64:4", "tiny:64:1"]
     assert [c["cpt_path"] for c in cases] == ["shared", "plain"]  # context_sharing="auto"
     for case in cases:
@@ -80,11 +80,7 @@ def test_speed_skips_a_checkpointing_case_that_cpt_cannot_run(monkeypatch):
 
 def test_projection_quick_prints_one_json_line_per_method(capsys, tmp_path):
     output = tmp_path / "table.md"
-    returned, lines = run_quick(projection, QUICK_PROJECTION, capsys, output)
-
-    assert lines[0]["kind"] == "environment" and lines[0]["bench"] == "projection"
-    methods = [r for r in lines if "method" in r]
-    assert methods == returned
+    methods = run_quick(projection, QUICK_PROJECTION, capsys, output, "method")
     expected = ["eager", "cpt_inplace", "peft_masked"] + (["peft_module"] if HAVE_PEFT else [])
     assert [m["method"] for m in methods] == expected
     for method in methods:
